@@ -1,0 +1,7 @@
+"""Calibration: text -> token windows -> per-linear input statistics, one decoder layer at a time."""
+
+from .layerwise import calibrate_layerwise, capture_first_layer_inputs
+from .text import SELF_SAMPLED, read_text, sample_windows, token_windows
+
+__all__ = ["SELF_SAMPLED", "calibrate_layerwise", "capture_first_layer_inputs", "read_text", "sample_windows",
+           "token_windows"]

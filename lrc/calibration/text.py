@@ -1,0 +1,105 @@
+"""Calibration text: reading it, cutting it into token windows, or sampling it from the model (data-free)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CalibrationError
+
+SELF_SAMPLED = "self-sampled"
+
+
+def read_text(source: str, what: str = "calibration") -> str:
+    """Text of a .txt file, a .jsonl file (the `text` field of each line), or `hf://datasets/OWNER/NAME/FILE`."""
+    path = _fetch(source) if source.startswith("hf://") else Path(source).expanduser()
+    if not path.is_file():
+        raise CalibrationError(f"{what} file not found: {source}")
+    raw = path.read_bytes()
+    if b"\x00" in raw[:1 << 20]:
+        raise CalibrationError(f"{what} file {source} looks binary (contains NUL bytes); give UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CalibrationError(f"{what} file {source} is not UTF-8 text") from None
+    if path.suffix.lower() == ".jsonl":
+        text = _jsonl_text(text, source)
+    if not text.strip():
+        raise CalibrationError(f"{what} file {source} is empty")
+    return text
+
+
+def _jsonl_text(text: str, source: str) -> str:
+    docs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise CalibrationError(f"{source} line {number} is not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CalibrationError(f"{source} line {number} has no string field 'text'")
+        docs.append(record["text"])
+    return "\n\n".join(docs)
+
+
+def _fetch(source: str) -> Path:
+    """Download `hf://datasets/OWNER/NAME/PATH/IN/REPO` with huggingface_hub (needs the network)."""
+    parts = source.removeprefix("hf://").split("/")
+    if len(parts) < 4 or parts[0] != "datasets":
+        raise CalibrationError(f"a Hub calibration source looks like hf://datasets/OWNER/NAME/FILE, got {source}")
+    repo, filename = "/".join(parts[1:3]), "/".join(parts[3:])
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, repo_type="dataset"))
+    except Exception as exc:
+        raise CalibrationError(
+            f"cannot download {filename} of dataset {repo} from the Hub ({type(exc).__name__}); "
+            "offline, give a local .txt or .jsonl file"
+        ) from None
+
+
+def token_windows(tokenizer: Any, text: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`samples` non-overlapping windows of `seq_len` tokens, chosen at random (seeded) from the whole text.
+
+    Returns a (samples, seq_len) int64 tensor. The text is tokenized once, as in the perplexity protocol.
+    """
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    available = ids.numel() // seq_len
+    if available < samples:
+        raise CalibrationError(
+            f"calibration text has {ids.numel()} tokens; {samples} windows x {seq_len} tokens = "
+            f"{samples * seq_len} needed (lower --samples or --seq-len, or give more text)"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(available, generator=generator)[:samples].sort().values * seq_len
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def sample_windows(model: Any, tokenizer: Any, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Data-free calibration: `samples` sequences of `seq_len` tokens sampled from the model itself.
+
+    Each starts from the BOS token (or EOS if the model has none) and continues with plain sampling
+    (temperature 1, top-k 50), seeded. Returns (samples, seq_len) int64.
+    """
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise CalibrationError("data-free calibration needs a BOS or EOS token; give --calib FILE instead")
+    torch.manual_seed(seed)
+    prompt = torch.full((samples, 1), start, dtype=torch.long)
+    with torch.inference_mode():
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=True,
+            top_k=50,
+            max_new_tokens=seq_len - 1,
+            min_new_tokens=seq_len - 1,
+            pad_token_id=start,
+        )
+    return out[:, :seq_len].cpu()

@@ -1,0 +1,148 @@
+"""Writing and reading lrc checkpoints: config.json + tokenizer + safetensors weights (+ lrc_report.yaml).
+
+Each factorized linear `NAME` is stored as `NAME.down.weight` (r x n) and `NAME.up.weight` (m x r);
+config.json's quantization_config holds the rank map (see hf_integration).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import ModelLoadError, NumericalError
+from .hf_integration import LrcConfig
+
+SHARD_BYTES = 2 * 1024**3
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors, each stored once: a tied weight (lm_head = embed_tokens) keeps its first name."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor
+    return tensors
+
+
+def write_checkpoint(
+    model: Any,
+    folder: Path,
+    tokenizer: Any | None = None,
+    ranks: dict[str, int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[Path]:
+    """Write config.json, safetensors shards (+ index) and tokenizer files into `folder`; return the weight files.
+
+    Floating tensors are cast to `dtype` when given. Tensors with NaN/Inf are refused (NumericalError).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in unique_state_dict(model).items():
+        t = tensor.detach().to("cpu")
+        if t.is_floating_point():
+            if dtype is not None:
+                t = t.to(dtype)
+            if not torch.isfinite(t).all():
+                raise NumericalError(f"tensor {name} is not finite; refusing to write it")
+        tensors[name] = t.contiguous()
+
+    files = _write_shards(tensors, folder)
+
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+    if ranks:
+        config["quantization_config"] = LrcConfig(ranks).to_dict()
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return files
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], folder: Path) -> list[Path]:
+    sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name in tensors:
+        if shards[-1] and used + sizes[name] > SHARD_BYTES:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += sizes[name]
+    if len(shards) == 1:
+        path = folder / "model.safetensors"
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        return [path]
+    files = []
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        path = folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, str(path), metadata={"format": "pt"})
+        files.append(path)
+        weight_map.update({n: path.name for n in names})
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (sharded or not), sorted."""
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_tensor_names(folder: Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype, shape)} from the safetensors headers; a corrupt file is a ModelLoadError."""
+    found: dict[str, tuple[str, list[int]]] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                    sl = handle.get_slice(name)
+                    found[name] = (str(sl.get_dtype()), list(sl.get_shape()))
+        except Exception as exc:  # safetensors raises its own SafetensorError, and OSError
+            raise ModelLoadError(f"cannot read {path}: corrupt or truncated safetensors file ({exc})") from None
+    return found
+
+
+def check_finite_files(folder: Path) -> None:
+    """Raise NumericalError naming the first tensor with NaN or Inf in the folder's safetensors files."""
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118
+                t = handle.get_tensor(name)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise NumericalError(f"tensor {name} in {path.name} contains NaN or Inf")
+
+
+def stored_bytes(folder: Path) -> int:
+    """Bytes of every file in the folder (weights, config, tokenizer, report): what a user downloads."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def tensor_bytes(folder: Path) -> int:
+    """Bytes of the safetensors files alone (tensor data + headers)."""
+    return sum(p.stat().st_size for p in weight_files(folder))
+
+
+def human_bytes(n: float) -> str:
+    if n <= 0:
+        return "0 B"
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    i = min(int(math.log(n, 1024)), len(units) - 1)
+    return f"{n / 1024**i:.1f} {units[i]}"

@@ -1,0 +1,121 @@
+"""`CompressionConfig`: every setting of a compression run, one object that round-trips through YAML.
+
+A recipe file is just this object written as YAML; the CLI flags override its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class CompressionConfig:
+    """What to compress, how, and with which calibration data.
+
+    budget: fraction of the targeted linear layers' parameters to remove (SVD-LLM's compression ratio), in (0, 1).
+    method / method_options: factorization method from `lrc.factorize.METHODS` and its keyword options.
+    allocator / allocator_options: rank allocator from `lrc.allocate.ALLOCATORS` and its keyword options.
+    calib: calibration text (a .txt or .jsonl path, or `hf://datasets/OWNER/NAME/FILE`); None samples text
+        from the model itself (data-free).
+    samples, seq_len: number and length (tokens) of calibration windows.
+    batch_size: windows per forward pass during calibration.
+    seed: seeds window choice and any sampling; same inputs and seed give the same output.
+    device: where the calibration and linear algebra run (`cpu`, `cuda`, `cuda:1`).
+    dtype: dtype of the written weights (`float32`, `bfloat16`, `float16`); None keeps the model's dtype.
+    keep_dense: regexes (re.search on module names) of linear layers never to factorize.
+    exclude: regexes of linear layers not to target at all (the default skips `lm_head`).
+    """
+
+    budget: float = 0.3
+    method: str = "svd-llm"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    allocator: str = "uniform"
+    allocator_options: dict[str, Any] = field(default_factory=dict)
+    calib: str | None = None
+    samples: int = 32
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str | None = None
+    keep_dense: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$"])
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError on a value out of range; called on construction and after overrides."""
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise ConfigError(f"budget must be a number in (0, 1), got {self.budget!r}")
+        if not (math.isfinite(self.budget) and 0.0 < self.budget < 1.0):
+            raise ConfigError(f"budget must be in (0, 1) (fraction of parameters removed), got {self.budget}")
+        for name in ("samples", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("method_options", "allocator_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")
+        for name in ("keep_dense", "exclude"):
+            if not isinstance(getattr(self, name), list):
+                raise ConfigError(f"{name} must be a list of regexes, got {getattr(self, name)!r}")
+
+    # --- dict / YAML round trip -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a recipe must be a YAML mapping of settings, got {type(data).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"unknown recipe key {key!r}{suggest(str(key), known)}")
+        return cls(**data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> CompressionConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"recipe not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read recipe {path}: {exc}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            raise ConfigError(f"recipe {path} is not valid YAML{line}") from None
+        return cls.from_dict(data or {})
+
+    def replace(self, **overrides: Any) -> CompressionConfig:
+        """A copy with the given fields changed; None values are ignored (flag not given)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **given)
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    """' (did you mean X?)' for the closest of `choices`, or the list of valid choices."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(choices)})"

@@ -1,0 +1,139 @@
+"""The factorization interface: one weighted SVD per matrix gives the factors and the error of every rank.
+
+Every method decomposes a weighted matrix  W̃ = P_out · W · P_in  (W is m x n, out x in) as  W̃ = U Σ Vᵀ.
+A rank-r factorization is  W ≈ up @ down  with  up = P_out⁻¹ U_r Σ_r  (m x r)  and  down = V_rᵀ P_in⁻¹  (r x n),
+and its weighted squared error is  || P_out (W - up @ down) P_in ||_F² = Σ_{i>r} σ_i²  (Eckart-Young).
+So one decomposition yields the error of every candidate rank, and allocators never decompose again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import NumericalError
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear layer, sums over `tokens` calibration tokens.
+
+    gram: Σ_t x_t x_tᵀ (n x n, float64), the input Gram X Xᵀ.
+    abs_sum: Σ_t |x_t| (n, float64), for activation-aware scaling.
+    """
+
+    gram: torch.Tensor
+    abs_sum: torch.Tensor
+    tokens: int
+
+    def to(self, device: torch.device | str) -> LayerStats:
+        return LayerStats(self.gram.to(device), self.abs_sum.to(device), self.tokens)
+
+
+@dataclass
+class Decomposition:
+    """Factors of one matrix, kept up to `max_rank`, and the weighted error of every rank.
+
+    up_full: m x max_rank,  down_full: max_rank x n  (rank r uses the first r columns / rows).
+    errors: (min(m, n) + 1,) float64, errors[r] = weighted squared error of rank r = Σ_{i>r} σ_i².
+    """
+
+    up_full: torch.Tensor
+    down_full: torch.Tensor
+    errors: torch.Tensor
+
+    @property
+    def max_rank(self) -> int:
+        return self.up_full.shape[1]
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 < rank <= self.max_rank:
+            raise ValueError(f"rank {rank} outside 1..{self.max_rank}")
+        return self.up_full[:, :rank].contiguous(), self.down_full[:rank].contiguous()
+
+    def relative_errors(self) -> torch.Tensor:
+        """errors / errors[0]: the fraction of the weighted energy each rank loses (0 at full rank)."""
+        total = self.errors[0]
+        return self.errors / total if total > 0 else torch.zeros_like(self.errors)
+
+
+Weighting = tuple[torch.Tensor | None, torch.Tensor | None]
+"""(P, P⁻¹): a full matrix, a vector (diagonal) or None (identity)."""
+
+
+def breakeven_rank(m: int, n: int) -> int:
+    """Largest rank whose factors r (m + n) still store fewer parameters than the dense m n."""
+    return max(0, (m * n - 1) // (m + n))
+
+
+class FactorizationMethod:
+    """Base class: subclasses give the two weightings; `decompose` does the rest.
+
+    `in_weighting` returns (P_in, P_in⁻¹), `out_weighting` (P_out, P_out⁻¹); each may be a full matrix,
+    a vector (a diagonal) or None (identity).
+    errors_comparable: whether errors are on one scale across matrices (loss units), so a global
+    allocator may compare them raw; otherwise allocators use relative errors.
+    """
+
+    name: ClassVar[str]
+    errors_comparable: ClassVar[bool] = False
+
+    def in_weighting(self, stats: LayerStats) -> Weighting:
+        return None, None
+
+    def out_weighting(self, stats: LayerStats) -> Weighting:
+        return None, None
+
+    def decompose(
+        self,
+        weight: torch.Tensor,
+        stats: LayerStats,
+        max_rank: int,
+        module_name: str = "matrix",
+        in_weights: Weighting | None = None,
+    ) -> Decomposition:
+        """Weighted SVD of `weight` (m x n), factors kept up to `max_rank`; computed in float64.
+
+        in_weights: a precomputed `in_weighting(stats)`, for linears that share one input (q/k/v, gate/up).
+        """
+        w = weight.to(torch.float64)
+        if not torch.isfinite(w).all():
+            raise NumericalError(f"weight of {module_name} contains NaN or Inf")
+        try:
+            p_in, p_in_inv = in_weights if in_weights is not None else self.in_weighting(stats)
+            p_out, p_out_inv = self.out_weighting(stats)
+        except NumericalError as exc:
+            raise NumericalError(f"{module_name}: {exc}") from None
+        weighted = _apply_left(p_out, _apply_right(w, p_in))
+        try:
+            u, sigma, vh = torch.linalg.svd(weighted, full_matrices=False)
+        except RuntimeError as exc:  # LinAlgError subclasses RuntimeError
+            raise NumericalError(f"SVD of {module_name} failed: {exc}") from None
+        if not torch.isfinite(sigma).all():
+            raise NumericalError(f"SVD of {module_name} produced non-finite singular values")
+        sq = sigma.square()
+        # errors[r] = sum_{i >= r} sigma_i^2 (0-based), i.e. what rank r drops
+        tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])
+        errors = torch.cat([tail, tail.new_zeros(1)])
+        k = max(1, min(max_rank, sigma.numel()))
+        up = _apply_left(p_out_inv, u[:, :k] * sigma[:k])
+        down = _apply_right(vh[:k], p_in_inv)
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise NumericalError(f"factors of {module_name} are not finite (singular weighting?)")
+        return Decomposition(up.to(torch.float32).cpu(), down.to(torch.float32).cpu(), errors.cpu())
+
+
+def _apply_right(x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    """x @ P, P a matrix, a diagonal vector or None."""
+    if p is None:
+        return x
+    return x * p if p.dim() == 1 else x @ p
+
+
+def _apply_left(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """P @ x, P a matrix, a diagonal vector or None."""
+    if p is None:
+        return x
+    return p[:, None] * x if p.dim() == 1 else p @ x

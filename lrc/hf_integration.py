@@ -1,0 +1,79 @@
+"""Loading lrc checkpoints with plain `transformers.AutoModelForCausalLM.from_pretrained` after `import lrc`.
+
+An lrc checkpoint's config.json carries
+    "quantization_config": {"quant_method": "lrc", "format_version": 1, "ranks": {module name: rank}}
+and registering a transformers quantizer for "lrc" lets from_pretrained swap those nn.Linear modules for
+`LowRankLinear` (on the meta device, before any weight is read), so the factors load like any weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .lowrank import LowRankLinear
+
+QUANT_METHOD = "lrc"
+FORMAT_VERSION = 1
+
+
+class LrcConfig(QuantizationConfigMixin):
+    """The rank map of an lrc checkpoint, as transformers sees it."""
+
+    def __init__(self, ranks: dict[str, int] | None = None, format_version: int = FORMAT_VERSION, **kwargs: Any):
+        self.quant_method = QUANT_METHOD  # type: ignore[assignment]
+        self.format_version = format_version
+        self.ranks = dict(ranks or {})
+        if format_version != FORMAT_VERSION:
+            raise ValueError(f"lrc checkpoint format {format_version} is not supported (this lrc reads {FORMAT_VERSION})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "ranks": dict(self.ranks)}
+
+
+def replace_with_low_rank(model: Any, ranks: dict[str, int]) -> None:
+    """Swap each named nn.Linear for a LowRankLinear of the given rank, with the same device and dtype."""
+    for name, rank in ranks.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        weight = linear.weight
+        layer = LowRankLinear(
+            linear.in_features,
+            linear.out_features,
+            rank,
+            bias=linear.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        setattr(parent, child, layer)
+
+
+class LrcHfQuantizer(HfQuantizer):
+    """Builds the low-rank skeleton before weights load; nothing to do afterwards."""
+
+    requires_calibration = True
+    quantization_config: LrcConfig
+
+    def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        replace_with_low_rank(model, self.quantization_config.ranks)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Register the "lrc" quantization method with transformers (idempotent)."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(LrcConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(LrcHfQuantizer)

@@ -1,0 +1,53 @@
+"""`LowRankLinear`: y = up(down(x)), the drop-in replacement for a factorized nn.Linear."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """A linear layer stored as two factors: W ≈ up.weight @ down.weight.
+
+    down.weight: rank x in_features,  up.weight: out_features x rank,  up.bias: out_features (if any).
+    Costs rank · (in + out) parameters and two small matmuls instead of in · out.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_factors(
+        cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> LowRankLinear:
+        """Build from up (m x r) and down (r x n) factors, cast to `dtype` (default: up's dtype)."""
+        dtype = dtype or up.dtype
+        layer = cls(down.shape[1], up.shape[0], up.shape[1], bias=bias is not None, device="meta", dtype=dtype)
+        layer.down.weight = nn.Parameter(down.detach().to(dtype).contiguous(), requires_grad=False)
+        layer.up.weight = nn.Parameter(up.detach().to(dtype).contiguous(), requires_grad=False)
+        if bias is not None:
+            layer.up.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The product up @ down (out x in), for checks against a dense reference."""
+        return self.up.weight @ self.down.weight
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

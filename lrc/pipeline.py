@@ -1,0 +1,320 @@
+"""`compress`: calibrate -> decompose every targeted matrix -> allocate ranks -> factorize -> write + report."""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .allocate import ALLOCATORS, DENSE, MatrixCandidates
+from .calibration import SELF_SAMPLED, calibrate_layerwise, read_text, sample_windows, token_windows
+from .checkpoint import DTYPES, check_finite_files, read_tensor_names, tensor_bytes, write_checkpoint
+from .config import CompressionConfig
+from .errors import ConfigError, LrcError
+from .factorize import METHODS, Decomposition, LayerStats, breakeven_rank
+from .factorize.output_error import relative_output_errors
+from .lowrank import LowRankLinear
+from .output import atomic_directory, check_output_path
+from .progress import Progress, no_progress
+from .report_view import REPORT_NAME
+from .sources import LoadedModel, load_model
+from .targets import decoder_layers, matrix_type, target_linears
+
+
+@dataclass
+class MatrixResult:
+    """What happened to one targeted matrix."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int  # DENSE (0) = kept dense
+    params: int
+    rel_error: float  # ||(W - W') X||_F / ||W X||_F on the calibration data
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    report: dict[str, Any]
+    matrices: list[MatrixResult] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {m.name: m.rank for m in self.matrices if m.rank != DENSE}
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch.device for `name`; CUDA without a GPU is an error, never a silent CPU fallback."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} requested but no CUDA GPU is available to torch {torch.__version__}")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r} (use cpu, cuda or cuda:N)")
+    return device
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters stored once each (a tied embedding / lm_head counts once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def calibration_windows(loaded: LoadedModel, config: CompressionConfig) -> tuple[torch.Tensor, str]:
+    """(samples x seq_len token ids, description of the source) for the configured calibration data."""
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if context is not None and config.seq_len > context:
+        raise ConfigError(f"seq_len {config.seq_len} is longer than the model's context ({context} tokens)")
+    if config.calib is None:
+        return sample_windows(loaded.model, loaded.tokenizer, config.samples, config.seq_len, config.seed), SELF_SAMPLED
+    text = read_text(config.calib)
+    return token_windows(loaded.tokenizer, text, config.samples, config.seq_len, config.seed), config.calib
+
+
+@dataclass
+class Analysis:
+    """The expensive part of a run: every targeted matrix decomposed once, with its error curves.
+
+    decompositions: factors up to the break-even rank; output_errors: relative output error of every rank.
+    Allocation and factorization at any budget reuse it (see `apply`).
+    """
+
+    windows: torch.Tensor
+    calib_source: str
+    decompositions: dict[str, Decomposition]
+    output_errors: dict[str, torch.Tensor]
+    errors_comparable: bool
+    timing: dict[str, float]
+
+
+def analyze(loaded: LoadedModel, config: CompressionConfig, progress: Progress = no_progress) -> Analysis:
+    """Calibrate layer by layer and decompose every targeted matrix with the configured method."""
+    device = resolve_device(config.device)
+    method = METHODS.create(config.method, config.method_options)
+    net = loaded.model
+    targets = target_linears(net, config.exclude)
+    n_layers = len(decoder_layers(net)[1])
+    timing: dict[str, float] = {}
+    torch.manual_seed(config.seed)
+
+    t = time.perf_counter()
+    windows, calib_source = calibration_windows(loaded, config)
+    timing["calibration_data_s"] = time.perf_counter() - t
+
+    decompositions: dict[str, Decomposition] = {}
+    output_errors: dict[str, torch.Tensor] = {}
+    decompose_s = 0.0
+
+    def on_layer(index: int, layer: nn.Module, stats: dict[str, LayerStats], shares: dict[str, str]) -> bool:
+        nonlocal decompose_s
+        t0 = time.perf_counter()
+        on_device = {owner: s.to(device) for owner, s in stats.items()}
+        in_weights = {owner: method.in_weighting(s) for owner, s in on_device.items()}
+        for name in [n for n in targets if n in stats or n in shares]:
+            owner = shares.get(name, name)
+            weight = targets[name].weight.detach().to(device)
+            m, n = weight.shape
+            dec = method.decompose(weight, on_device[owner], breakeven_rank(m, n), name, in_weights[owner])
+            decompositions[name] = dec
+            output_errors[name] = relative_output_errors(weight, on_device[owner].gram, dec)
+        decompose_s += time.perf_counter() - t0
+        progress("calibrate + decompose", index + 1, n_layers)
+        return False
+
+    t = time.perf_counter()
+    calibrate_layerwise(net, windows, targets, on_layer, config.batch_size, device)
+    timing["calibration_s"] = time.perf_counter() - t - decompose_s
+    timing["decomposition_s"] = decompose_s
+    return Analysis(windows, calib_source, decompositions, output_errors, method.errors_comparable, timing)
+
+
+def apply(loaded: LoadedModel, analysis: Analysis, config: CompressionConfig) -> tuple[list[MatrixResult], float]:
+    """Allocate ranks under config.budget and swap the chosen linears for LowRankLinear, in place.
+
+    Returns the per-matrix results and the allocation time in seconds.
+    """
+    allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
+    keep_dense = _compile(config.keep_dense, "keep_dense")
+    targets = target_linears(loaded.model, config.exclude)
+    t = time.perf_counter()
+    candidates = []
+    for name, linear in targets.items():
+        dec = analysis.decompositions[name]
+        candidates.append(
+            MatrixCandidates(
+                name=name,
+                shape=(linear.out_features, linear.in_features),
+                errors=dec.errors if analysis.errors_comparable else dec.relative_errors(),
+                max_rank=dec.max_rank,
+                keep_dense=any(p.search(name) for p in keep_dense),
+                group=matrix_type(name),
+            )
+        )
+    ranks = allocator.allocate(candidates, config.budget)
+    allocation_s = time.perf_counter() - t
+    results = []
+    for cand in candidates:
+        rank = ranks[cand.name]
+        linear = targets[cand.name]
+        if rank != DENSE:
+            up, down = analysis.decompositions[cand.name].factors(rank)
+            bias = linear.bias.detach() if linear.bias is not None else None
+            _replace(loaded.model, cand.name, LowRankLinear.from_factors(up, down, bias, dtype=linear.weight.dtype))
+        err = float(analysis.output_errors[cand.name][rank]) if rank != DENSE else 0.0
+        results.append(MatrixResult(cand.name, cand.shape, rank, cand.params(rank), err))
+    return results, allocation_s
+
+
+def compress(
+    model: str | LoadedModel,
+    config: CompressionConfig | None = None,
+    output: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Progress = no_progress,
+    analysis: Analysis | None = None,
+) -> CompressionResult:
+    """Compress `model` (a path / Hub id / alias, or a LoadedModel) as `config` says; write to `output` if given.
+
+    The model object is modified in place: its chosen nn.Linear layers become LowRankLinear. Pass an
+    `analysis` from `analyze` (same model, method and calibration) to skip the calibration pass.
+    """
+    config = config or CompressionConfig()
+    config.validate()
+    start = time.perf_counter()
+    resolve_device(config.device)
+    METHODS.get(config.method)
+    ALLOCATORS.create(config.allocator, config.allocator_options)
+    _compile(config.keep_dense, "keep_dense")
+    _compile(config.exclude, "exclude")
+    out_path = Path(output) if output is not None else None
+    if out_path is not None and isinstance(model, str):
+        check_output_path(out_path, overwrite)
+    loaded = load_model(model) if isinstance(model, str) else model
+    if out_path is not None:
+        check_output_path(out_path, overwrite, [loaded.source.path] if loaded.source.kind != "hub" else [])
+    timing = {"load_s": time.perf_counter() - start}
+    original_params = count_params(loaded.model)
+    if analysis is None:
+        analysis = analyze(loaded, config, progress)
+    timing.update(analysis.timing)
+    results, timing["allocation_s"] = apply(loaded, analysis, config)
+    report = build_report(loaded, config, analysis, results, original_params, resolve_device(config.device))
+    timing["total_s"] = time.perf_counter() - start
+    report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
+    if out_path is not None:
+        write_output(loaded, out_path, results, report, config)
+    return CompressionResult(loaded.model, report, results)
+
+
+def _compile(patterns: list[str], what: str) -> list[re.Pattern[str]]:
+    try:
+        return [re.compile(p) for p in patterns]
+    except re.error as exc:
+        raise ConfigError(f"bad regex in {what}: {exc}") from None
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def build_report(
+    loaded: LoadedModel,
+    config: CompressionConfig,
+    analysis: Analysis,
+    results: list[MatrixResult],
+    original_params: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    import transformers
+
+    windows = analysis.windows
+    compressed_params = count_params(loaded.model)
+    targeted_original = sum(r.shape[0] * r.shape[1] for r in results)
+    targeted_compressed = sum(r.params for r in results)
+    return {
+        "lrc_version": __version__,
+        "model": loaded.source.describe() | {"architecture": type(loaded.model).__name__},
+        "method": config.method,
+        "allocator": config.allocator,
+        "budget": config.budget,
+        "seed": config.seed,
+        "calibration": {
+            "source": analysis.calib_source,
+            "samples": int(windows.shape[0]),
+            "seq_len": int(windows.shape[1]),
+            "tokens": int(windows.numel()),
+        },
+        "params": {
+            "targeted": {
+                "original": targeted_original,
+                "compressed": targeted_compressed,
+                "removed_fraction": round(1 - targeted_compressed / targeted_original, 6),
+            },
+            "model": {
+                "original": original_params,
+                "compressed": compressed_params,
+                "removed_fraction": round(1 - compressed_params / original_params, 6),
+            },
+        },
+        "settings": config.to_dict(),
+        "environment": {
+            "python": platform.python_version(),
+            "torch": str(torch.__version__),
+            "transformers": str(transformers.__version__),
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "platform": platform.platform(),
+        },
+        "layers": [
+            {
+                "name": r.name,
+                "shape": list(r.shape),
+                "rank": "dense" if r.rank == DENSE else r.rank,
+                "params": r.params,
+                "rel_error": round(r.rel_error, 6),
+            }
+            for r in results
+        ],
+    }
+
+
+def write_output(
+    loaded: LoadedModel, out: Path, results: list[MatrixResult], report: dict[str, Any], config: CompressionConfig
+) -> None:
+    """Write checkpoint + report into a temporary folder, verify it, then move it to `out`."""
+    ranks = {r.name: r.rank for r in results if r.rank != DENSE}
+    dtype = DTYPES[config.dtype] if config.dtype else None
+    start = time.perf_counter()
+    with atomic_directory(out) as tmp:
+        write_checkpoint(loaded.model, tmp, loaded.tokenizer, ranks, dtype)
+        names = read_tensor_names(tmp)
+        for name, rank in ranks.items():
+            for part, shape in (("down", [rank, None]), ("up", [None, rank])):
+                key = f"{name}.{part}.weight"
+                if key not in names or any(s is not None and s != got for s, got in zip(shape, names[key][1])):
+                    raise LrcError(f"written checkpoint is missing or misshapes {key}")
+        check_finite_files(tmp)
+        report["timing_s"]["write_s"] = round(time.perf_counter() - start, 3)
+        report["bytes"] = {"safetensors": tensor_bytes(tmp), "dtype": str(dtype or loaded.model.dtype).removeprefix("torch.")}
+        _write_report(tmp / REPORT_NAME, report)
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(report, sort_keys=False, width=120))

@@ -1,0 +1,93 @@
+"""Reading an lrc_report.yaml and drawing it as rich tables: a summary, then one row per matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from .checkpoint import human_bytes
+from .errors import ModelLoadError
+
+REPORT_NAME = "lrc_report.yaml"
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """The report of an output folder (or the YAML file itself)."""
+    path = Path(path)
+    file = path / REPORT_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise ModelLoadError(f"no {REPORT_NAME} in {path}: not an lrc output folder")
+    try:
+        report = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ModelLoadError(f"{file} is not valid YAML") from None
+    if not isinstance(report, dict) or "layers" not in report or "params" not in report:
+        raise ModelLoadError(f"{file} is not an lrc report (no params/layers)")
+    return report
+
+
+def _bar(fraction: float, width: int = 20) -> Text:
+    """A bar of `width` cells, filled to `fraction`; shows the parameters a matrix keeps."""
+    filled = max(0, min(width, round(fraction * width)))
+    return Text("█" * filled, style="green") + Text("░" * (width - filled), style="grey50")
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    table = Table(title="lrc compression report", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    params = report["params"]
+    tgt, whole = params["targeted"], params["model"]
+    calib = report.get("calibration", {})
+    model = report.get("model", {})
+    rows = [
+        ("model", f"{model.get('spec')} ({model.get('architecture', '?')})"),
+        ("method / allocator", f"{report.get('method')} / {report.get('allocator')}"),
+        ("budget", f"{report.get('budget')} of targeted parameters"),
+        ("targeted params", f"{tgt['original']:,} -> {tgt['compressed']:,}  (removed {tgt['removed_fraction']:.1%})"),
+        ("model params", f"{whole['original']:,} -> {whole['compressed']:,}  (removed {whole['removed_fraction']:.1%})"),
+        ("calibration", f"{calib.get('source')}: {calib.get('samples')} x {calib.get('seq_len')} tokens"),
+        ("seed", str(report.get("seed"))),
+    ]
+    if "bytes" in report:
+        rows.append(("weights on disk", f"{human_bytes(report['bytes']['safetensors'])} ({report['bytes']['dtype']})"))
+    timing = report.get("timing_s", {})
+    if timing:
+        rows.append(("time", ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in timing.items())))
+    env = report.get("environment", {})
+    rows.append(("environment", f"lrc {report.get('lrc_version')}, torch {env.get('torch')}, {env.get('device')}"))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def layers_table(report: dict[str, Any]) -> Table:
+    table = Table(title="per matrix", title_justify="left")
+    for name, justify in [("matrix", "left"), ("shape", "right"), ("rank", "right"), ("params kept", "left"),
+                          ("params", "right"), ("rel. error", "right")]:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for layer in report["layers"]:
+        m, n = layer["shape"]
+        kept = layer["params"] / (m * n)
+        rank = layer["rank"]
+        error = layer["rel_error"]
+        style = "red" if error > 0.5 else "yellow" if error > 0.2 else ""
+        table.add_row(
+            layer["name"],
+            f"{m}x{n}",
+            "dense" if rank == "dense" else str(rank),
+            _bar(kept) + Text(f" {kept:.0%}"),
+            f"{layer['params']:,}",
+            Text(f"{error:.3f}", style=style),
+        )
+    return table
+
+
+def render_report(report: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(Group(summary_table(report), layers_table(report)))

