@@ -112,7 +112,7 @@ def read_tensor_names(folder: Path) -> dict[str, tuple[str, list[int]]]:
     for path in weight_files(folder):
         try:
             with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                for name in handle.keys():
                     sl = handle.get_slice(name)
                     found[name] = (str(sl.get_dtype()), list(sl.get_shape()))
         except Exception as exc:  # safetensors raises its own SafetensorError, and OSError
@@ -124,7 +124,7 @@ def check_finite_files(folder: Path) -> None:
     """Raise NumericalError naming the first tensor with NaN or Inf in the folder's safetensors files."""
     for path in weight_files(folder):
         with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118
+            for name in handle.keys():
                 t = handle.get_tensor(name)
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise NumericalError(f"tensor {name} in {path.name} contains NaN or Inf")

@@ -170,6 +170,7 @@ def methods() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input, 1 unexpected error, 130 interrupted)."""
     command = typer.main.get_command(app)
+    _quiet_libraries()
     try:
         result = command.main(args=argv, prog_name="lrc", standalone_mode=False)
         return result if isinstance(result, int) else 0
@@ -196,6 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _state["debug"] = False
+
+
+def _quiet_libraries() -> None:
+    """lrc draws its own progress; silence the per-file bars and info logs of transformers and the Hub."""
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def console_main() -> None:

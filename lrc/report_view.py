@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+from rich import box
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from .checkpoint import human_bytes
 from .errors import ModelLoadError
+from .targets import matrix_type
 
 REPORT_NAME = "lrc_report.yaml"
 
@@ -31,7 +34,7 @@ def read_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
-def _bar(fraction: float, width: int = 20) -> Text:
+def _bar(fraction: float, width: int = 8) -> Text:
     """A bar of `width` cells, filled to `fraction`; shows the parameters a matrix keeps."""
     filled = max(0, min(width, round(fraction * width)))
     return Text("█" * filled, style="green") + Text("░" * (width - filled), style="grey50")
@@ -67,18 +70,21 @@ def summary_table(report: dict[str, Any]) -> Table:
 
 
 def layers_table(report: dict[str, Any]) -> Table:
-    table = Table(title="per matrix", title_justify="left")
-    for name, justify in [("matrix", "left"), ("shape", "right"), ("rank", "right"), ("params kept", "left"),
-                          ("params", "right"), ("rel. error", "right")]:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table = Table(title="per matrix (kept: parameters kept; error: ||(W - W')X|| / ||WX|| on calibration data)",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, justify in [("#", "right"), ("matrix", "left"), ("shape", "right"), ("rank", "right"), ("kept", "left"),
+                          ("params", "right"), ("error", "right")]:
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for layer in report["layers"]:
         m, n = layer["shape"]
         kept = layer["params"] / (m * n)
         rank = layer["rank"]
         error = layer["rel_error"]
         style = "red" if error > 0.5 else "yellow" if error > 0.2 else ""
+        index = re.search(r"\.(\d+)\.", layer["name"])
         table.add_row(
-            layer["name"],
+            index.group(1) if index else "",
+            matrix_type(layer["name"]),
             f"{m}x{n}",
             "dense" if rank == "dense" else str(rank),
             _bar(kept) + Text(f" {kept:.0%}"),

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from torch import nn
 
 from .errors import ModelLoadError
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def decoder_layers(model: Any) -> tuple[str, nn.ModuleList]:
     """The ModuleList holding the decoder blocks: the first one with num_hidden_layers entries."""
-    config = model.config  # type: ignore[union-attr]
+    config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     count = getattr(text_config, "num_hidden_layers", None)
     for name, module in model.named_modules():

@@ -107,22 +107,39 @@ class FactorizationMethod:
         except NumericalError as exc:
             raise NumericalError(f"{module_name}: {exc}") from None
         weighted = _apply_left(p_out, _apply_right(w, p_in))
-        try:
-            u, sigma, vh = torch.linalg.svd(weighted, full_matrices=False)
-        except RuntimeError as exc:  # LinAlgError subclasses RuntimeError
-            raise NumericalError(f"SVD of {module_name} failed: {exc}") from None
-        if not torch.isfinite(sigma).all():
-            raise NumericalError(f"SVD of {module_name} produced non-finite singular values")
-        sq = sigma.square()
+        sq, basis = _singular_pairs(weighted, module_name)
         # errors[r] = sum_{i >= r} sigma_i^2 (0-based), i.e. what rank r drops
         tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])
         errors = torch.cat([tail, tail.new_zeros(1)])
-        k = max(1, min(max_rank, sigma.numel()))
-        up = _apply_left(p_out_inv, u[:, :k] * sigma[:k])
-        down = _apply_right(vh[:k], p_in_inv)
+        k = max(1, min(max_rank, sq.numel()))
+        if weighted.shape[0] >= weighted.shape[1]:  # basis = right singular vectors V
+            v = basis[:, :k]
+            up = _apply_left(p_out_inv, weighted @ v)  # = P_out⁻¹ U_k Σ_k
+            down = _apply_right(v.T, p_in_inv)
+        else:  # basis = left singular vectors U
+            u = basis[:, :k]
+            up = _apply_left(p_out_inv, u)
+            down = _apply_right(u.T @ weighted, p_in_inv)  # = Σ_k V_kᵀ P_in⁻¹
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
             raise NumericalError(f"factors of {module_name} are not finite (singular weighting?)")
         return Decomposition(up.to(torch.float32).cpu(), down.to(torch.float32).cpu(), errors.cpu())
+
+
+def _singular_pairs(a: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ² descending, singular vectors) of `a` from the eigendecomposition of its smaller Gram.
+
+    For m x n `a` with m >= n: eigh(aᵀa) gives σ² and V (n x n); otherwise eigh(a aᵀ) gives σ² and U.
+    In float64 this is exact to ~1e-16 σ_max² per value, several times faster than a full SVD, and the
+    factors it leads to (a V, or Uᵀ a) need no division by σ.
+    """
+    gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
+    try:
+        evals, evecs = torch.linalg.eigh(gram)
+    except RuntimeError as exc:  # LinAlgError subclasses RuntimeError
+        raise NumericalError(f"eigendecomposition of {name} failed: {exc}") from None
+    if not torch.isfinite(evals).all():
+        raise NumericalError(f"decomposition of {name} produced non-finite singular values")
+    return evals.flip(0).clamp_min(0), evecs.flip(1)
 
 
 def _apply_right(x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:

