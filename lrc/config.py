@@ -27,11 +27,13 @@ class CompressionConfig:
     calib: calibration text (a .txt or .jsonl path, or `hf://datasets/OWNER/NAME/FILE`); None samples text
         from the model itself (data-free).
     samples, seq_len: number and length (tokens) of calibration windows.
+    grad_samples: windows used for the backward pass of gradient-weighted methods (None: all of them).
     batch_size: windows per forward pass during calibration.
     seed: seeds window choice and any sampling; same inputs and seed give the same output.
     device: where the calibration and linear algebra run (`cpu`, `cuda`, `cuda:1`).
     dtype: dtype of the written weights (`float32`, `bfloat16`, `float16`); None keeps the model's dtype.
     keep_dense: regexes (re.search on module names) of linear layers never to factorize.
+    min_kept: every factorized matrix keeps at least this fraction of its parameters (0 = no floor).
     exclude: regexes of linear layers not to target at all (the default skips `lm_head`).
     """
 
@@ -43,11 +45,13 @@ class CompressionConfig:
     calib: str | None = None
     samples: int = 32
     seq_len: int = 512
+    grad_samples: int | None = None
     batch_size: int = 8
     seed: int = 0
     device: str = "cpu"
     dtype: str | None = None
     keep_dense: list[str] = field(default_factory=list)
+    min_kept: float = 0.0
     exclude: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$"])
 
     def __post_init__(self) -> None:
@@ -63,8 +67,14 @@ class CompressionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.grad_samples is not None and (
+            isinstance(self.grad_samples, bool) or not isinstance(self.grad_samples, int) or self.grad_samples < 1
+        ):
+            raise ConfigError(f"grad_samples must be a positive integer or null, got {self.grad_samples!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.min_kept, bool) or not isinstance(self.min_kept, (int, float)) or not 0 <= self.min_kept < 1:
+            raise ConfigError(f"min_kept must be a fraction in [0, 1), got {self.min_kept!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         for name in ("method_options", "allocator_options"):

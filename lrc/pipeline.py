@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import re
 import time
@@ -14,11 +15,19 @@ from torch import nn
 
 from . import __version__
 from .allocate import ALLOCATORS, DENSE, MatrixCandidates
-from .calibration import SELF_SAMPLED, calibrate_layerwise, read_text, sample_windows, token_windows
+from .calibration import (
+    SELF_SAMPLED,
+    calibrate_layerwise,
+    collect_output_stats,
+    read_text,
+    sample_windows,
+    token_windows,
+)
 from .checkpoint import DTYPES, check_finite_files, read_tensor_names, tensor_bytes, write_checkpoint
 from .config import CompressionConfig
 from .errors import ConfigError, LrcError
-from .factorize import METHODS, Decomposition, LayerStats, breakeven_rank
+from .factorize import METHODS, Decomposition, InputStats, OutputStats, breakeven_rank
+from .factorize.base import Weighting
 from .factorize.output_error import relative_output_errors
 from .lowrank import LowRankLinear
 from .output import atomic_directory, check_output_path
@@ -86,6 +95,25 @@ def calibration_windows(loaded: LoadedModel, config: CompressionConfig) -> tuple
 
 
 @dataclass
+class CalibrationStats:
+    """Everything the calibration passes measured: reusable across methods, allocators and budgets.
+
+    inputs: input statistics per linear that owns them; shares: linear -> owner for linears reading the
+    same tensor; outputs: output-gradient statistics per linear (empty unless gradients were collected).
+    """
+
+    windows: torch.Tensor
+    calib_source: str
+    inputs: dict[str, InputStats]
+    shares: dict[str, str]
+    outputs: dict[str, OutputStats]
+    timing: dict[str, float]
+
+    def input_of(self, name: str) -> InputStats:
+        return self.inputs[self.shares.get(name, name)]
+
+
+@dataclass
 class Analysis:
     """The expensive part of a run: every targeted matrix decomposed once, with its error curves.
 
@@ -93,18 +121,25 @@ class Analysis:
     Allocation and factorization at any budget reuse it (see `apply`).
     """
 
-    windows: torch.Tensor
-    calib_source: str
+    stats: CalibrationStats
     decompositions: dict[str, Decomposition]
     output_errors: dict[str, torch.Tensor]
     errors_comparable: bool
     timing: dict[str, float]
 
 
-def analyze(loaded: LoadedModel, config: CompressionConfig, progress: Progress = no_progress) -> Analysis:
-    """Calibrate layer by layer and decompose every targeted matrix with the configured method."""
+def collect_statistics(
+    loaded: LoadedModel,
+    config: CompressionConfig,
+    progress: Progress = no_progress,
+    gradients: bool | None = None,
+    fisher: bool | None = None,
+) -> CalibrationStats:
+    """Input statistics (layer by layer) and, if the method needs them (or `gradients`), output gradients."""
     device = resolve_device(config.device)
-    method = METHODS.create(config.method, config.method_options)
+    method_cls = METHODS.get(config.method)
+    gradients = method_cls.needs_gradients if gradients is None else gradients
+    fisher = config.method == "fwsvd" if fisher is None else fisher
     net = loaded.model
     targets = target_linears(net, config.exclude)
     n_layers = len(decoder_layers(net)[1])
@@ -115,31 +150,63 @@ def analyze(loaded: LoadedModel, config: CompressionConfig, progress: Progress =
     windows, calib_source = calibration_windows(loaded, config)
     timing["calibration_data_s"] = time.perf_counter() - t
 
-    decompositions: dict[str, Decomposition] = {}
-    output_errors: dict[str, torch.Tensor] = {}
-    decompose_s = 0.0
+    t = time.perf_counter()
+    inputs: dict[str, InputStats] = {}
+    shares: dict[str, str] = {}
 
-    def on_layer(index: int, layer: nn.Module, stats: dict[str, LayerStats], shares: dict[str, str]) -> bool:
-        nonlocal decompose_s
-        t0 = time.perf_counter()
-        on_device = {owner: s.to(device) for owner, s in stats.items()}
-        in_weights = {owner: method.in_weighting(s) for owner, s in on_device.items()}
-        for name in [n for n in targets if n in stats or n in shares]:
-            owner = shares.get(name, name)
-            weight = targets[name].weight.detach().to(device)
-            m, n = weight.shape
-            dec = method.decompose(weight, on_device[owner], breakeven_rank(m, n), name, in_weights[owner])
-            decompositions[name] = dec
-            output_errors[name] = relative_output_errors(weight, on_device[owner].gram, dec)
-        decompose_s += time.perf_counter() - t0
-        progress("calibrate + decompose", index + 1, n_layers)
+    def keep(index: int, layer: nn.Module, stats: dict[str, InputStats], shared: dict[str, str]) -> bool:
+        inputs.update({name: s.to("cpu") for name, s in stats.items()})
+        shares.update(shared)
+        progress("calibrate", index + 1, n_layers)
         return False
 
+    calibrate_layerwise(net, windows, targets, keep, config.batch_size, device)
+    timing["calibration_s"] = time.perf_counter() - t
+
+    outputs: dict[str, OutputStats] = {}
+    if gradients:
+        t = time.perf_counter()
+        grad_windows = windows[: config.grad_samples] if config.grad_samples else windows
+        outputs = collect_output_stats(
+            net, grad_windows, targets, fisher=fisher, device=device,
+            progress=lambda done, total: progress("output gradients", done, total),
+        )
+        timing["gradients_s"] = time.perf_counter() - t
+    return CalibrationStats(windows, calib_source, inputs, shares, outputs, timing)
+
+
+def decompose_all(
+    loaded: LoadedModel, config: CompressionConfig, stats: CalibrationStats, progress: Progress = no_progress
+) -> Analysis:
+    """Decompose every targeted matrix with the configured method, from already collected statistics."""
+    device = resolve_device(config.device)
+    method = METHODS.create(config.method, config.method_options)
+    if method.needs_gradients and not stats.outputs:
+        raise ConfigError(f"method {config.method} needs output-gradient statistics; these statistics have none")
+    targets = target_linears(loaded.model, config.exclude)
     t = time.perf_counter()
-    calibrate_layerwise(net, windows, targets, on_layer, config.batch_size, device)
-    timing["calibration_s"] = time.perf_counter() - t - decompose_s
-    timing["decomposition_s"] = decompose_s
-    return Analysis(windows, calib_source, decompositions, output_errors, method.errors_comparable, timing)
+    decompositions: dict[str, Decomposition] = {}
+    output_errors: dict[str, torch.Tensor] = {}
+    in_weights: dict[str, Weighting] = {}
+    for i, (name, linear) in enumerate(targets.items()):
+        owner = stats.shares.get(name, name)
+        inp = stats.inputs[owner].to(device)
+        if owner not in in_weights:
+            in_weights = {owner: method.in_weighting(inp)}  # linears sharing an input are consecutive
+        out = stats.outputs[name].to(device) if name in stats.outputs else None
+        weight = linear.weight.detach().to(device)
+        m, n = weight.shape
+        dec = method.decompose(weight, inp, breakeven_rank(m, n), name, in_weights[owner], out)
+        decompositions[name] = dec
+        output_errors[name] = relative_output_errors(weight, inp.gram, dec)
+        progress("decompose", i + 1, len(targets))
+    timing = dict(stats.timing, decomposition_s=time.perf_counter() - t)
+    return Analysis(stats, decompositions, output_errors, method.errors_comparable, timing)
+
+
+def analyze(loaded: LoadedModel, config: CompressionConfig, progress: Progress = no_progress) -> Analysis:
+    """Calibrate and decompose: collect_statistics + decompose_all."""
+    return decompose_all(loaded, config, collect_statistics(loaded, config, progress), progress)
 
 
 def apply(loaded: LoadedModel, analysis: Analysis, config: CompressionConfig) -> tuple[list[MatrixResult], float]:
@@ -154,13 +221,16 @@ def apply(loaded: LoadedModel, analysis: Analysis, config: CompressionConfig) ->
     candidates = []
     for name, linear in targets.items():
         dec = analysis.decompositions[name]
+        m, n = linear.out_features, linear.in_features
+        min_rank = max(1, math.ceil(config.min_kept * m * n / (m + n)))
         candidates.append(
             MatrixCandidates(
                 name=name,
-                shape=(linear.out_features, linear.in_features),
+                shape=(m, n),
                 errors=dec.errors if analysis.errors_comparable else dec.relative_errors(),
                 max_rank=dec.max_rank,
-                keep_dense=any(p.search(name) for p in keep_dense),
+                min_rank=min_rank,
+                keep_dense=min_rank > dec.max_rank or any(p.search(name) for p in keep_dense),
                 group=matrix_type(name),
             )
         )
@@ -243,7 +313,7 @@ def build_report(
 ) -> dict[str, Any]:
     import transformers
 
-    windows = analysis.windows
+    windows = analysis.stats.windows
     compressed_params = count_params(loaded.model)
     targeted_original = sum(r.shape[0] * r.shape[1] for r in results)
     targeted_compressed = sum(r.params for r in results)
@@ -255,7 +325,7 @@ def build_report(
         "budget": config.budget,
         "seed": config.seed,
         "calibration": {
-            "source": analysis.calib_source,
+            "source": analysis.stats.calib_source,
             "samples": int(windows.shape[0]),
             "seq_len": int(windows.shape[1]),
             "tokens": int(windows.numel()),

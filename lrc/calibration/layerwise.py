@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..factorize import LayerStats
+from ..factorize import InputStats
 from ..targets import decoder_layers
 
 # callback(layer index, layer module, {linear name: stats}, {linear name: name of the linear whose stats it shares})
 # returns True if it changed the layer (then its outputs are recomputed).
-LayerCallback = Callable[[int, nn.Module, dict[str, LayerStats], dict[str, str]], bool]
+LayerCallback = Callable[[int, nn.Module, dict[str, InputStats], dict[str, str]], bool]
 
 
 class _StopForward(Exception):
@@ -69,7 +69,7 @@ class _StatsHooks:
     """Forward hooks accumulating input statistics of the given linears of one layer."""
 
     def __init__(self, linears: dict[str, nn.Linear], device: torch.device) -> None:
-        self.stats: dict[str, LayerStats] = {}
+        self.stats: dict[str, InputStats] = {}
         self.shares: dict[str, str] = {}
         self._seen: list[tuple[torch.Tensor, str]] = []
         self._device = device
@@ -92,7 +92,7 @@ class _StatsHooks:
                 s.abs_sum += abs_sum
                 s.tokens += flat.shape[0]
             else:
-                self.stats[name] = LayerStats(gram, abs_sum, flat.shape[0])
+                self.stats[name] = InputStats(gram, abs_sum, flat.shape[0])
 
         return hook
 

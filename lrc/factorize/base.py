@@ -17,8 +17,8 @@ from ..errors import NumericalError
 
 
 @dataclass
-class LayerStats:
-    """Calibration statistics of one linear layer, sums over `tokens` calibration tokens.
+class InputStats:
+    """Statistics of one linear layer's input, sums over `tokens` calibration tokens.
 
     gram: Σ_t x_t x_tᵀ (n x n, float64), the input Gram X Xᵀ.
     abs_sum: Σ_t |x_t| (n, float64), for activation-aware scaling.
@@ -28,8 +28,27 @@ class LayerStats:
     abs_sum: torch.Tensor
     tokens: int
 
-    def to(self, device: torch.device | str) -> LayerStats:
-        return LayerStats(self.gram.to(device), self.abs_sum.to(device), self.tokens)
+    def to(self, device: torch.device | str) -> InputStats:
+        return InputStats(self.gram.to(device), self.abs_sum.to(device), self.tokens)
+
+
+@dataclass
+class OutputStats:
+    """Statistics of the loss gradient g = ∂loss/∂y at one linear layer's output y, over `tokens` tokens.
+
+    gram: Σ_t g_t g_tᵀ (m x m, float64), or None where only the diagonal is kept (large m).
+    diag: Σ_t g_t² (m,), always present.
+    fisher_rows: Σ_windows Σ_j (∂loss_w/∂W_ij)² (m,), the row sums of the empirical Fisher (FWSVD).
+    """
+
+    gram: torch.Tensor | None
+    diag: torch.Tensor
+    fisher_rows: torch.Tensor
+    tokens: int
+
+    def to(self, device: torch.device | str) -> OutputStats:
+        gram = self.gram.to(device) if self.gram is not None else None
+        return OutputStats(gram, self.diag.to(device), self.fisher_rows.to(device), self.tokens)
 
 
 @dataclass
@@ -79,31 +98,34 @@ class FactorizationMethod:
 
     name: ClassVar[str]
     errors_comparable: ClassVar[bool] = False
+    needs_gradients: ClassVar[bool] = False
 
-    def in_weighting(self, stats: LayerStats) -> Weighting:
+    def in_weighting(self, stats: InputStats) -> Weighting:
         return None, None
 
-    def out_weighting(self, stats: LayerStats) -> Weighting:
+    def out_weighting(self, stats: OutputStats | None) -> Weighting:
         return None, None
 
     def decompose(
         self,
         weight: torch.Tensor,
-        stats: LayerStats,
+        stats: InputStats,
         max_rank: int,
         module_name: str = "matrix",
         in_weights: Weighting | None = None,
+        outputs: OutputStats | None = None,
     ) -> Decomposition:
         """Weighted SVD of `weight` (m x n), factors kept up to `max_rank`; computed in float64.
 
         in_weights: a precomputed `in_weighting(stats)`, for linears that share one input (q/k/v, gate/up).
+        outputs: output-gradient statistics, for methods with needs_gradients.
         """
         w = weight.to(torch.float64)
         if not torch.isfinite(w).all():
             raise NumericalError(f"weight of {module_name} contains NaN or Inf")
         try:
             p_in, p_in_inv = in_weights if in_weights is not None else self.in_weighting(stats)
-            p_out, p_out_inv = self.out_weighting(stats)
+            p_out, p_out_inv = self.out_weighting(outputs)
         except NumericalError as exc:
             raise NumericalError(f"{module_name}: {exc}") from None
         weighted = _apply_left(p_out, _apply_right(w, p_in))

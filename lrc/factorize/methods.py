@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import FactorizationMethod, LayerStats
+from .base import FactorizationMethod, InputStats
 from .registry import METHODS
 from .whitening import cholesky_whitener, eigen_whitener
 
@@ -24,7 +24,7 @@ class ActivationScaledSVD(FactorizationMethod):
 
     alpha: float = 0.5
 
-    def in_weighting(self, stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    def in_weighting(self, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
         mean_abs = stats.abs_sum.to(torch.float64) / max(stats.tokens, 1)
         scale = mean_abs.clamp_min(1e-6 * float(mean_abs.max().clamp_min(1e-30))).pow(self.alpha)
         return scale, 1.0 / scale
@@ -37,7 +37,7 @@ class CholeskyWhitenedSVD(FactorizationMethod):
 
     damping: float = 1e-6
 
-    def in_weighting(self, stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    def in_weighting(self, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
         return cholesky_whitener(stats.gram / max(stats.tokens, 1), self.damping)
 
 
@@ -48,5 +48,5 @@ class EigenWhitenedSVD(FactorizationMethod):
 
     floor: float = 1e-8
 
-    def in_weighting(self, stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    def in_weighting(self, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
         return eigen_whitener(stats.gram / max(stats.tokens, 1), self.floor)

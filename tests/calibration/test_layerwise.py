@@ -30,7 +30,7 @@ def test_grams_match_direct_computation(tiny_model_dir, calib_file):
     windows = token_windows(loaded.tokenizer, calib_file.read_text(), samples=6, seq_len=32, seed=0)
     targets = target_linears(loaded.model)
     direct = direct_inputs(loaded.model, windows, targets)
-    collected: dict[str, lrc.factorize.LayerStats] = {}
+    collected: dict[str, lrc.factorize.InputStats] = {}
     shared: dict[str, str] = {}
 
     def keep(index, layer, stats, shares):

@@ -5,21 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrc.factorize import METHODS, LayerStats, breakeven_rank
+from lrc.factorize import METHODS, InputStats, breakeven_rank
 from lrc.factorize.output_error import relative_output_errors
 
 
-def random_stats(n: int, tokens: int = 400, dead: int = 0, seed: int = 0) -> tuple[torch.Tensor, LayerStats]:
+def random_stats(n: int, tokens: int = 400, dead: int = 0, seed: int = 0) -> tuple[torch.Tensor, InputStats]:
     """Correlated inputs X (tokens x n), optionally with `dead` all-zero channels (singular Gram)."""
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
     x = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mix * torch.linspace(0.1, 3, n, dtype=torch.float64)
     if dead:
         x[:, :dead] = 0
-    return x, LayerStats(x.T @ x, x.abs().sum(0), tokens)
+    return x, InputStats(x.T @ x, x.abs().sum(0), tokens)
 
 
-def weightings(method_name: str, stats: LayerStats, method) -> tuple[torch.Tensor, torch.Tensor]:
+def weightings(method_name: str, stats: InputStats, method) -> tuple[torch.Tensor, torch.Tensor]:
     """Independent construction of (P_out, P_in) as dense matrices, from the published definitions."""
     n = stats.gram.shape[0]
     if method_name == "svd":

@@ -1,0 +1,105 @@
+"""Knapsack allocation: the rank of every matrix chosen jointly to minimise the summed error under the budget.
+
+A multiple-choice knapsack: each item (a matrix, or all matrices of one type when ranks are tied) offers
+options, ranks that are multiples of `rank_step` up to its break-even rank, or "dense"; exactly one option
+per item; minimise Σ error subject to Σ parameters <= allowed. Solved exactly by dynamic programming over
+the budget in units of the greatest common divisor of all option costs (so no rounding at all), unless
+that needs more than `max_units` cells; then the unit grows to allowed / max_units and every cost is
+rounded up (the budget is still never exceeded; the report states the unit).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import reduce
+
+import numpy as np
+
+from ..errors import ConfigError
+from .base import ALLOCATORS, DENSE, Allocator, MatrixCandidates, allowed_params
+
+
+@dataclass
+class _Item:
+    members: list[MatrixCandidates]
+    ranks: list[int]  # option ranks (DENSE = 0 for dense)
+    costs: list[int]  # parameters of each option, summed over members
+    errors: list[float]
+
+
+def _options(members: list[MatrixCandidates], step: int) -> _Item:
+    if any(m.keep_dense for m in members):
+        ranks = [DENSE]
+    else:
+        top = min(m.max_rank for m in members)
+        low = max(m.min_rank for m in members)
+        ranks = [r for r in range(step, top + 1, step) if r >= low]
+        ranks.append(DENSE)
+    costs = [sum(m.params(r) for m in members) for r in ranks]
+    errors = [sum(0.0 if r == DENSE else float(m.errors[r]) for m in members) for r in ranks]
+    return _Item(members, ranks, costs, errors)
+
+
+def solve_mckp(costs: list[list[int]], errors: list[list[float]], capacity: int) -> tuple[list[int], float]:
+    """Exact multiple-choice knapsack by DP: one option per item, Σ cost <= capacity, minimal Σ error.
+
+    costs are integers (budget units). Returns (chosen option index per item, total error).
+    dp[b] = least error of the items so far within cost b; O(items x options x capacity).
+    """
+    if sum(min(c) for c in costs) > capacity:
+        raise ConfigError("the budget cannot be met: even the smallest option of every matrix is too large")
+    dp = np.zeros(capacity + 1)
+    choices = []
+    for item_costs, item_errors in zip(costs, errors):
+        best = np.full(capacity + 1, np.inf)
+        pick = np.zeros(capacity + 1, dtype=np.int32)
+        for index, (c, e) in enumerate(zip(item_costs, item_errors)):
+            if c > capacity:
+                continue
+            candidate = np.full(capacity + 1, np.inf)
+            candidate[c:] = dp[: capacity + 1 - c] + e
+            better = candidate < best
+            best[better] = candidate[better]
+            pick[better] = index
+        dp = best
+        choices.append(pick)
+    b = capacity
+    chosen = [0] * len(costs)
+    for i in range(len(costs) - 1, -1, -1):
+        chosen[i] = int(choices[i][b])
+        b -= costs[i][chosen[i]]
+    return chosen, float(dp[capacity])
+
+
+@ALLOCATORS.register("knapsack")
+@dataclass
+class KnapsackAllocator(Allocator):
+    """Global optimum of Σ error under the budget (multiple-choice knapsack, exact DP on a rank grid)."""
+
+    rank_step: int = 8
+    max_units: int = 100_000
+    same_rank_per_type: bool = False
+    last_unit: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.rank_step < 1 or self.max_units < 100:
+            raise ConfigError("knapsack needs rank_step >= 1 and max_units >= 100")
+
+    def allocate(self, matrices: list[MatrixCandidates], budget: float) -> dict[str, int]:
+        groups: dict[str, list[MatrixCandidates]] = {}
+        for m in matrices:
+            key = m.group if self.same_rank_per_type else m.name
+            groups.setdefault(key, []).append(m)
+        items = [_options(members, self.rank_step) for members in groups.values()]
+        allowed = allowed_params(matrices, budget)
+        gcd = reduce(math.gcd, (c for item in items for c in item.costs))
+        unit = max(gcd, math.ceil(allowed / self.max_units))
+        self.last_unit = unit
+        costs = [[math.ceil(c / unit) for c in item.costs] for item in items]
+        chosen, _ = solve_mckp(costs, [item.errors for item in items], allowed // unit)
+        ranks: dict[str, int] = {}
+        for item, index in zip(items, chosen):
+            for m in item.members:
+                ranks[m.name] = item.ranks[index]
+        return ranks
