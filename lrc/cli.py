@@ -89,6 +89,9 @@ def compress(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
     dtype: Annotated[str | None, typer.Option(help="Dtype of written weights: float32, bfloat16, float16.")] = None,
+    sequential: Annotated[bool | None, typer.Option("--sequential/--one-shot", help="Refit each layer on the compressed layers' outputs.")] = None,
+    keep_dense: Annotated[list[str] | None, typer.Option("--keep-dense", help="Regex of linears to keep dense (repeatable).")] = None,
+    min_kept: Annotated[float | None, typer.Option("--min-kept", help="Least fraction of parameters every matrix keeps.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
 ) -> None:
     """Calibrate, allocate ranks, factorize, and write a checkpoint with lrc_report.yaml."""
@@ -98,7 +101,8 @@ def compress(
     config = CompressionConfig.from_yaml(recipe) if recipe else CompressionConfig()
     config = config.replace(
         budget=_parse_budget(budget), method=method, allocator=allocator, calib=calib, samples=samples,
-        seq_len=seq_len, seed=seed, device=device, dtype=dtype,
+        seq_len=seq_len, seed=seed, device=device, dtype=dtype, sequential=sequential, keep_dense=keep_dense or None,
+        min_kept=min_kept,
     )
     config.validate()
     with _progress_bars() as progress:

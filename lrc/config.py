@@ -29,6 +29,7 @@ class CompressionConfig:
     samples, seq_len: number and length (tokens) of calibration windows.
     grad_samples: windows used for the backward pass of gradient-weighted methods (None: all of them).
     batch_size: windows per forward pass during calibration.
+    sequential: refit each layer on the outputs of the already compressed layers before it (see lrc.sequential).
     seed: seeds window choice and any sampling; same inputs and seed give the same output.
     device: where the calibration and linear algebra run (`cpu`, `cuda`, `cuda:1`).
     dtype: dtype of the written weights (`float32`, `bfloat16`, `float16`); None keeps the model's dtype.
@@ -47,6 +48,7 @@ class CompressionConfig:
     seq_len: int = 512
     grad_samples: int | None = None
     batch_size: int = 8
+    sequential: bool = False
     seed: int = 0
     device: str = "cpu"
     dtype: str | None = None

@@ -33,6 +33,7 @@ from .lowrank import LowRankLinear
 from .output import atomic_directory, check_output_path
 from .progress import Progress, no_progress
 from .report_view import REPORT_NAME
+from .sequential import sequential_factorize
 from .sources import LoadedModel, load_model
 from .targets import decoder_layers, matrix_type, target_linears
 
@@ -209,15 +210,13 @@ def analyze(loaded: LoadedModel, config: CompressionConfig, progress: Progress =
     return decompose_all(loaded, config, collect_statistics(loaded, config, progress), progress)
 
 
-def apply(loaded: LoadedModel, analysis: Analysis, config: CompressionConfig) -> tuple[list[MatrixResult], float]:
-    """Allocate ranks under config.budget and swap the chosen linears for LowRankLinear, in place.
-
-    Returns the per-matrix results and the allocation time in seconds.
-    """
+def allocate_ranks(
+    loaded: LoadedModel, analysis: Analysis, config: CompressionConfig
+) -> tuple[list[MatrixCandidates], dict[str, int]]:
+    """The allocator's choice of a rank (or DENSE) for every targeted matrix under config.budget."""
     allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
     keep_dense = _compile(config.keep_dense, "keep_dense")
     targets = target_linears(loaded.model, config.exclude)
-    t = time.perf_counter()
     candidates = []
     for name, linear in targets.items():
         dec = analysis.decompositions[name]
@@ -234,19 +233,43 @@ def apply(loaded: LoadedModel, analysis: Analysis, config: CompressionConfig) ->
                 group=matrix_type(name),
             )
         )
-    ranks = allocator.allocate(candidates, config.budget)
-    allocation_s = time.perf_counter() - t
-    results = []
-    for cand in candidates:
-        rank = ranks[cand.name]
-        linear = targets[cand.name]
-        if rank != DENSE:
-            up, down = analysis.decompositions[cand.name].factors(rank)
-            bias = linear.bias.detach() if linear.bias is not None else None
-            _replace(loaded.model, cand.name, LowRankLinear.from_factors(up, down, bias, dtype=linear.weight.dtype))
-        err = float(analysis.output_errors[cand.name][rank]) if rank != DENSE else 0.0
-        results.append(MatrixResult(cand.name, cand.shape, rank, cand.params(rank), err))
-    return results, allocation_s
+    return candidates, allocator.allocate(candidates, config.budget)
+
+
+def apply(
+    loaded: LoadedModel, analysis: Analysis, config: CompressionConfig, progress: Progress = no_progress
+) -> tuple[list[MatrixResult], dict[str, float]]:
+    """Allocate ranks and swap the chosen linears for LowRankLinear, in place (one-shot or sequential).
+
+    Returns the per-matrix results and timings (allocation_s, and sequential_s in sequential mode).
+    """
+    timing = {}
+    t = time.perf_counter()
+    candidates, ranks = allocate_ranks(loaded, analysis, config)
+    timing["allocation_s"] = time.perf_counter() - t
+    targets = target_linears(loaded.model, config.exclude)
+    if config.sequential:
+        t = time.perf_counter()
+        errors = sequential_factorize(
+            loaded.model, analysis.stats.windows, targets, ranks, METHODS.create(config.method, config.method_options),
+            analysis.stats.outputs, config.batch_size, resolve_device(config.device),
+            progress=lambda done, total: progress("sequential refit", done, total),
+        )
+        timing["sequential_s"] = time.perf_counter() - t
+    else:
+        errors = {}
+        for name, rank in ranks.items():
+            if rank != DENSE:
+                linear = targets[name]
+                up, down = analysis.decompositions[name].factors(rank)
+                bias = linear.bias.detach() if linear.bias is not None else None
+                _replace(loaded.model, name, LowRankLinear.from_factors(up, down, bias, dtype=linear.weight.dtype))
+                errors[name] = float(analysis.output_errors[name][rank])
+    results = [
+        MatrixResult(c.name, c.shape, ranks[c.name], c.params(ranks[c.name]), errors.get(c.name, 0.0))
+        for c in candidates
+    ]
+    return results, timing
 
 
 def compress(
@@ -282,7 +305,8 @@ def compress(
     if analysis is None:
         analysis = analyze(loaded, config, progress)
     timing.update(analysis.timing)
-    results, timing["allocation_s"] = apply(loaded, analysis, config)
+    results, apply_timing = apply(loaded, analysis, config, progress)
+    timing.update(apply_timing)
     report = build_report(loaded, config, analysis, results, original_params, resolve_device(config.device))
     timing["total_s"] = time.perf_counter() - start
     report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}

@@ -28,15 +28,15 @@ class _StopForward(Exception):
     pass
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        return tuple(to_device(v, device) for v in value)
     if isinstance(value, list):
-        return [_to(v, device) for v in value]
+        return [to_device(v, device) for v in value]
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 
@@ -104,7 +104,7 @@ class _StatsHooks:
             handle.remove()
 
 
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -123,7 +123,7 @@ def calibrate_layerwise(
     stack_name, layers = decoder_layers(model)
     hidden_states, kwargs_list = capture_first_layer_inputs(model, windows, batch_size)
     hidden_states = [h.to(device) for h in hidden_states]
-    kwargs_list = [_to(kw, device) for kw in kwargs_list]
+    kwargs_list = [to_device(kw, device) for kw in kwargs_list]
     for index, layer in enumerate(layers):
         prefix = f"{stack_name}.{index}."
         linears = {name: m for name, m in targets.items() if name.startswith(prefix)}
@@ -133,7 +133,7 @@ def calibrate_layerwise(
         outputs = []
         with torch.no_grad():
             for hidden, kwargs in zip(hidden_states, kwargs_list):
-                outputs.append(_run_layer(layer, hidden, kwargs))
+                outputs.append(run_layer(layer, hidden, kwargs))
                 hooks.end_batch()
         hooks.remove()
         changed = callback(index, layer, hooks.stats, hooks.shares)
@@ -141,7 +141,7 @@ def calibrate_layerwise(
         if changed:
             layer.to(device)
             with torch.no_grad():
-                outputs = [_run_layer(layer, h, kw) for h, kw in zip(hidden_states, kwargs_list)]
+                outputs = [run_layer(layer, h, kw) for h, kw in zip(hidden_states, kwargs_list)]
         hidden_states = outputs
         layer.to(home)
         if progress is not None:

@@ -1,0 +1,133 @@
+"""Quality benchmark: perplexity of SmolLM2-135M compressed by each method x allocator at several budgets.
+
+Calibrates once (input Grams layer by layer, plus output gradients and Fisher rows), decomposes once per
+method, then allocates and evaluates every (method, allocator, budget) row on a fresh copy of the model.
+The dense model is evaluated in the same run. Prints a markdown table and writes it (and a YAML with every
+number) under bench/results/.
+
+    python bench/quality.py --data ../shared/data/wikitext-2            # the README table
+    python bench/quality.py --rows svd-llm:uniform --budgets 0.2 0.3 0.4  # the foundation table
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+import lrc
+from lrc.checkpoint import tensor_bytes, write_checkpoint
+from lrc.evaluate import perplexity
+from lrc.pipeline import apply, collect_statistics, count_params, decompose_all
+from lrc.sources import LoadedModel, load_model
+
+DEFAULT_ROWS = [
+    "svd:uniform", "asvd:uniform", "fwsvd:uniform", "svd-llm:uniform", "svd-llm-v2:svd-llm-v2",
+    "svd-llm:energy", "svd-llm:knapsack", "loss-aware:uniform", "loss-aware:knapsack",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="../shared/data/wikitext-2", help="folder with wiki.valid.tokens and wiki.test.raw")
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="method:allocator pairs")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.2, 0.3, 0.4])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results/quality")
+    args = parser.parse_args()
+
+    data = Path(args.data)
+    calib, test = data / "wiki.valid.tokens", data / "wiki.test.raw"
+    base = lrc.CompressionConfig(calib=str(calib), samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    loaded = load_model(args.model)
+    pristine = copy.deepcopy(loaded.model)
+    test_ids = loaded.tokenizer(test.read_text(encoding="utf-8"), return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+    def ppl(model: torch.nn.Module) -> dict:
+        return perplexity(model, test_ids, args.eval_seq_len, args.eval_windows)
+
+    dense = ppl(loaded.model)
+    print(f"dense: ppl {dense['perplexity']:.3f} ({dense['windows']} windows x {args.eval_seq_len})", flush=True)
+    rows = [tuple(r.split(":")) for r in args.rows]
+    need_grads = any(lrc.factorize.METHODS.get(m).needs_gradients for m, _ in rows)
+    t = time.perf_counter()
+    stats = collect_statistics(loaded, dataclasses.replace(base, method="svd-llm"), gradients=need_grads,
+                               fisher=any(m == "fwsvd" for m, _ in rows))
+    stats_s = time.perf_counter() - t
+    print(f"statistics: {stats_s:.0f}s {stats.timing}", flush=True)
+
+    results = []
+    analyses: dict[str, lrc.pipeline.Analysis] = {}
+    for method, allocator in rows:
+        config = dataclasses.replace(base, method=method, allocator=allocator)
+        if method not in analyses:
+            analyses[method] = decompose_all(loaded, config, stats)
+        analysis = analyses[method]
+        for budget in args.budgets:
+            run_config = dataclasses.replace(config, budget=budget)
+            model = copy.deepcopy(pristine)
+            work = LoadedModel(model, loaded.tokenizer, loaded.source, loaded.folder)
+            t = time.perf_counter()
+            matrices, _ = apply(work, analysis, run_config)
+            apply_s = time.perf_counter() - t
+            targeted = sum(r.shape[0] * r.shape[1] for r in matrices)
+            removed = 1 - sum(r.params for r in matrices) / targeted
+            with tempfile.TemporaryDirectory() as tmp:
+                ranks = {r.name: r.rank for r in matrices if r.rank}
+                write_checkpoint(model, Path(tmp), None, ranks)
+                size = tensor_bytes(Path(tmp))
+            result = ppl(model)
+            row = {
+                "method": method, "allocator": allocator, "budget": budget,
+                "removed_targeted": round(removed, 4),
+                "removed_model": round(1 - count_params(model) / dense_params(pristine), 4),
+                "perplexity": round(result["perplexity"], 3),
+                "ratio_to_dense": round(result["perplexity"] / dense["perplexity"], 3),
+                "safetensors_bytes": size,
+                "compress_s": round(stats_s + analysis.timing["decomposition_s"] + apply_s, 1),
+            }
+            results.append(row)
+            print(row, flush=True)
+            del model, work
+
+    header = (f"Model {args.model}, calibration {calib.name} ({args.samples} x {args.seq_len} tokens, seed {args.seed}), "
+              f"evaluation {test.name} (seq_len {args.eval_seq_len}, first {dense['windows']} windows), "
+              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.")
+    lines = [header, "", f"Dense perplexity: **{dense['perplexity']:.2f}** (same run).", "",
+             "| method | allocator | budget | removed (targeted) | removed (model) | perplexity | x dense | safetensors | time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        lines.append(f"| {r['method']} | {r['allocator']} | {r['budget']} | {r['removed_targeted']:.1%} | "
+                     f"{r['removed_model']:.1%} | {r['perplexity']:.2f} | {r['ratio_to_dense']:.2f} | "
+                     f"{r['safetensors_bytes'] / 2**20:.0f} MiB | {r['compress_s']:.0f} s |")
+    lines.append("")
+    lines.append("time = shared calibration statistics + this method's decomposition + allocation; the statistics "
+                 f"({stats_s:.0f} s) are collected once for all rows.")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(table + "\n")
+    out.with_suffix(".yaml").write_text(yaml.safe_dump(
+        {"command": " ".join(sys.argv), "dense": dense, "statistics_s": stats_s, "rows": results}, sort_keys=False))
+
+
+def dense_params(model: torch.nn.Module) -> int:
+    return count_params(model)
+
+
+if __name__ == "__main__":
+    main()
