@@ -39,7 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="../shared/data/wikitext-2", help="folder with wiki.valid.tokens and wiki.test.raw")
-    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="method:allocator pairs")
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
+                        help="method:allocator pairs; append :sequential for the sequential refit")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.2, 0.3, 0.4])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -60,19 +61,20 @@ def main() -> None:
         return perplexity(model, test_ids, args.eval_seq_len, args.eval_windows)
 
     dense = ppl(loaded.model)
+    original_params = count_params(pristine)
     print(f"dense: ppl {dense['perplexity']:.3f} ({dense['windows']} windows x {args.eval_seq_len})", flush=True)
-    rows = [tuple(r.split(":")) for r in args.rows]
-    need_grads = any(lrc.factorize.METHODS.get(m).needs_gradients for m, _ in rows)
+    rows = [(r.split(":") + [""])[:3] for r in args.rows]
+    need_grads = any(lrc.factorize.METHODS.get(m).needs_gradients for m, _, _ in rows)
     t = time.perf_counter()
     stats = collect_statistics(loaded, dataclasses.replace(base, method="svd-llm"), gradients=need_grads,
-                               fisher=any(m == "fwsvd" for m, _ in rows))
+                               fisher=any(m == "fwsvd" for m, _, _ in rows))
     stats_s = time.perf_counter() - t
     print(f"statistics: {stats_s:.0f}s {stats.timing}", flush=True)
 
     results = []
     analyses: dict[str, lrc.pipeline.Analysis] = {}
-    for method, allocator in rows:
-        config = dataclasses.replace(base, method=method, allocator=allocator)
+    for method, allocator, mode in rows:
+        config = dataclasses.replace(base, method=method, allocator=allocator, sequential=mode == "sequential")
         if method not in analyses:
             analyses[method] = decompose_all(loaded, config, stats)
         analysis = analyses[method]
@@ -81,7 +83,7 @@ def main() -> None:
             model = copy.deepcopy(pristine)
             work = LoadedModel(model, loaded.tokenizer, loaded.source, loaded.folder)
             t = time.perf_counter()
-            matrices, _ = apply(work, analysis, run_config)
+            matrices, apply_timing = apply(work, analysis, run_config)
             apply_s = time.perf_counter() - t
             targeted = sum(r.shape[0] * r.shape[1] for r in matrices)
             removed = 1 - sum(r.params for r in matrices) / targeted
@@ -91,9 +93,9 @@ def main() -> None:
                 size = tensor_bytes(Path(tmp))
             result = ppl(model)
             row = {
-                "method": method, "allocator": allocator, "budget": budget,
+                "method": method, "allocator": allocator, "mode": mode or "one-shot", "budget": budget,
                 "removed_targeted": round(removed, 4),
-                "removed_model": round(1 - count_params(model) / dense_params(pristine), 4),
+                "removed_model": round(1 - count_params(model) / original_params, 4),
                 "perplexity": round(result["perplexity"], 3),
                 "ratio_to_dense": round(result["perplexity"] / dense["perplexity"], 3),
                 "safetensors_bytes": size,
@@ -107,10 +109,10 @@ def main() -> None:
               f"evaluation {test.name} (seq_len {args.eval_seq_len}, first {dense['windows']} windows), "
               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.")
     lines = [header, "", f"Dense perplexity: **{dense['perplexity']:.2f}** (same run).", "",
-             "| method | allocator | budget | removed (targeted) | removed (model) | perplexity | x dense | safetensors | time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| method | allocator | mode | budget | removed (targeted) | removed (model) | perplexity | x dense | safetensors | time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {r['method']} | {r['allocator']} | {r['budget']} | {r['removed_targeted']:.1%} | "
+        lines.append(f"| {r['method']} | {r['allocator']} | {r['mode']} | {r['budget']} | {r['removed_targeted']:.1%} | "
                      f"{r['removed_model']:.1%} | {r['perplexity']:.2f} | {r['ratio_to_dense']:.2f} | "
                      f"{r['safetensors_bytes'] / 2**20:.0f} MiB | {r['compress_s']:.0f} s |")
     lines.append("")
@@ -123,10 +125,6 @@ def main() -> None:
     out.with_suffix(".md").write_text(table + "\n")
     out.with_suffix(".yaml").write_text(yaml.safe_dump(
         {"command": " ".join(sys.argv), "dense": dense, "statistics_s": stats_s, "rows": results}, sort_keys=False))
-
-
-def dense_params(model: torch.nn.Module) -> int:
-    return count_params(model)
 
 
 if __name__ == "__main__":

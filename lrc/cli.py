@@ -92,6 +92,7 @@ def compress(
     sequential: Annotated[bool | None, typer.Option("--sequential/--one-shot", help="Refit each layer on the compressed layers' outputs.")] = None,
     keep_dense: Annotated[list[str] | None, typer.Option("--keep-dense", help="Regex of linears to keep dense (repeatable).")] = None,
     min_kept: Annotated[float | None, typer.Option("--min-kept", help="Least fraction of parameters every matrix keeps.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Reuse calibration statistics cached here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
 ) -> None:
     """Calibrate, allocate ranks, factorize, and write a checkpoint with lrc_report.yaml."""
@@ -106,7 +107,7 @@ def compress(
     )
     config.validate()
     with _progress_bars() as progress:
-        result = run_compress(model, config, output, overwrite=overwrite, progress=progress)
+        result = run_compress(model, config, output, overwrite=overwrite, progress=progress, cache_dir=cache_dir)
     out.print(summary_table(result.report))
     out.print(f"wrote {output}")
 

@@ -27,8 +27,28 @@ def check_output_path(target: Path, overwrite: bool, inputs: list[Path] | None =
     parent = target.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create output folder {target}: {parent} is a file")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write to {parent}: permission denied")
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete `.NAME.lrc-tmp-PID-*` siblings left by runs that were killed (their PID no longer runs)."""
+    for tmp in target.parent.glob(f".{target.name}.lrc-tmp-*"):
+        pid_text = tmp.name.removeprefix(f".{target.name}.lrc-tmp-").split("-", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
@@ -38,8 +58,12 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     A process killed inside the block leaves only a hidden `.NAME.lrc-tmp-*` sibling, never a partial target.
     """
     target = target.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.lrc-tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {target.parent}: {exc.strerror}") from None
+    remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.lrc-tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         if target.exists():

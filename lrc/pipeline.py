@@ -176,6 +176,23 @@ def collect_statistics(
     return CalibrationStats(windows, calib_source, inputs, shares, outputs, timing)
 
 
+def cached_statistics(
+    loaded: LoadedModel, config: CompressionConfig, cache_dir: Path | None, progress: Progress = no_progress
+) -> CalibrationStats:
+    """collect_statistics, through the cache in `cache_dir` when given (see lrc.cache)."""
+    if cache_dir is None:
+        return collect_statistics(loaded, config, progress)
+    from .cache import cache_key, load_stats, save_stats
+
+    needs = METHODS.get(config.method).needs_gradients
+    key = cache_key(loaded, config, gradients=needs, fisher=config.method == "fwsvd")
+    stats = load_stats(cache_dir, key)
+    if stats is None:
+        stats = collect_statistics(loaded, config, progress)
+        save_stats(stats, cache_dir, key)
+    return stats
+
+
 def decompose_all(
     loaded: LoadedModel, config: CompressionConfig, stats: CalibrationStats, progress: Progress = no_progress
 ) -> Analysis:
@@ -280,11 +297,13 @@ def compress(
     overwrite: bool = False,
     progress: Progress = no_progress,
     analysis: Analysis | None = None,
+    cache_dir: str | Path | None = None,
 ) -> CompressionResult:
     """Compress `model` (a path / Hub id / alias, or a LoadedModel) as `config` says; write to `output` if given.
 
     The model object is modified in place: its chosen nn.Linear layers become LowRankLinear. Pass an
-    `analysis` from `analyze` (same model, method and calibration) to skip the calibration pass.
+    `analysis` from `analyze` (same model, method and calibration) to skip the calibration pass, or a
+    `cache_dir` to reuse the calibration statistics of an earlier run with the same model and data.
     """
     config = config or CompressionConfig()
     config.validate()
@@ -303,7 +322,8 @@ def compress(
     timing = {"load_s": time.perf_counter() - start}
     original_params = count_params(loaded.model)
     if analysis is None:
-        analysis = analyze(loaded, config, progress)
+        stats = cached_statistics(loaded, config, Path(cache_dir) if cache_dir else None, progress)
+        analysis = decompose_all(loaded, config, stats, progress)
     timing.update(analysis.timing)
     results, apply_timing = apply(loaded, analysis, config, progress)
     timing.update(apply_timing)
@@ -337,13 +357,16 @@ def build_report(
 ) -> dict[str, Any]:
     import transformers
 
+    from .cache import data_fingerprint, model_fingerprint
+
     windows = analysis.stats.windows
     compressed_params = count_params(loaded.model)
     targeted_original = sum(r.shape[0] * r.shape[1] for r in results)
     targeted_compressed = sum(r.params for r in results)
     return {
         "lrc_version": __version__,
-        "model": loaded.source.describe() | {"architecture": type(loaded.model).__name__},
+        "model": loaded.source.describe()
+        | {"architecture": type(loaded.model).__name__, "sha256": model_fingerprint(Path(loaded.folder))},
         "method": config.method,
         "allocator": config.allocator,
         "budget": config.budget,
@@ -353,6 +376,7 @@ def build_report(
             "samples": int(windows.shape[0]),
             "seq_len": int(windows.shape[1]),
             "tokens": int(windows.numel()),
+            "sha256": data_fingerprint(config.calib),
         },
         "params": {
             "targeted": {

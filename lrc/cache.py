@@ -1,0 +1,129 @@
+"""A cache of calibration statistics, so a second run on the same model and data skips the calibration passes.
+
+Entry key: SHA-256 over the model's weight files and config, the calibration data (file bytes, or
+"self-sampled"), samples, seq_len, seed, grad_samples, exclude patterns, which statistics were collected,
+and the lrc version. An entry is one safetensors file (windows, Grams, gradient statistics) plus a
+`.sha256` sidecar of its bytes, both written atomically. An entry whose bytes, key or layout do not check
+out is reported, deleted and recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .checkpoint import weight_files
+from .factorize import InputStats, OutputStats
+from .sources import file_sha256
+
+if TYPE_CHECKING:
+    from .config import CompressionConfig
+    from .pipeline import CalibrationStats
+    from .sources import LoadedModel
+
+
+def model_fingerprint(folder: Path) -> str:
+    """SHA-256 over config.json and every safetensors file of a model folder (names and bytes)."""
+    digest = hashlib.sha256()
+    for path in [folder / "config.json", *weight_files(folder)]:
+        digest.update(path.name.encode())
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def data_fingerprint(calib: str | None) -> str:
+    if calib is None:
+        return "self-sampled"
+    path = Path(calib).expanduser()
+    return file_sha256(path) if path.is_file() else calib
+
+
+def cache_key(loaded: LoadedModel, config: CompressionConfig, gradients: bool, fisher: bool) -> str:
+    fields = {
+        "model": model_fingerprint(Path(loaded.folder)),
+        "data": data_fingerprint(config.calib),
+        "samples": config.samples,
+        "seq_len": config.seq_len,
+        "seed": config.seed,
+        "grad_samples": config.grad_samples,
+        "exclude": config.exclude,
+        "gradients": gradients,
+        "fisher": fisher,
+        "lrc": __version__,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def save_stats(stats: CalibrationStats, folder: Path, key: str) -> Path:
+    """Write one entry atomically: KEY.safetensors and KEY.sha256."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {"windows": stats.windows.contiguous()}
+    for name, s in stats.inputs.items():
+        tensors[f"in.{name}.gram"] = s.gram.contiguous()
+        tensors[f"in.{name}.abs_sum"] = s.abs_sum.contiguous()
+    for name, o in stats.outputs.items():
+        if o.gram is not None:
+            tensors[f"out.{name}.gram"] = o.gram.contiguous()
+        tensors[f"out.{name}.diag"] = o.diag.contiguous()
+        tensors[f"out.{name}.fisher_rows"] = o.fisher_rows.contiguous()
+    meta = {
+        "key": key,
+        "calib_source": stats.calib_source,
+        "shares": json.dumps(stats.shares),
+        "input_tokens": json.dumps({n: s.tokens for n, s in stats.inputs.items()}),
+        "output_tokens": json.dumps({n: o.tokens for n, o in stats.outputs.items()}),
+        "timing": json.dumps(stats.timing),
+    }
+    target = folder / f"{key}.safetensors"
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=folder)
+    os.close(fd)
+    save_file(tensors, tmp, metadata=meta)
+    digest = file_sha256(Path(tmp))
+    os.replace(tmp, target)
+    (folder / f"{key}.sha256.tmp").write_text(digest)
+    os.replace(folder / f"{key}.sha256.tmp", folder / f"{key}.sha256")
+    return target
+
+
+def load_stats(folder: Path, key: str) -> CalibrationStats | None:
+    """The cached entry for `key`, or None if absent; a corrupt or stale entry is deleted (with a warning)."""
+    from .pipeline import CalibrationStats
+
+    path, check = folder / f"{key}.safetensors", folder / f"{key}.sha256"
+    if not path.is_file():
+        return None
+    try:
+        if not check.is_file() or check.read_text().strip() != file_sha256(path):
+            raise ValueError("checksum mismatch")
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata()
+        if meta.get("key") != key:
+            raise ValueError("key mismatch")
+        in_tokens = json.loads(meta["input_tokens"])
+        out_tokens = json.loads(meta["output_tokens"])
+        inputs = {n: InputStats(tensors[f"in.{n}.gram"], tensors[f"in.{n}.abs_sum"], t) for n, t in in_tokens.items()}
+        outputs = {
+            n: OutputStats(tensors.get(f"out.{n}.gram"), tensors[f"out.{n}.diag"], tensors[f"out.{n}.fisher_rows"], t)
+            for n, t in out_tokens.items()
+        }
+        return CalibrationStats(
+            tensors["windows"], meta["calib_source"], inputs, json.loads(meta["shares"]), outputs,
+            {"cache_hit": 1.0, **{k: 0.0 for k in json.loads(meta["timing"])}},
+        )
+    except Exception as exc:  # any failure to read means the entry cannot be trusted
+        warnings.warn(f"lrc: discarding corrupt calibration cache entry {path.name} ({exc})", stacklevel=2)
+        path.unlink(missing_ok=True)
+        check.unlink(missing_ok=True)
+        return None

@@ -1,0 +1,106 @@
+"""Nothing lost, nothing half-written, same result twice: killed runs, the statistics cache, repeatability."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+import lrc
+
+from .conftest import save_tiny_model
+
+
+def tree_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def compress_command(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lrc", "compress", str(model), "-o", str(out), "--calib", str(calib),
+            "--samples", "8", "--seq-len", "64", *extra]
+
+
+@pytest.mark.parametrize("delay", [0.0, 1.0, 2.5, 4.0, "writing"])
+def test_killed_run_leaves_no_partial_output(tmp_path, calib_file, delay):
+    model = save_tiny_model(tmp_path / "model", "llama")
+    before = tree_hash(model)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(compress_command(model, calib_file, out), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    if delay == "writing":  # wait for the temporary output folder to appear, then kill inside the write
+        while not list(tmp_path.glob(".out.lrc-tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+    else:
+        time.sleep(delay + 3.0)  # interpreter start-up takes about 3 s
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert tree_hash(model) == before
+    if out.exists():  # the run finished before the kill: then the output is complete
+        assert (out / "lrc_report.yaml").is_file()
+        AutoModelForCausalLM.from_pretrained(out)
+    else:  # a later run cleans the dead run's temporary folder and succeeds
+        result = subprocess.run(compress_command(model, calib_file, out), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert not list(tmp_path.glob(".out.lrc-tmp-*"))
+
+
+def test_cache_skips_calibration_and_detects_corruption(tmp_path, calib_file, llama_dir):
+    cache = tmp_path / "cache"
+    config = lrc.CompressionConfig(calib=str(calib_file), samples=4, seq_len=32, method="loss-aware",
+                                   allocator="knapsack", budget=0.3)
+    first = lrc.compress(str(llama_dir), config, tmp_path / "a", cache_dir=cache)
+    assert "cache_hit" not in first.report["timing_s"]
+    entries = list(cache.glob("*.safetensors"))
+    assert len(entries) == 1
+
+    second = lrc.compress(str(llama_dir), config.replace(budget=0.5), tmp_path / "b", cache_dir=cache)
+    assert second.report["timing_s"]["cache_hit"] == 1.0
+    direct = lrc.compress(str(llama_dir), config.replace(budget=0.5), tmp_path / "c")
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "c" / "model.safetensors").read_bytes()
+
+    data = bytearray(entries[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entries[0].write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="discarding corrupt calibration cache entry"):
+        third = lrc.compress(str(llama_dir), config, tmp_path / "d", cache_dir=cache)
+    assert "cache_hit" not in third.report["timing_s"]
+    assert (tmp_path / "d" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert direct.ranks == second.ranks
+
+
+def test_same_inputs_same_bytes_and_report(tmp_path, calib_file, llama_dir):
+    for name in ("one", "two"):
+        result = subprocess.run(compress_command(llama_dir, calib_file, tmp_path / name, "--seed", "5"),
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    for file in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (tmp_path / "one" / file).read_bytes() == (tmp_path / "two" / file).read_bytes()
+    reports = [yaml.safe_load((tmp_path / n / "lrc_report.yaml").read_text()) for n in ("one", "two")]
+    for report in reports:
+        report.pop("timing_s")
+    assert reports[0] == reports[1]
+    assert reports[0]["model"]["sha256"] and reports[0]["calibration"]["sha256"]
+    assert reports[0]["settings"]["seed"] == 5
+
+
+def test_output_under_a_file(tmp_path, calib_file, llama_dir, capsys):
+    from lrc.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = main(["compress", str(llama_dir), "-o", str(blocker / "out"), "--calib", str(calib_file),
+                 "--samples", "2", "--seq-len", "32"])
+    assert code == 2 and "is a file" in capsys.readouterr().err
