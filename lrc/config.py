@@ -39,9 +39,9 @@ class CompressionConfig:
     """
 
     budget: float = 0.3
-    method: str = "svd-llm"
+    method: str = "loss-aware"
     method_options: dict[str, Any] = field(default_factory=dict)
-    allocator: str = "uniform"
+    allocator: str = "knapsack"
     allocator_options: dict[str, Any] = field(default_factory=dict)
     calib: str | None = None
     samples: int = 32
