@@ -35,10 +35,10 @@ class LrcConfig(QuantizationConfigMixin):
 
 def replace_with_low_rank(model: Any, ranks: dict[str, int]) -> None:
     """Swap each named nn.Linear for a LowRankLinear of the given rank, with the same device and dtype."""
+    from .targets import replace_module
+
     for name, rank in ranks.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         weight = linear.weight
         layer = LowRankLinear(
             linear.in_features,
@@ -48,7 +48,7 @@ def replace_with_low_rank(model: Any, ranks: dict[str, int]) -> None:
             device=weight.device,
             dtype=weight.dtype,
         )
-        setattr(parent, child, layer)
+        replace_module(model, name, layer)
 
 
 class LrcHfQuantizer(HfQuantizer):

@@ -35,7 +35,7 @@ from .progress import Progress, no_progress
 from .report_view import REPORT_NAME
 from .sequential import sequential_factorize
 from .sources import LoadedModel, load_model
-from .targets import decoder_layers, matrix_type, target_linears
+from .targets import decoder_layers, matrix_type, replace_module, target_linears
 
 
 @dataclass
@@ -155,11 +155,10 @@ def collect_statistics(
     inputs: dict[str, InputStats] = {}
     shares: dict[str, str] = {}
 
-    def keep(index: int, layer: nn.Module, stats: dict[str, InputStats], shared: dict[str, str]) -> bool:
+    def keep(index: int, layer: nn.Module, stats: dict[str, InputStats], shared: dict[str, str]) -> None:
         inputs.update({name: s.to("cpu") for name, s in stats.items()})
         shares.update(shared)
         progress("calibrate", index + 1, n_layers)
-        return False
 
     calibrate_layerwise(net, windows, targets, keep, config.batch_size, device)
     timing["calibration_s"] = time.perf_counter() - t
@@ -280,7 +279,7 @@ def apply(
                 linear = targets[name]
                 up, down = analysis.decompositions[name].factors(rank)
                 bias = linear.bias.detach() if linear.bias is not None else None
-                _replace(loaded.model, name, LowRankLinear.from_factors(up, down, bias, dtype=linear.weight.dtype))
+                replace_module(loaded.model, name, LowRankLinear.from_factors(up, down, bias, dtype=linear.weight.dtype))
                 errors[name] = float(analysis.output_errors[name][rank])
     results = [
         MatrixResult(c.name, c.shape, ranks[c.name], c.params(ranks[c.name]), errors.get(c.name, 0.0))
@@ -340,11 +339,6 @@ def _compile(patterns: list[str], what: str) -> list[re.Pattern[str]]:
         return [re.compile(p) for p in patterns]
     except re.error as exc:
         raise ConfigError(f"bad regex in {what}: {exc}") from None
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
 
 
 def build_report(

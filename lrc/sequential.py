@@ -23,7 +23,7 @@ from torch import nn
 from .calibration.layerwise import capture_first_layer_inputs, run_layer, to_device
 from .factorize import FactorizationMethod, InputStats, OutputStats
 from .lowrank import LowRankLinear
-from .targets import decoder_layers
+from .targets import decoder_layers, replace_module
 
 
 class _Capture:
@@ -106,8 +106,7 @@ def sequential_factorize(
         for name, linear in linears.items():
             s = sums[shares[name]]
             new, err = _fit(linear, s, tokens, ranks[name], method, outputs.get(name), ridge, device, name)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new.to(device))
+            replace_module(model, name, new.to(device))
             errors[name] = err
         with torch.no_grad():
             compressed = [run_layer(layer, h, kw) for h, kw in zip(compressed, kwargs_list)]

@@ -49,3 +49,9 @@ def target_linears(model: nn.Module, exclude: list[str] | None = None) -> dict[s
 def matrix_type(name: str) -> str:
     """The module name without its layer index, e.g. 'model.layers.3.self_attn.q_proj' -> 'self_attn.q_proj'."""
     return re.sub(r"^.*?\.\d+\.", "", name)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the submodule called `name` (e.g. 'model.layers.0.mlp.up_proj') is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -48,7 +48,9 @@ def solve_mckp(costs: list[list[int]], errors: list[list[float]], capacity: int)
     dp[b] = least error of the items so far within cost b; O(items x options x capacity).
     """
     if sum(min(c) for c in costs) > capacity:
-        raise ConfigError("the budget cannot be met: even the smallest option of every matrix is too large")
+        raise ConfigError(
+            "the budget cannot be met under these constraints: keep_dense / min_kept leave too few parameters to remove"
+        )
     dp = np.zeros(capacity + 1)
     choices = []
     for item_costs, item_errors in zip(costs, errors):

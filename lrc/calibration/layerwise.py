@@ -1,8 +1,7 @@
 """Layer-by-layer calibration: statistics of every targeted linear's input, one decoder layer at a time.
 
 The inputs of decoder layer 0 are captured once; then for each layer i: run it on its inputs with hooks that
-accumulate Σ x xᵀ (float64) per linear, hand the statistics to a callback (which may factorize the layer in
-place), and compute the layer's outputs, which become layer i+1's inputs. Only the current layer is moved
+accumulate Σ x xᵀ (float64) per linear, hand the statistics to a callback, and keep the layer's outputs, which become layer i+1's inputs. Only the current layer is moved
 to the compute device; live memory is one layer plus the hidden states (samples x seq_len x hidden) plus
 the statistics of that layer. Linears that read the same tensor (q/k/v, gate/up) share one Gram.
 """
@@ -20,8 +19,7 @@ from ..factorize import InputStats
 from ..targets import decoder_layers
 
 # callback(layer index, layer module, {linear name: stats}, {linear name: name of the linear whose stats it shares})
-# returns True if it changed the layer (then its outputs are recomputed).
-LayerCallback = Callable[[int, nn.Module, dict[str, InputStats], dict[str, str]], bool]
+LayerCallback = Callable[[int, nn.Module, dict[str, InputStats], dict[str, str]], None]
 
 
 class _StopForward(Exception):
@@ -136,12 +134,8 @@ def calibrate_layerwise(
                 outputs.append(run_layer(layer, hidden, kwargs))
                 hooks.end_batch()
         hooks.remove()
-        changed = callback(index, layer, hooks.stats, hooks.shares)
+        callback(index, layer, hooks.stats, hooks.shares)
         del hooks
-        if changed:
-            layer.to(device)
-            with torch.no_grad():
-                outputs = [run_layer(layer, h, kw) for h, kw in zip(hidden_states, kwargs_list)]
         hidden_states = outputs
         layer.to(home)
         if progress is not None:

@@ -1,0 +1,79 @@
+"""Perplexity of the default recipe against the amount of calibration data (--samples at a fixed seq_len).
+
+    python bench/samples_curve.py --samples 16 32 64 --budgets 0.2 0.3
+
+Each sample count gets its own calibration pass (windows drawn by the same seed, so smaller sets are
+prefixes of larger ones' random order); the dense model is evaluated in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+import lrc
+from lrc.evaluate import perplexity
+from lrc.pipeline import apply, collect_statistics, decompose_all
+from lrc.sources import LoadedModel, load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="../shared/data/wikitext-2")
+    parser.add_argument("--samples", nargs="+", type=int, default=[16, 32, 64, 128])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.2, 0.3])
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--out", default="bench/results/samples_curve")
+    args = parser.parse_args()
+    data = Path(args.data)
+    loaded = load_model(args.model)
+    pristine = copy.deepcopy(loaded.model)
+    ids = loaded.tokenizer((data / "wiki.test.raw").read_text(encoding="utf-8"), return_tensors="pt",
+                           add_special_tokens=False).input_ids[0]
+    dense = perplexity(loaded.model, ids, args.seq_len, args.eval_windows)
+    print(f"dense ppl {dense['perplexity']:.3f}", flush=True)
+    rows = []
+    for samples in args.samples:
+        config = lrc.CompressionConfig(calib=str(data / "wiki.valid.tokens"), samples=samples, seq_len=args.seq_len)
+        work = LoadedModel(copy.deepcopy(pristine), loaded.tokenizer, loaded.source, loaded.folder)
+        t = time.perf_counter()
+        analysis = decompose_all(work, config, collect_statistics(work, config))
+        analysis_s = time.perf_counter() - t
+        for budget in args.budgets:
+            model = LoadedModel(copy.deepcopy(pristine), loaded.tokenizer, loaded.source, loaded.folder)
+            matrices, _ = apply(model, analysis, dataclasses.replace(config, budget=budget))
+            removed = 1 - sum(m.params for m in matrices) / sum(m.shape[0] * m.shape[1] for m in matrices)
+            result = perplexity(model.model, ids, args.seq_len, args.eval_windows)
+            row = {"samples": samples, "budget": budget, "removed": round(removed, 4),
+                   "perplexity": round(result["perplexity"], 3),
+                   "ratio_to_dense": round(result["perplexity"] / dense["perplexity"], 3),
+                   "calibration_s": round(analysis_s, 1)}
+            rows.append(row)
+            print(row, flush=True)
+    lines = [f"Default recipe ({lrc.CompressionConfig().method} + {lrc.CompressionConfig().allocator}) on {args.model}; "
+             f"calibration wiki.valid.tokens at seq_len {args.seq_len}; evaluation wiki.test.raw, seq_len {args.seq_len}, "
+             f"first {dense['windows']} windows; {torch.get_num_threads()} threads. Dense perplexity {dense['perplexity']:.2f}.",
+             "", "| samples | budget | removed | perplexity | x dense | calibration + decomposition |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['samples']} | {r['budget']} | {r['removed']:.1%} | {r['perplexity']:.2f} | {r['ratio_to_dense']:.2f} | "
+              f"{r['calibration_s']:.0f} s |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(table + "\n")
+    out.with_suffix(".yaml").write_text(yaml.safe_dump({"command": " ".join(sys.argv), "dense": dense, "rows": rows},
+                                                       sort_keys=False))
+
+
+if __name__ == "__main__":
+    main()
