@@ -5,7 +5,7 @@ options, ranks that are multiples of `rank_step` up to its break-even rank, or "
 per item; minimise Σ error subject to Σ parameters <= allowed. Solved exactly by dynamic programming over
 the budget in units of the greatest common divisor of all option costs (so no rounding at all), unless
 that needs more than `max_units` cells; then the unit grows to allowed / max_units and every cost is
-rounded up (the budget is still never exceeded; the report states the unit).
+rounded up (the budget is still never exceeded; `last_unit` holds the unit of the last call).
 """
 
 from __future__ import annotations

@@ -66,11 +66,10 @@ def capture_first_layer_inputs(
 class _StatsHooks:
     """Forward hooks accumulating input statistics of the given linears of one layer."""
 
-    def __init__(self, linears: dict[str, nn.Linear], device: torch.device) -> None:
+    def __init__(self, linears: dict[str, nn.Linear]) -> None:
         self.stats: dict[str, InputStats] = {}
         self.shares: dict[str, str] = {}
         self._seen: list[tuple[torch.Tensor, str]] = []
-        self._device = device
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str) -> Callable[..., None]:
@@ -127,7 +126,7 @@ def calibrate_layerwise(
         linears = {name: m for name, m in targets.items() if name.startswith(prefix)}
         home = next(layer.parameters()).device
         layer.to(device)
-        hooks = _StatsHooks(linears, device)
+        hooks = _StatsHooks(linears)
         outputs = []
         with torch.no_grad():
             for hidden, kwargs in zip(hidden_states, kwargs_list):

@@ -19,16 +19,16 @@ def random_stats(n: int, tokens: int = 400, dead: int = 0, seed: int = 0) -> tup
     return x, InputStats(x.T @ x, x.abs().sum(0), tokens)
 
 
-def weightings(method_name: str, stats: InputStats, method) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent construction of (P_out, P_in) as dense matrices, from the published definitions."""
+def input_weighting(method_name: str, stats: InputStats, method) -> torch.Tensor | None:
+    """Independent construction of P_in as a dense matrix from the published definitions (None: whitening,
+    checked against the output error instead, since any S with S Sᵀ = G gives the same norm)."""
     n = stats.gram.shape[0]
     if method_name == "svd":
-        return None, torch.eye(n, dtype=torch.float64)
+        return torch.eye(n, dtype=torch.float64)
     if method_name == "asvd":
         s = stats.abs_sum / stats.tokens
-        return None, torch.diag(s.clamp_min(1e-6 * s.max()) ** method.alpha)
-    # whitening methods: any S with S Sᵀ = G (+ damping) gives the same weighted norm ||E S||_F
-    return None, None
+        return torch.diag(s.clamp_min(1e-6 * s.max()) ** method.alpha)
+    return None
 
 
 @pytest.mark.parametrize("name", ["svd", "asvd", "svd-llm", "svd-llm-v2"])
@@ -40,7 +40,7 @@ def test_error_curve_matches_direct_weighted_error(name, shape):
     x, stats = random_stats(n)
     method = METHODS.create(name)
     dec = method.decompose(weight, stats, breakeven_rank(m, n))
-    _, p_in = weightings(name, stats, method)
+    p_in = input_weighting(name, stats, method)
     for rank in (1, dec.max_rank // 2, dec.max_rank):
         up, down = dec.factors(rank)
         diff = weight - up.double() @ down.double()
