@@ -7,6 +7,12 @@ number) under bench/results/.
 
     python bench/quality.py --data ../shared/data/wikitext-2            # the README table
     python bench/quality.py --rows svd-llm:uniform --budgets 0.2 0.3 0.4  # the foundation table
+    python bench/quality.py --rows loss-aware:knapsack sparse-dictionary:knapsack low-rank-sparse:knapsack \
+        --stats-cache /tmp/lrc-stats --out bench/results/sparse             # the sparse-plus-low-rank table
+
+"removed" counts parameter-equivalents: sparse layers' indices / bitmasks are charged as values of the
+written dtype (bytes / value bytes), so removed fractions compare at equal real bytes; the safetensors
+column is the size of the written file.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import yaml
 import lrc
 from lrc.checkpoint import tensor_bytes, write_checkpoint
 from lrc.evaluate import perplexity
-from lrc.pipeline import apply, collect_statistics, count_params, decompose_all
+from lrc.pipeline import apply, cached_statistics, collect_statistics, count_params, decompose_all
 from lrc.sources import LoadedModel, load_model
 
 DEFAULT_ROWS = [
@@ -48,6 +54,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/quality")
+    parser.add_argument("--stats-cache", default=None,
+                        help="reuse / store the calibration statistics in this lrc cache folder (not with fwsvd rows)")
     args = parser.parse_args()
 
     data = Path(args.data)
@@ -66,9 +74,14 @@ def main() -> None:
     rows = [(r.split(":") + [""])[:3] for r in args.rows]
     need_grads = any(lrc.factorize.METHODS.get(m).needs_gradients for m, _, _ in rows)
     t = time.perf_counter()
-    stats = collect_statistics(loaded, dataclasses.replace(base, method="svd-llm"), gradients=need_grads,
-                               fisher=any(m == "fwsvd" for m, _, _ in rows))
+    fisher = any(m == "fwsvd" for m, _, _ in rows)
+    if args.stats_cache and not fisher:
+        stats = cached_statistics(loaded, dataclasses.replace(base, method="loss-aware"), Path(args.stats_cache))
+    else:
+        stats = collect_statistics(loaded, dataclasses.replace(base, method="svd-llm"), gradients=need_grads, fisher=fisher)
     stats_s = time.perf_counter() - t
+    if "cache_hit" in stats.timing:
+        print("statistics: from the cache", args.stats_cache, flush=True)
     print(f"statistics: {stats_s:.0f}s {stats.timing}", flush=True)
 
     results = []
@@ -86,16 +99,21 @@ def main() -> None:
             matrices, apply_timing = apply(work, analysis, run_config)
             apply_s = time.perf_counter() - t
             targeted = sum(r.shape[0] * r.shape[1] for r in matrices)
-            removed = 1 - sum(r.params for r in matrices) / targeted
+            compressed = sum(r.params for r in matrices)
+            removed = 1 - compressed / targeted
             with tempfile.TemporaryDirectory() as tmp:
-                ranks = {r.name: r.rank for r in matrices if r.rank}
-                write_checkpoint(model, Path(tmp), None, ranks)
+                ranks = {r.name: r.rank for r in matrices if r.kind == "low-rank"}
+                sparse = {r.name: {"kind": r.kind, "rank": r.rank, "nnz": r.nnz, "layout": r.layout}
+                          for r in matrices if r.nnz}
+                write_checkpoint(model, Path(tmp), None, ranks, sparse=sparse)
                 size = tensor_bytes(Path(tmp))
+            kinds = {kind: sum(r.kind == kind for r in matrices) for kind in sorted({r.kind for r in matrices})}
             result = ppl(model)
             row = {
                 "method": method, "allocator": allocator, "mode": mode or "one-shot", "budget": budget,
                 "removed_targeted": round(removed, 4),
-                "removed_model": round(1 - count_params(model) / original_params, 4),
+                "removed_model": round((targeted - compressed) / original_params, 4),
+                "layers": kinds,
                 "perplexity": round(result["perplexity"], 3),
                 "ratio_to_dense": round(result["perplexity"] / dense["perplexity"], 3),
                 "safetensors_bytes": size,
@@ -116,8 +134,16 @@ def main() -> None:
                      f"{r['removed_model']:.1%} | {r['perplexity']:.2f} | {r['ratio_to_dense']:.2f} | "
                      f"{r['safetensors_bytes'] / 2**20:.0f} MiB | {r['compress_s']:.0f} s |")
     lines.append("")
-    lines.append("time = shared calibration statistics + this method's decomposition + allocation; the statistics "
-                 f"({stats_s:.0f} s) are collected once for all rows.")
+    if any(set(r["layers"]) - {"dense", "low-rank"} for r in results):
+        lines += ["Layer kinds chosen by the allocator:", ""]
+        lines += [f"- {r['method']} {r['budget']}: " + ", ".join(f"{n} {k}" for k, n in r["layers"].items()) for r in results]
+        lines.append("")
+    if "cache_hit" in stats.timing:
+        lines.append("time = this method's decomposition + allocation; the calibration statistics were read from the "
+                     "lrc statistics cache (collected by an earlier run), so their cost is not in the column.")
+    else:
+        lines.append("time = shared calibration statistics + this method's decomposition + allocation; the statistics "
+                     f"({stats_s:.0f} s) are collected once for all rows.")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)

@@ -2,8 +2,11 @@
 
     python bench/samples_curve.py --samples 16 32 64 --budgets 0.2 0.3
 
-Each sample count gets its own calibration pass (windows drawn by the same seed, so smaller sets are
-prefixes of larger ones' random order); the dense model is evaluated in the same run.
+The window sets are nested: with one seed, the windows of a smaller count are a subset of a larger
+count's (the first k of one random permutation). So the statistics are collected once per increment and
+summed (every statistic is a sum over tokens): the whole curve costs one calibration pass over the
+largest count. The dense model is evaluated in the same run. With --save-stats DIR, the statistics of
+each count are also written to an lrc statistics cache in DIR (reusable by bench/quality.py --stats-cache).
 """
 
 from __future__ import annotations
@@ -19,9 +22,19 @@ import torch
 import yaml
 
 import lrc
+from lrc.cache import cache_key, save_stats
+from lrc.calibration import read_text, token_windows
 from lrc.evaluate import perplexity
-from lrc.pipeline import apply, collect_statistics, decompose_all
+from lrc.pipeline import CalibrationStats, apply, collect_statistics, decompose_all
 from lrc.sources import LoadedModel, load_model
+
+
+def new_windows(windows: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+    """Rows of `windows` not already in `seen` (the increment from a smaller nested window set)."""
+    if seen is None:
+        return windows
+    old = {tuple(row.tolist()) for row in seen}
+    return torch.stack([row for row in windows if tuple(row.tolist()) not in old])
 
 
 def main() -> None:
@@ -33,6 +46,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--out", default="bench/results/samples_curve")
+    parser.add_argument("--save-stats", default=None, help="write each count's statistics to this cache folder")
     args = parser.parse_args()
     data = Path(args.data)
     loaded = load_model(args.model)
@@ -42,12 +56,25 @@ def main() -> None:
     dense = perplexity(loaded.model, ids, args.seq_len, args.eval_windows)
     print(f"dense ppl {dense['perplexity']:.3f}", flush=True)
     rows = []
-    for samples in args.samples:
-        config = lrc.CompressionConfig(calib=str(data / "wiki.valid.tokens"), samples=samples, seq_len=args.seq_len)
+    calib = str(data / "wiki.valid.tokens")
+    text = read_text(calib)
+    stats: CalibrationStats | None = None
+    collected_s = 0.0
+    for samples in sorted(args.samples):
+        config = lrc.CompressionConfig(calib=calib, samples=samples, seq_len=args.seq_len)
+        windows = token_windows(loaded.tokenizer, text, samples, args.seq_len, config.seed)
+        increment = new_windows(windows, stats.windows if stats is not None else None)
         work = LoadedModel(copy.deepcopy(pristine), loaded.tokenizer, loaded.source, loaded.folder)
         t = time.perf_counter()
-        analysis = decompose_all(work, config, collect_statistics(work, config))
-        analysis_s = time.perf_counter() - t
+        part = collect_statistics(work, config, windows=increment)
+        stats = part if stats is None else stats.merged(part)
+        collected_s += time.perf_counter() - t
+        if args.save_stats:
+            save_stats(stats, Path(args.save_stats), cache_key(work, config, gradients=True, fisher=False))
+        t = time.perf_counter()
+        analysis = decompose_all(work, config, stats)
+        analysis_s = collected_s + time.perf_counter() - t
+        print(f"{samples} samples: statistics {collected_s:.0f} s so far", flush=True)
         for budget in args.budgets:
             model = LoadedModel(copy.deepcopy(pristine), loaded.tokenizer, loaded.source, loaded.folder)
             matrices, _ = apply(model, analysis, dataclasses.replace(config, budget=budget))
@@ -61,7 +88,8 @@ def main() -> None:
             print(row, flush=True)
     lines = [f"Default recipe ({lrc.CompressionConfig().method} + {lrc.CompressionConfig().allocator}) on {args.model}; "
              f"calibration wiki.valid.tokens at seq_len {args.seq_len}; evaluation wiki.test.raw, seq_len {args.seq_len}, "
-             f"first {dense['windows']} windows; {torch.get_num_threads()} threads. Dense perplexity {dense['perplexity']:.2f}.",
+             f"first {dense['windows']} windows; {torch.get_num_threads()} threads. Dense perplexity {dense['perplexity']:.2f}. "
+             "Time = statistics of all windows up to this count (collected incrementally) + this count's decomposition.",
              "", "| samples | budget | removed | perplexity | x dense | calibration + decomposition |",
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['samples']} | {r['budget']} | {r['removed']:.1%} | {r['perplexity']:.2f} | {r['ratio_to_dense']:.2f} | "

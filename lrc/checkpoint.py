@@ -41,8 +41,11 @@ def write_checkpoint(
     tokenizer: Any | None = None,
     ranks: dict[str, int] | None = None,
     dtype: torch.dtype | None = None,
+    sparse: dict[str, dict[str, Any]] | None = None,
 ) -> list[Path]:
     """Write config.json, safetensors shards (+ index) and tokenizer files into `folder`; return the weight files.
+
+    ranks / sparse: the factorized layers (see hf_integration), recorded in config.json.
 
     Floating tensors are cast to `dtype` when given. Tensors with NaN/Inf are refused (NumericalError).
     """
@@ -64,8 +67,8 @@ def write_checkpoint(
     config.pop("_name_or_path", None)
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
-    if ranks:
-        config["quantization_config"] = LrcConfig(ranks).to_dict()
+    if ranks or sparse:
+        config["quantization_config"] = LrcConfig(ranks, sparse=sparse).to_dict()
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = getattr(model, "generation_config", None)
     if generation is not None:

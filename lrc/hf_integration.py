@@ -1,9 +1,11 @@
 """Loading lrc checkpoints with plain `transformers.AutoModelForCausalLM.from_pretrained` after `import lrc`.
 
 An lrc checkpoint's config.json carries
-    "quantization_config": {"quant_method": "lrc", "format_version": 1, "ranks": {module name: rank}}
+    "quantization_config": {"quant_method": "lrc", "format_version": 2, "ranks": {module name: rank},
+                            "sparse": {module name: {"kind", "rank", "nnz", "layout"}}}
 and registering a transformers quantizer for "lrc" lets from_pretrained swap those nn.Linear modules for
-`LowRankLinear` (on the meta device, before any weight is read), so the factors load like any weight.
+`LowRankLinear` or a sparse layer (on the meta device, before any weight is read), so the factors load
+like any weight. Format 1 (ranks only, before sparse layers existed) still loads.
 """
 
 from __future__ import annotations
@@ -16,27 +18,44 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .lowrank import LowRankLinear
 
 QUANT_METHOD = "lrc"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)
 
 
 class LrcConfig(QuantizationConfigMixin):
-    """The rank map of an lrc checkpoint, as transformers sees it."""
+    """The layer map of an lrc checkpoint, as transformers sees it: ranks, and sparse layer specs."""
 
-    def __init__(self, ranks: dict[str, int] | None = None, format_version: int = FORMAT_VERSION, **kwargs: Any):
+    def __init__(
+        self,
+        ranks: dict[str, int] | None = None,
+        format_version: int = FORMAT_VERSION,
+        sparse: dict[str, dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ):
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]
         self.format_version = format_version
         self.ranks = dict(ranks or {})
-        if format_version != FORMAT_VERSION:
-            raise ValueError(f"lrc checkpoint format {format_version} is not supported (this lrc reads {FORMAT_VERSION})")
+        self.sparse = dict(sparse or {})
+        if format_version not in READS:
+            raise ValueError(f"lrc checkpoint format {format_version} is not supported (this lrc reads {READS})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "ranks": dict(self.ranks)}
+        out = {"quant_method": QUANT_METHOD, "format_version": self.format_version, "ranks": dict(self.ranks)}
+        return out | ({"sparse": dict(self.sparse)} if self.sparse else {})
 
 
-def replace_with_low_rank(model: Any, ranks: dict[str, int]) -> None:
-    """Swap each named nn.Linear for a LowRankLinear of the given rank, with the same device and dtype."""
+def replace_with_low_rank(model: Any, ranks: dict[str, int], sparse: dict[str, dict[str, Any]] | None = None) -> None:
+    """Swap each named nn.Linear for a LowRankLinear of the given rank, or the sparse layer its spec
+    describes, with the same device and dtype."""
+    from .sparse_linear import sparse_skeleton
     from .targets import replace_module
 
+    for name, spec in (sparse or {}).items():
+        linear = model.get_submodule(name)
+        weight = linear.weight
+        replace_module(model, name, sparse_skeleton(
+            linear.in_features, linear.out_features, spec, linear.bias is not None, weight.device, weight.dtype
+        ))
     for name, rank in ranks.items():
         linear = model.get_submodule(name)
         weight = linear.weight
@@ -58,7 +77,7 @@ class LrcHfQuantizer(HfQuantizer):
     quantization_config: LrcConfig
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        replace_with_low_rank(model, self.quantization_config.ranks)
+        replace_with_low_rank(model, self.quantization_config.ranks, self.quantization_config.sparse)
         return model
 
     def is_serializable(self) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .allocate import ALLOCATORS, DENSE, MatrixCandidates
+from .allocate import ALLOCATORS, DENSE, Choice, MatrixCandidates
 from .calibration import (
     SELF_SAMPLED,
     calibrate_layerwise,
@@ -26,7 +28,7 @@ from .calibration import (
 from .checkpoint import DTYPES, check_finite_files, read_tensor_names, tensor_bytes, write_checkpoint
 from .config import CompressionConfig
 from .errors import ConfigError, LrcError
-from .factorize import METHODS, Decomposition, InputStats, OutputStats, breakeven_rank
+from .factorize import METHODS, Decomposition, InputStats, OutputStats, SparseOption, breakeven_rank
 from .factorize.base import Weighting
 from .factorize.output_error import relative_output_errors
 from .lowrank import LowRankLinear
@@ -35,18 +37,27 @@ from .progress import Progress, no_progress
 from .report_view import REPORT_NAME
 from .sequential import sequential_factorize
 from .sources import LoadedModel, load_model
+from .sparse_linear import LowRankSparseLinear, SparseDictionaryLinear, sparse_skeleton
 from .targets import decoder_layers, matrix_type, replace_module, target_linears
 
 
 @dataclass
 class MatrixResult:
-    """What happened to one targeted matrix."""
+    """What happened to one targeted matrix.
+
+    kind: "dense", "low-rank", or a sparse family ("sparse-dictionary", "low-rank-sparse");
+    rank: the rank (or atoms), DENSE (0) when kept dense; params: cost in parameter-equivalents (values,
+    plus index bytes / value bytes for sparse layers); nnz, layout: the sparse factor's entries and layout.
+    """
 
     name: str
     shape: tuple[int, int]
-    rank: int  # DENSE (0) = kept dense
+    rank: int
     params: int
     rel_error: float  # ||(W - W') X||_F / ||W X||_F on the calibration data
+    kind: str = "low-rank"
+    nnz: int = 0
+    layout: str = ""
 
 
 @dataclass
@@ -57,7 +68,8 @@ class CompressionResult:
 
     @property
     def ranks(self) -> dict[str, int]:
-        return {m.name: m.rank for m in self.matrices if m.rank != DENSE}
+        """Rank (or atom count) of every factorized matrix."""
+        return {m.name: m.rank for m in self.matrices if m.kind != "dense"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,6 +125,22 @@ class CalibrationStats:
     def input_of(self, name: str) -> InputStats:
         return self.inputs[self.shares.get(name, name)]
 
+    def merged(self, other: CalibrationStats) -> CalibrationStats:
+        """The statistics of both window sets together (every statistic is a sum over tokens)."""
+        inputs = {
+            n: InputStats(s.gram + other.inputs[n].gram, s.abs_sum + other.inputs[n].abs_sum, s.tokens + other.inputs[n].tokens)
+            for n, s in self.inputs.items()
+        }
+        outputs = {}
+        for n, o in self.outputs.items():
+            p = other.outputs[n]
+            gram = o.gram + p.gram if o.gram is not None and p.gram is not None else None
+            outputs[n] = OutputStats(gram, o.diag + p.diag, o.fisher_rows + p.fisher_rows, o.tokens + p.tokens)
+        timing = {k: v + other.timing.get(k, 0.0) for k, v in self.timing.items()}
+        return CalibrationStats(
+            torch.cat([self.windows, other.windows]), self.calib_source, inputs, self.shares, outputs, timing
+        )
+
 
 @dataclass
 class Analysis:
@@ -135,8 +163,12 @@ def collect_statistics(
     progress: Progress = no_progress,
     gradients: bool | None = None,
     fisher: bool | None = None,
+    windows: torch.Tensor | None = None,
 ) -> CalibrationStats:
-    """Input statistics (layer by layer) and, if the method needs them (or `gradients`), output gradients."""
+    """Input statistics (layer by layer) and, if the method needs them (or `gradients`), output gradients.
+
+    windows: calibration token windows (samples x seq_len) to use instead of drawing them from config.calib.
+    """
     device = resolve_device(config.device)
     method_cls = METHODS.get(config.method)
     gradients = method_cls.needs_gradients if gradients is None else gradients
@@ -148,7 +180,10 @@ def collect_statistics(
     torch.manual_seed(config.seed)
 
     t = time.perf_counter()
-    windows, calib_source = calibration_windows(loaded, config)
+    if windows is None:
+        windows, calib_source = calibration_windows(loaded, config)
+    else:
+        calib_source = config.calib or SELF_SAMPLED
     timing["calibration_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -213,12 +248,17 @@ def decompose_all(
         out = stats.outputs[name].to(device) if name in stats.outputs else None
         weight = linear.weight.detach().to(device)
         m, n = weight.shape
-        dec = method.decompose(weight, inp, breakeven_rank(m, n), name, in_weights[owner], out)
+        dec = method.decompose(weight, inp, breakeven_rank(m, n), name, in_weights[owner], out, value_bytes(config, linear))
         decompositions[name] = dec
         output_errors[name] = relative_output_errors(weight, inp.gram, dec)
         progress("decompose", i + 1, len(targets))
     timing = dict(stats.timing, decomposition_s=time.perf_counter() - t)
     return Analysis(stats, decompositions, output_errors, method.errors_comparable, timing)
+
+
+def value_bytes(config: CompressionConfig, linear: nn.Linear) -> int:
+    """Bytes per stored value in the output: the --dtype if given, else the layer's own dtype."""
+    return DTYPES[config.dtype].itemsize if config.dtype else linear.weight.element_size()
 
 
 def analyze(loaded: LoadedModel, config: CompressionConfig, progress: Progress = no_progress) -> Analysis:
@@ -228,8 +268,8 @@ def analyze(loaded: LoadedModel, config: CompressionConfig, progress: Progress =
 
 def allocate_ranks(
     loaded: LoadedModel, analysis: Analysis, config: CompressionConfig
-) -> tuple[list[MatrixCandidates], dict[str, int]]:
-    """The allocator's choice of a rank (or DENSE) for every targeted matrix under config.budget."""
+) -> tuple[list[MatrixCandidates], Mapping[str, Choice]]:
+    """The allocator's choice of a rank, DENSE or a sparse option for every targeted matrix under config.budget."""
     allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
     keep_dense = _compile(config.keep_dense, "keep_dense")
     targets = target_linears(loaded.model, config.exclude)
@@ -238,6 +278,8 @@ def allocate_ranks(
         dec = analysis.decompositions[name]
         m, n = linear.out_features, linear.in_features
         min_rank = max(1, math.ceil(config.min_kept * m * n / (m + n)))
+        scale = 1.0 if analysis.errors_comparable or float(dec.errors[0]) <= 0 else 1.0 / float(dec.errors[0])
+        sparse = [dataclasses.replace(o, error=o.error * scale) for o in dec.sparse_options if o.cost >= config.min_kept * m * n]
         candidates.append(
             MatrixCandidates(
                 name=name,
@@ -247,6 +289,7 @@ def allocate_ranks(
                 min_rank=min_rank,
                 keep_dense=min_rank > dec.max_rank or any(p.search(name) for p in keep_dense),
                 group=matrix_type(name),
+                sparse=sparse,
             )
         )
     return candidates, allocator.allocate(candidates, config.budget)
@@ -261,10 +304,13 @@ def apply(
     """
     timing = {}
     t = time.perf_counter()
-    candidates, ranks = allocate_ranks(loaded, analysis, config)
+    candidates, choices = allocate_ranks(loaded, analysis, config)
     timing["allocation_s"] = time.perf_counter() - t
     targets = target_linears(loaded.model, config.exclude)
     if config.sequential:
+        ranks = {name: choice for name, choice in choices.items() if isinstance(choice, int)}
+        if len(ranks) < len(choices):
+            raise ConfigError("sequential mode supports plain ranks only, not sparse options")
         t = time.perf_counter()
         errors = sequential_factorize(
             loaded.model, analysis.stats.windows, targets, ranks, METHODS.create(config.method, config.method_options),
@@ -272,20 +318,58 @@ def apply(
             progress=lambda done, total: progress("sequential refit", done, total),
         )
         timing["sequential_s"] = time.perf_counter() - t
-    else:
-        errors = {}
-        for name, rank in ranks.items():
-            if rank != DENSE:
-                linear = targets[name]
-                up, down = analysis.decompositions[name].factors(rank)
-                bias = linear.bias.detach() if linear.bias is not None else None
-                replace_module(loaded.model, name, LowRankLinear.from_factors(up, down, bias, dtype=linear.weight.dtype))
-                errors[name] = float(analysis.output_errors[name][rank])
-    results = [
-        MatrixResult(c.name, c.shape, ranks[c.name], c.params(ranks[c.name]), errors.get(c.name, 0.0))
-        for c in candidates
-    ]
+        return [_result(c, ranks[c.name], errors.get(c.name, 0.0)) for c in candidates], timing
+    results = []
+    method = METHODS.create(config.method, config.method_options)
+    device = resolve_device(config.device)
+    for c in candidates:
+        choice = choices[c.name]
+        linear = targets[c.name]
+        bias = linear.bias.detach() if linear.bias is not None else None
+        if isinstance(choice, SparseOption):
+            inp = analysis.stats.input_of(c.name).to(device)
+            outputs = analysis.stats.outputs.get(c.name)
+            problem = method.weighted_problem(
+                linear.weight.detach().to(device), inp, c.name, None, outputs.to(device) if outputs else None
+            )
+            layer = build_sparse_layer(choice, method.sparse_layer(problem, choice), bias, linear.weight.dtype)
+            replace_module(loaded.model, c.name, layer)
+            error = relative_output_error(linear.weight.detach(), layer.dense_weight().detach(), inp.gram)
+            sparse = layer.sparse_factor()  # the layer as built: its real entry count and bytes
+            cost = -(-layer.weight_bytes(value_bytes(config, linear)) // value_bytes(config, linear))
+            results.append(MatrixResult(c.name, c.shape, layer.rank, cost, error, choice.kind, sparse.nnz, sparse.layout))
+        elif choice != DENSE:
+            up, down = analysis.decompositions[c.name].factors(choice)
+            replace_module(loaded.model, c.name, LowRankLinear.from_factors(up, down, bias, dtype=linear.weight.dtype))
+            results.append(_result(c, choice, float(analysis.output_errors[c.name][choice])))
+        else:
+            results.append(_result(c, DENSE, 0.0))
     return results, timing
+
+
+def _result(candidate: MatrixCandidates, choice: int, rel_error: float) -> MatrixResult:
+    kind = "dense" if choice == DENSE else "low-rank"
+    return MatrixResult(candidate.name, candidate.shape, choice, candidate.params(choice), rel_error, kind)
+
+
+def build_sparse_layer(
+    option: SparseOption, factors: dict[str, torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype
+) -> SparseDictionaryLinear | LowRankSparseLinear:
+    """The layer for a chosen sparse option from the method's factors (see the method's sparse_layer)."""
+    if option.kind == "sparse-dictionary":
+        return SparseDictionaryLinear.from_factors(factors["mixing"].cpu(), factors["atoms"].cpu(), bias, dtype, option.layout)
+    return LowRankSparseLinear.from_factors(
+        factors["up"].cpu(), factors["down"].cpu(), factors["residual"].cpu(), bias, dtype, option.layout
+    )
+
+
+def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """||(W - W') X||_F / ||W X||_F = sqrt(tr(Δ G Δᵀ) / tr(W G Wᵀ)), G = X Xᵀ, in float64."""
+    g = gram.to(device=weight.device, dtype=torch.float64)
+    w = weight.to(torch.float64)
+    delta = w - approx.to(w)
+    total = float(((w @ g) * w).sum())
+    return math.sqrt(max(float(((delta @ g) * delta).sum()), 0.0) / total) if total > 0 else 0.0
 
 
 def compress(
@@ -308,8 +392,7 @@ def compress(
     config.validate()
     start = time.perf_counter()
     resolve_device(config.device)
-    METHODS.get(config.method)
-    ALLOCATORS.create(config.allocator, config.allocator_options)
+    check_method_allocator(config)
     _compile(config.keep_dense, "keep_dense")
     _compile(config.exclude, "exclude")
     out_path = Path(output) if output is not None else None
@@ -334,6 +417,18 @@ def compress(
     return CompressionResult(loaded.model, report, results)
 
 
+def check_method_allocator(config: CompressionConfig) -> None:
+    """Both names exist, their options are valid, and the pair can work together."""
+    METHODS.create(config.method, config.method_options)
+    ALLOCATORS.create(config.allocator, config.allocator_options)
+    if METHODS.get(config.method).offers_sparse:
+        if config.allocator != "knapsack":
+            raise ConfigError(f"method {config.method} offers sparse options, which only the knapsack allocator "
+                              f"weighs; use --allocator knapsack (got {config.allocator})")
+        if config.sequential:
+            raise ConfigError(f"sequential mode supports plain ranks only, not method {config.method}")
+
+
 def _compile(patterns: list[str], what: str) -> list[re.Pattern[str]]:
     try:
         return [re.compile(p) for p in patterns]
@@ -354,9 +449,10 @@ def build_report(
     from .cache import data_fingerprint, model_fingerprint
 
     windows = analysis.stats.windows
-    compressed_params = count_params(loaded.model)
     targeted_original = sum(r.shape[0] * r.shape[1] for r in results)
     targeted_compressed = sum(r.params for r in results)
+    # parameter-equivalents: sparse layers' index bytes count as values (count_params would miss them)
+    compressed_params = original_params - targeted_original + targeted_compressed
     return {
         "lrc_version": __version__,
         "model": loaded.source.describe()
@@ -396,10 +492,12 @@ def build_report(
             {
                 "name": r.name,
                 "shape": list(r.shape),
-                "rank": "dense" if r.rank == DENSE else r.rank,
+                "kind": r.kind,
+                "rank": "dense" if r.kind == "dense" else r.rank,
                 "params": r.params,
                 "rel_error": round(r.rel_error, 6),
             }
+            | ({"nnz": r.nnz, "layout": r.layout} if r.nnz else {})
             for r in results
         ],
     }
@@ -409,17 +507,22 @@ def write_output(
     loaded: LoadedModel, out: Path, results: list[MatrixResult], report: dict[str, Any], config: CompressionConfig
 ) -> None:
     """Write checkpoint + report into a temporary folder, verify it, then move it to `out`."""
-    ranks = {r.name: r.rank for r in results if r.rank != DENSE}
+    ranks = {r.name: r.rank for r in results if r.kind == "low-rank"}
+    sparse = {r.name: {"kind": r.kind, "rank": r.rank, "nnz": r.nnz, "layout": r.layout} for r in results if r.nnz}
     dtype = DTYPES[config.dtype] if config.dtype else None
     start = time.perf_counter()
     with atomic_directory(out) as tmp:
-        write_checkpoint(loaded.model, tmp, loaded.tokenizer, ranks, dtype)
+        write_checkpoint(loaded.model, tmp, loaded.tokenizer, ranks, dtype, sparse)
         names = read_tensor_names(tmp)
-        for name, rank in ranks.items():
-            for part, shape in (("down", [rank, None]), ("up", [None, rank])):
-                key = f"{name}.{part}.weight"
-                if key not in names or any(s is not None and s != got for s, got in zip(shape, names[key][1])):
-                    raise LrcError(f"written checkpoint is missing or misshapes {key}")
+        expected = {f"{name}.{part}.weight": shape for name, rank in ranks.items()
+                    for part, shape in (("down", [rank, None]), ("up", [None, rank]))}
+        for r in results:
+            if r.nnz:
+                skeleton = sparse_skeleton(r.shape[1], r.shape[0], sparse[r.name], device="meta")
+                expected.update({f"{r.name}.{key}": list(t.shape) for key, t in skeleton.state_dict().items()})
+        for key, shape in expected.items():
+            if key not in names or any(s is not None and s != got for s, got in zip(shape, names[key][1])):
+                raise LrcError(f"written checkpoint is missing or misshapes {key}")
         check_finite_files(tmp)
         report["timing_s"]["write_s"] = round(time.perf_counter() - start, 3)
         report["bytes"] = {"safetensors": tensor_bytes(tmp), "dtype": str(dtype or loaded.model.dtype).removeprefix("torch.")}

@@ -70,7 +70,8 @@ def summary_table(report: dict[str, Any]) -> Table:
 
 
 def layers_table(report: dict[str, Any]) -> Table:
-    table = Table(title="per matrix (kept: parameters kept; error: ||(W - W')X|| / ||WX|| on calibration data)",
+    table = Table(title="per matrix (kept: parameters kept, sparse indices counted; error: ||(W - W')X|| / ||WX|| "
+                        "on calibration data)",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for name, justify in [("#", "right"), ("matrix", "left"), ("shape", "right"), ("rank", "right"), ("kept", "left"),
                           ("params", "right"), ("error", "right")]:
@@ -78,7 +79,6 @@ def layers_table(report: dict[str, Any]) -> Table:
     for layer in report["layers"]:
         m, n = layer["shape"]
         kept = layer["params"] / (m * n)
-        rank = layer["rank"]
         error = layer["rel_error"]
         style = "red" if error > 0.5 else "yellow" if error > 0.2 else ""
         index = re.search(r"\.(\d+)\.", layer["name"])
@@ -86,12 +86,23 @@ def layers_table(report: dict[str, Any]) -> Table:
             index.group(1) if index else "",
             matrix_type(layer["name"]),
             f"{m}x{n}",
-            "dense" if rank == "dense" else str(rank),
+            _form(layer),
             _bar(kept) + Text(f" {kept:.0%}"),
             f"{layer['params']:,}",
             Text(f"{error:.3f}", style=style),
         )
     return table
+
+
+def _form(layer: dict[str, Any]) -> str:
+    """"dense", the rank, or for a sparse layer its rank and sparse entries ("192+41k dict")."""
+    if layer["rank"] == "dense":
+        return "dense"
+    if "nnz" not in layer:
+        return str(layer["rank"])
+    short = {"sparse-dictionary": "dict", "low-rank-sparse": "residual"}.get(layer.get("kind", ""), layer.get("kind", ""))
+    nnz = layer["nnz"]
+    return f"{layer['rank']}+{nnz if nnz < 1000 else f'{nnz / 1000:.0f}k'} {short}"
 
 
 def render_report(report: dict[str, Any], console: Console | None = None) -> None:

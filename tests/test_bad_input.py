@@ -21,6 +21,7 @@ BAD = [
     (["--device", "cuda"], "no CUDA GPU is available"),
     (["--seq-len", "100000"], "longer than the model's context"),
     (["--samples", "5000"], "tokens;"),
+    (["--method", "sparse-dictionary", "--allocator", "uniform"], "only the knapsack allocator weighs"),
 ]
 
 

@@ -4,6 +4,6 @@ from . import energy as _energy  # noqa: F401  (each module registers its alloca
 from . import knapsack as _knapsack  # noqa: F401
 from . import svd_llm_v2 as _svd_llm_v2  # noqa: F401
 from . import uniform as _uniform  # noqa: F401
-from .base import ALLOCATORS, DENSE, Allocator, MatrixCandidates, allowed_params, stored_params
+from .base import ALLOCATORS, DENSE, Allocator, Choice, MatrixCandidates, allowed_params, stored_params
 
-__all__ = ["ALLOCATORS", "DENSE", "Allocator", "MatrixCandidates", "allowed_params", "stored_params"]
+__all__ = ["ALLOCATORS", "DENSE", "Allocator", "Choice", "MatrixCandidates", "allowed_params", "stored_params"]

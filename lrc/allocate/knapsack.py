@@ -1,8 +1,8 @@
 """Knapsack allocation: the rank of every matrix chosen jointly to minimise the summed error under the budget.
 
 A multiple-choice knapsack: each item (a matrix, or all matrices of one type when ranks are tied) offers
-options, ranks that are multiples of `rank_step` up to its break-even rank, or "dense"; exactly one option
-per item; minimise Σ error subject to Σ parameters <= allowed. Solved exactly by dynamic programming over
+options, ranks that are multiples of `rank_step` up to its break-even rank, "dense", and (for a single
+matrix) the sparse-plus-low-rank options its method computed; exactly one option per item; minimise Σ error subject to Σ parameters <= allowed. Solved exactly by dynamic programming over
 the budget in units of the greatest common divisor of all option costs (so no rounding at all), unless
 that needs more than `max_units` cells; then the unit grows to allowed / max_units and every cost is
 rounded up (the budget is still never exceeded; `last_unit` holds the unit of the last call).
@@ -17,13 +17,13 @@ from functools import reduce
 import numpy as np
 
 from ..errors import ConfigError
-from .base import ALLOCATORS, DENSE, Allocator, MatrixCandidates, allowed_params
+from .base import ALLOCATORS, DENSE, Allocator, Choice, MatrixCandidates, allowed_params
 
 
 @dataclass
 class _Item:
     members: list[MatrixCandidates]
-    ranks: list[int]  # option ranks (DENSE = 0 for dense)
+    choices: list[Choice]  # ranks (DENSE = 0 for dense) and sparse options
     costs: list[int]  # parameters of each option, summed over members
     errors: list[float]
 
@@ -36,9 +36,14 @@ def _options(members: list[MatrixCandidates], step: int) -> _Item:
         low = max(m.min_rank for m in members)
         ranks = [r for r in range(step, top + 1, step) if r >= low]
         ranks.append(DENSE)
-    costs = [sum(m.params(r) for m in members) for r in ranks]
+    choices: list[Choice] = list(ranks)
     errors = [sum(0.0 if r == DENSE else float(m.errors[r]) for m in members) for r in ranks]
-    return _Item(members, ranks, costs, errors)
+    if len(members) == 1 and not members[0].keep_dense:
+        sparse = [o for o in members[0].sparse if o.cost < members[0].dense_params]
+        choices += sparse
+        errors += [o.error for o in sparse]
+    costs = [sum(m.params(c) for m in members) for c in choices]
+    return _Item(members, choices, costs, errors)
 
 
 def solve_mckp(costs: list[list[int]], errors: list[list[float]], capacity: int) -> tuple[list[int], float]:
@@ -88,7 +93,7 @@ class KnapsackAllocator(Allocator):
         if self.rank_step < 1 or self.max_units < 100:
             raise ConfigError("knapsack needs rank_step >= 1 and max_units >= 100")
 
-    def allocate(self, matrices: list[MatrixCandidates], budget: float) -> dict[str, int]:
+    def allocate(self, matrices: list[MatrixCandidates], budget: float) -> dict[str, Choice]:
         groups: dict[str, list[MatrixCandidates]] = {}
         for m in matrices:
             key = m.group if self.same_rank_per_type else m.name
@@ -100,8 +105,8 @@ class KnapsackAllocator(Allocator):
         self.last_unit = unit
         costs = [[math.ceil(c / unit) for c in item.costs] for item in items]
         chosen, _ = solve_mckp(costs, [item.errors for item in items], allowed // unit)
-        ranks: dict[str, int] = {}
+        picked: dict[str, Choice] = {}
         for item, index in zip(items, chosen):
             for m in item.members:
-                ranks[m.name] = item.ranks[index]
-        return ranks
+                picked[m.name] = item.choices[index]
+        return picked

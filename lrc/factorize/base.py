@@ -8,7 +8,7 @@ So one decomposition yields the error of every candidate rank, and allocators ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -51,17 +51,42 @@ class OutputStats:
         return OutputStats(gram, self.diag.to(device), self.fisher_rows.to(device), self.tokens)
 
 
+@dataclass(frozen=True)
+class SparseOption:
+    """A sparse-plus-low-rank way to store one matrix, offered next to the plain ranks.
+
+    kind: the layer family ("sparse-dictionary" or "low-rank-sparse"); rank: atoms k or rank r;
+    nnz: stored entries of the sparse factor; layout: its storage layout (see lrc.sparse_matrix);
+    bytes: everything the layer stores for the weight (dense factor, values, indices or bitmask) at the
+    value dtype; cost: bytes in parameter-equivalents, ⌈bytes / value_bytes⌉, the allocator's unit;
+    error: weighted squared error on the method's scale (the same as Decomposition.errors).
+    """
+
+    kind: str
+    rank: int
+    nnz: int
+    layout: str
+    bytes: int
+    cost: int
+    error: float
+
+    def describe(self) -> str:
+        return f"{self.kind} rank {self.rank}, {self.nnz} sparse entries ({self.layout})"
+
+
 @dataclass
 class Decomposition:
     """Factors of one matrix, kept up to `max_rank`, and the weighted error of every rank.
 
     up_full: m x max_rank,  down_full: max_rank x n  (rank r uses the first r columns / rows).
     errors: (min(m, n) + 1,) float64, errors[r] = weighted squared error of rank r = Σ_{i>r} σ_i².
+    sparse_options: further options from sparse-plus-low-rank methods (empty for pure low rank).
     """
 
     up_full: torch.Tensor
     down_full: torch.Tensor
     errors: torch.Tensor
+    sparse_options: list[SparseOption] = field(default_factory=list)
 
     @property
     def max_rank(self) -> int:
@@ -94,11 +119,13 @@ class FactorizationMethod:
     a vector (a diagonal) or None (identity).
     errors_comparable: whether errors are on one scale across matrices (loss units), so a global
     allocator may compare them raw; otherwise allocators use relative errors.
+    offers_sparse: whether `sparse_options` offers sparse-plus-low-rank options (only the knapsack uses them).
     """
 
     name: ClassVar[str]
     errors_comparable: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
+    offers_sparse: ClassVar[bool] = False
 
     def in_weighting(self, stats: InputStats) -> Weighting:
         return None, None
@@ -106,16 +133,15 @@ class FactorizationMethod:
     def out_weighting(self, stats: OutputStats | None) -> Weighting:
         return None, None
 
-    def decompose(
+    def weighted_problem(
         self,
         weight: torch.Tensor,
         stats: InputStats,
-        max_rank: int,
         module_name: str = "matrix",
         in_weights: Weighting | None = None,
         outputs: OutputStats | None = None,
-    ) -> Decomposition:
-        """Weighted SVD of `weight` (m x n), factors kept up to `max_rank`; computed in float64.
+    ) -> WeightedProblem:
+        """W̃ = P_out W P_in in float64 and its singular values / vectors.
 
         in_weights: a precomputed `in_weighting(stats)`, for linears that share one input (q/k/v, gate/up).
         outputs: output-gradient statistics, for methods with needs_gradients.
@@ -128,23 +154,88 @@ class FactorizationMethod:
             p_out, p_out_inv = self.out_weighting(outputs)
         except NumericalError as exc:
             raise NumericalError(f"{module_name}: {exc}") from None
-        weighted = _apply_left(p_out, _apply_right(w, p_in))
+        weighted = apply_left(p_out, apply_right(w, p_in))
         sq, basis = _singular_pairs(weighted, module_name)
+        return WeightedProblem(module_name, w, weighted, (p_in, p_in_inv), (p_out, p_out_inv), sq, basis)
+
+    def decompose(
+        self,
+        weight: torch.Tensor,
+        stats: InputStats,
+        max_rank: int,
+        module_name: str = "matrix",
+        in_weights: Weighting | None = None,
+        outputs: OutputStats | None = None,
+        value_bytes: int = 4,
+    ) -> Decomposition:
+        """Weighted SVD of `weight` (m x n), factors kept up to `max_rank`, plus any sparse options.
+
+        value_bytes: bytes per stored value in the output checkpoint (sparse options' byte costs use it).
+        """
+        problem = self.weighted_problem(weight, stats, module_name, in_weights, outputs)
         # errors[r] = sum_{i >= r} sigma_i^2 (0-based), i.e. what rank r drops
-        tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])
+        tail = torch.flip(torch.cumsum(torch.flip(problem.sq, [0]), 0), [0])
         errors = torch.cat([tail, tail.new_zeros(1)])
-        k = max(1, min(max_rank, sq.numel()))
-        if weighted.shape[0] >= weighted.shape[1]:  # basis = right singular vectors V
-            v = basis[:, :k]
-            up = _apply_left(p_out_inv, weighted @ v)  # = P_out⁻¹ U_k Σ_k
-            down = _apply_right(v.T, p_in_inv)
+        up, down = problem.low_rank(max(1, min(max_rank, problem.sq.numel())))
+        return Decomposition(
+            up.to(torch.float32).cpu(), down.to(torch.float32).cpu(), errors.cpu(), self.sparse_options(problem, value_bytes)
+        )
+
+    def sparse_options(self, problem: WeightedProblem, value_bytes: int) -> list[SparseOption]:
+        """Options beyond plain ranks (sparse-plus-low-rank methods override this); none by default."""
+        return []
+
+    def sparse_layer(self, problem: WeightedProblem, option: SparseOption) -> dict[str, torch.Tensor]:
+        """The factors of a chosen sparse option, in the original space (float64), by factor name."""
+        raise NotImplementedError(f"method {self.name} offers no sparse options")
+
+
+@dataclass
+class WeightedProblem:
+    """One matrix in its weighted space: W̃ = P_out W P_in = Ũ Σ Ṽᵀ.
+
+    weight: W (m x n, float64); weighted: W̃; in_weights = (P_in, P_in⁻¹), out_weights = (P_out, P_out⁻¹);
+    sq: σ² descending (min(m, n)); basis: Ṽ (n x n) when m >= n, else Ũ (m x m).
+    """
+
+    name: str
+    weight: torch.Tensor
+    weighted: torch.Tensor
+    in_weights: Weighting
+    out_weights: Weighting
+    sq: torch.Tensor
+    basis: torch.Tensor
+
+    def weighted_coefficients(self, k: int) -> torch.Tensor:
+        """Ũ_k Σ_k (m x k): W̃ projected on its top k right singular vectors, W̃ Ṽ_k."""
+        if self.weighted.shape[0] >= self.weighted.shape[1]:
+            return self.weighted @ self.basis[:, :k]
+        return self.basis[:, :k] * self.sq[:k].sqrt()
+
+    def low_rank(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) in the original space: up = P_out⁻¹ Ũ_k Σ_k (m x k), down = Ṽ_kᵀ P_in⁻¹ (k x n)."""
+        p_in_inv, p_out_inv = self.in_weights[1], self.out_weights[1]
+        if self.weighted.shape[0] >= self.weighted.shape[1]:  # basis = right singular vectors V
+            v = self.basis[:, :k]
+            up = apply_left(p_out_inv, self.weighted @ v)
+            down = apply_right(v.T, p_in_inv)
         else:  # basis = left singular vectors U
-            u = basis[:, :k]
-            up = _apply_left(p_out_inv, u)
-            down = _apply_right(u.T @ weighted, p_in_inv)  # = Σ_k V_kᵀ P_in⁻¹
+            u = self.basis[:, :k]
+            up = apply_left(p_out_inv, u)
+            down = apply_right(u.T @ self.weighted, p_in_inv)  # = Σ_k V_kᵀ P_in⁻¹
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-            raise NumericalError(f"factors of {module_name} are not finite (singular weighting?)")
-        return Decomposition(up.to(torch.float32).cpu(), down.to(torch.float32).cpu(), errors.cpu())
+            raise NumericalError(f"factors of {self.name} are not finite (singular weighting?)")
+        return up, down
+
+    def with_weight(self, weight: torch.Tensor) -> WeightedProblem:
+        """The same weighting applied to another m x n matrix (e.g. W minus a sparse part), decomposed anew."""
+        weighted = self.to_weighted(weight)
+        sq, basis = _singular_pairs(weighted, self.name)
+        return WeightedProblem(self.name, weight.to(self.weight), weighted, self.in_weights, self.out_weights, sq, basis)
+
+    def to_weighted(self, delta: torch.Tensor) -> torch.Tensor:
+        """P_out Δ P_in, for an m x n Δ in the original space."""
+        return apply_left(self.out_weights[0], apply_right(delta.to(self.weighted), self.in_weights[0]))
 
 
 def _singular_pairs(a: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,14 +255,14 @@ def _singular_pairs(a: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Ten
     return evals.flip(0).clamp_min(0), evecs.flip(1)
 
 
-def _apply_right(x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+def apply_right(x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
     """x @ P, P a matrix, a diagonal vector or None."""
     if p is None:
         return x
     return x * p if p.dim() == 1 else x @ p
 
 
-def _apply_left(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def apply_left(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """P @ x, P a matrix, a diagonal vector or None."""
     if p is None:
         return x

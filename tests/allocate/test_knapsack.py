@@ -11,7 +11,7 @@ import torch
 from lrc.allocate import ALLOCATORS, DENSE, MatrixCandidates, allowed_params, stored_params
 from lrc.allocate.knapsack import solve_mckp
 from lrc.errors import ConfigError
-from lrc.factorize import breakeven_rank
+from lrc.factorize import SparseOption, breakeven_rank
 
 
 def random_matrix(name, m, n, gen, group=""):
@@ -113,3 +113,34 @@ def test_every_allocator_meets_the_budget(name, budget):
     removed = 1 - stored_params(mats, ranks) / sum(m.dense_params for m in mats)
     assert removed >= budget - (0.0 if name != "svd-llm-v2" else 0.01)
     assert removed < budget + 0.05
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sparse_options_compete_with_ranks_exactly(seed):
+    """With sparse options (arbitrary byte costs) next to the ranks, the knapsack still finds the brute-force optimum."""
+    gen = torch.Generator().manual_seed(200 + seed)
+    shapes = [(24, 16), (16, 16), (8, 24)]
+    mats = [random_matrix(f"m{i}", m, n, gen) for i, (m, n) in enumerate(shapes)]
+    for m in mats:
+        total = float(m.errors[0])
+        m.sparse = [
+            SparseOption("sparse-dictionary", 4, 10, "csr", 0, int(c), total * float(e))
+            for c, e in zip(torch.randint(10, m.dense_params, (3,), generator=gen), torch.rand(3, generator=gen) * 0.5)
+        ]
+    budget = 0.2 + 0.5 * float(torch.rand(1, generator=gen))
+    picked = ALLOCATORS.create("knapsack", {"rank_step": 2}).allocate(mats, budget)
+    allowed = allowed_params(mats, budget)
+
+    def err(m, choice):
+        if isinstance(choice, SparseOption):
+            return choice.error
+        return 0.0 if choice == DENSE else float(m.errors[choice])
+
+    options = [[*range(2, m.max_rank + 1, 2), DENSE, *m.sparse] for m in mats]
+    best = min(
+        sum(err(m, c) for m, c in zip(mats, combo))
+        for combo in itertools.product(*options)
+        if sum(m.params(c) for m, c in zip(mats, combo)) <= allowed
+    )
+    assert sum(err(m, picked[m.name]) for m in mats) == pytest.approx(best)
+    assert stored_params(mats, picked) <= allowed

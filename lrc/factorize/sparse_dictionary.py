@@ -1,0 +1,122 @@
+"""ROCKET-style sparse dictionary: W ≈ S U with a dense atom projection U and a row-sparse mixing S.
+
+In the loss-aware weighted space W̃ = P_out W P_in = Ũ Σ Ṽᵀ (see loss_aware):
+1. atoms: the top k right singular vectors; coefficients C = P_out⁻¹ Ũ_k Σ_k (m x k, original output
+   space), so W ≈ C Ṽ_kᵀ P_in⁻¹ is the rank-k truncation;
+2. sparsify: keep the s largest |c_ij| of each row of C. With Ṽ_k orthonormal, dropping c_ij costs
+   exactly c_ij² ||P_out e_i||² of weighted error, a constant factor per row, so |c_ij| ranks a row exactly;
+3. refit the atoms in closed form: with S̃ = P_out S, Z = (S̃ᵀS̃ + μ I)⁻¹ S̃ᵀ W̃ (k x n, weighted input
+   space), U = Z P_in⁻¹; μ = ridge · tr(S̃ᵀS̃) / k. The error ||W̃ - S̃ Z||_F² is on the same (loss) scale
+   as the plain ranks' dropped σ².
+Options: for each ratio c (fraction of the dense bytes removed) and sparsity level q = k / s, the largest
+k whose honest bytes (atoms k n values + the mixing's values and indices or bitmask) fit (1 - c) m n
+value bytes; per ratio the level with the least error is offered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from ..sparse_matrix import best_layout
+from .base import SparseOption, WeightedProblem, apply_left, apply_right
+from .loss_aware import LossAwareSVD
+from .registry import METHODS
+
+KIND = "sparse-dictionary"
+
+
+def default_ratios() -> list[float]:
+    return [round(0.05 * i, 2) for i in range(1, 15)]  # 0.05 .. 0.70, as ROCKET's grid
+
+
+@METHODS.register(KIND)
+@dataclass
+class SparseDictionary(LossAwareSVD):
+    """Loss-aware weighting, then W ≈ S U: U (k x n) dense atoms, S (m x k) with s = k / q non-zeros per row."""
+
+    offers_sparse = True
+    ratios: list[float] = field(default_factory=default_ratios)
+    sparsity_levels: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0])
+    ridge: float = 1e-6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.ratios or any(not 0 < c < 1 for c in self.ratios):
+            raise ConfigError(f"{KIND} ratios must lie in (0, 1), got {self.ratios}")
+        if not self.sparsity_levels or any(q <= 1 for q in self.sparsity_levels):
+            raise ConfigError(f"{KIND} sparsity_levels (atoms per stored entry) must be > 1, got {self.sparsity_levels}")
+        if self.ridge < 0:
+            raise ConfigError(f"{KIND} ridge must be >= 0")
+
+    def sparse_options(self, problem: WeightedProblem, value_bytes: int) -> list[SparseOption]:
+        m, n = problem.weight.shape
+        shapes: dict[float, list[tuple[int, int]]] = {}
+        for c in self.ratios:
+            for q in self.sparsity_levels:
+                k, s = atoms_within(m, n, q, int((1 - c) * m * n * value_bytes), value_bytes)
+                if k >= 1:
+                    shapes.setdefault(c, []).append((k, s))
+        if not shapes:
+            return []
+        coefficients = self._coefficients(problem, max(k for pairs in shapes.values() for k, _ in pairs))
+        total = float(problem.weighted.square().sum())
+        fitted: dict[tuple[int, int], SparseOption] = {}
+        for k, s in sorted({pair for pairs in shapes.values() for pair in pairs}):
+            _, _, error = self._fit(problem, coefficients[:, :k], s, total)
+            layout, mixing_bytes = best_layout(m, k, m * s, value_bytes)
+            nbytes = k * n * value_bytes + mixing_bytes
+            fitted[(k, s)] = SparseOption(KIND, k, m * s, layout, nbytes, -(-nbytes // value_bytes), error)
+        offered: list[SparseOption] = []  # per ratio, the sparsity level with the least error
+        for pairs in shapes.values():
+            best = min((fitted[p] for p in pairs), key=lambda o: o.error)
+            if best not in offered:
+                offered.append(best)
+        return offered
+
+    def sparse_layer(self, problem: WeightedProblem, option: SparseOption) -> dict[str, torch.Tensor]:
+        """{"mixing": S (m x k, zeros off the support), "atoms": U (k x n)} in the original space."""
+        m = problem.weight.shape[0]
+        mixing, z, _ = self._fit(problem, self._coefficients(problem, option.rank), option.nnz // m, 0.0)
+        return {"mixing": mixing, "atoms": apply_right(z, problem.in_weights[1])}
+
+    @staticmethod
+    def _coefficients(problem: WeightedProblem, k: int) -> torch.Tensor:
+        """C = P_out⁻¹ Ũ_k Σ_k (m x k)."""
+        return apply_left(problem.out_weights[1], problem.weighted_coefficients(k))
+
+    def _fit(
+        self, problem: WeightedProblem, coefficients: torch.Tensor, s: int, total: float
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(S, Z, ||W̃ - P_out S Z||_F²) for the top-s-per-row S of `coefficients` and the ridge refit Z."""
+        k = coefficients.shape[1]
+        keep = coefficients.abs().topk(min(s, k), dim=1).indices
+        mixing = torch.zeros_like(coefficients).scatter_(1, keep, coefficients.gather(1, keep))
+        weighted_mixing = apply_left(problem.out_weights[0], mixing)  # S̃ = P_out S
+        gram = weighted_mixing.T @ weighted_mixing
+        rhs = weighted_mixing.T @ problem.weighted
+        mu = self.ridge * float(gram.diagonal().sum()) / k + 1e-300
+        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+        z = torch.linalg.solve(gram + mu * eye, rhs)
+        # ||W̃ - S̃ Z||² = ||W̃||² - 2 <Z, S̃ᵀW̃> + <Z, S̃ᵀS̃ Z>
+        error = total - 2 * float((z * rhs).sum()) + float((z * (gram @ z)).sum())
+        return mixing, z, max(error, 0.0)
+
+
+def atoms_within(m: int, n: int, level: float, budget_bytes: int, value_bytes: int) -> tuple[int, int]:
+    """(k, s): the most atoms k <= min(m, n), s = round(k / level) >= 1, whose bytes fit `budget_bytes`; (0, 0) if none."""
+
+    def cost(k: int) -> int:
+        s = max(1, round(k / level))
+        return k * n * value_bytes + best_layout(m, k, m * s, value_bytes)[1]
+
+    low, high = 0, min(m, n)
+    while low < high:  # largest k with cost(k) <= budget (cost grows with k)
+        mid = (low + high + 1) // 2
+        if cost(mid) <= budget_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    return (low, max(1, round(low / level))) if low >= 1 else (0, 0)

@@ -1,0 +1,130 @@
+"""Sparse-plus-low-rank methods: option errors against the directly computed weighted error, the closed-form
+refit against a least-squares solve, and honest byte costs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lrc.factorize import METHODS, breakeven_rank
+from lrc.factorize.low_rank_sparse import sparse_correction
+from lrc.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
+
+from .test_loss_aware import output_stats
+from .test_methods import random_stats
+
+SHAPES = [(24, 40), (40, 24)]
+
+
+def problem_and_reference(method, m, n, seed=0):
+    """The method's weighted problem, and A = E[g gᵀ], G = E[x xᵀ] computed here from the raw samples."""
+    weight = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    x, inputs = random_stats(n, seed=seed + 1)
+    grads, outputs = output_stats(m, seed=seed + 2)
+    problem = method.weighted_problem(weight, inputs, "w", None, outputs)
+    return weight, inputs, outputs, problem, grads.T @ grads / outputs.tokens, x.T @ x / inputs.tokens
+
+
+def loss_error(a, g, delta):
+    """tr(A ΔW G ΔWᵀ) = ||A^½ ΔW G^½||_F², the loss-aware scale."""
+    return float(torch.trace(a @ delta @ g @ delta.T))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sparse_dictionary_option_errors_are_the_weighted_error(shape):
+    m, n = shape
+    method = METHODS.create("sparse-dictionary", {"ridge": 0.0})
+    weight, inputs, outputs, problem, a, g = problem_and_reference(method, m, n)
+    dec = method.decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs)
+    assert dec.sparse_options
+    for option in dec.sparse_options:
+        factors = method.sparse_layer(problem, option)
+        mixing, atoms = factors["mixing"], factors["atoms"]
+        assert mixing.shape == (m, option.rank) and atoms.shape == (option.rank, n)
+        assert ((mixing != 0).sum(1) == option.nnz // m).all()  # s entries in every output row
+        direct = loss_error(a, g, weight - mixing @ atoms)
+        assert option.error == pytest.approx(direct, rel=1e-3)
+
+
+def test_sparse_dictionary_refit_is_the_least_squares_solution():
+    """With ridge 0 the atoms minimise ||P_out (W - S U) P_in||: compare with torch.linalg.lstsq on that problem."""
+    m, n = 40, 24
+    method = METHODS.create("sparse-dictionary", {"ridge": 0.0})
+    weight, inputs, outputs, problem, a, g = problem_and_reference(method, m, n, seed=5)
+    option = method.decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs).sparse_options[3]
+    factors = method.sparse_layer(problem, option)
+    mixing, atoms = factors["mixing"], factors["atoms"]
+    # min_U ||A^½ (W - S U) G^½||: with Z = U G^½, an ordinary least squares in Z
+    a_half = torch.linalg.cholesky(a).T
+    g_half = torch.linalg.cholesky(g)
+    z = torch.linalg.lstsq(a_half @ mixing, a_half @ weight @ g_half).solution
+    expected = z @ torch.linalg.inv(g_half)
+    torch.testing.assert_close(atoms, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_dictionary_costs_count_indices():
+    m, n = 40, 24
+    method = METHODS.create("sparse-dictionary")
+    weight, inputs, outputs, problem, _, _ = problem_and_reference(method, m, n)
+    for value_bytes in (2, 4):
+        for option in method.decompose(weight, inputs, 5, outputs=outputs, value_bytes=value_bytes).sparse_options:
+            layer = SparseDictionaryLinear.from_factors(
+                **method.sparse_layer(problem, option), dtype=torch.float32, layout=option.layout
+            )
+            assert layer.weight_bytes(value_bytes) == option.bytes
+            assert option.cost == math.ceil(option.bytes / value_bytes)
+            assert option.bytes < m * n * value_bytes  # an option that saves nothing is not offered
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_low_rank_sparse_option_errors_are_the_weighted_error(shape):
+    m, n = shape
+    method = METHODS.create("low-rank-sparse")
+    weight, inputs, outputs, problem, a, g = problem_and_reference(method, m, n)
+    dec = method.decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs)
+    assert dec.sparse_options
+    for option in dec.sparse_options:
+        up, down = problem.low_rank(option.rank)
+        residual, error = sparse_correction(problem, weight - up @ down, option.nnz)
+        assert int((residual != 0).sum()) == option.nnz
+        assert option.error == pytest.approx(error)
+        assert error == pytest.approx(loss_error(a, g, weight - up @ down - residual), rel=1e-3)
+        # the correction never hurts, and the built layer (low rank refitted to W - R) does at least as well
+        assert error <= loss_error(a, g, weight - up @ down) * (1 + 1e-6)
+        factors = method.sparse_layer(problem, option)
+        built = factors["up"] @ factors["down"] + factors["residual"]
+        assert loss_error(a, g, weight - built) <= error * (1 + 1e-6)
+        layer = LowRankSparseLinear.from_factors(**factors, dtype=torch.float64, layout=option.layout)
+        assert layer.weight_bytes(4) == option.bytes
+
+
+def test_sparse_correction_with_identity_weights_keeps_the_largest_residual_entries():
+    m, n = 12, 9
+    method = METHODS.create("svd")  # no weighting: P_out = P_in = identity
+    weight = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x, inputs = random_stats(n)
+    problem = method.weighted_problem(weight, inputs)
+    residual = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    kept, error = sparse_correction(problem, residual, 10)
+    top = residual.abs().flatten().topk(10).indices
+    expected = torch.zeros(m * n, dtype=torch.float64)
+    expected[top] = residual.flatten()[top]
+    torch.testing.assert_close(kept.flatten(), expected)
+    assert error == pytest.approx(float(residual.flatten().square().sum() - expected.square().sum()))
+
+
+def test_sparse_options_beat_plain_rank_of_the_same_bytes_on_a_decaying_spectrum():
+    """Not a guarantee in general; for a matrix with slowly decaying singular values, the dictionary's
+    sparse mixing buys more than the rank it gives up (the reason the family exists)."""
+    m, n = 64, 64
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
+    weight = u @ torch.diag(torch.linspace(1.0, 0.3, 64, dtype=torch.float64)) @ v.T
+    x, inputs = random_stats(n, seed=1)
+    _, outputs = output_stats(m, seed=2)
+    dec = METHODS.create("sparse-dictionary").decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs)
+    wins = [o for o in dec.sparse_options if o.cost <= dec.max_rank * (m + n) and o.error < float(dec.errors[o.cost // (m + n)])]
+    assert wins
