@@ -28,8 +28,16 @@ demo: install
 	lrc eval $(DEMO_OUT) --baseline smollm2-135m --data $(DATA)/wiki.test.raw --seq-len 512 --windows 16
 	lrc report $(DEMO_OUT)
 
+STATS ?= $(HOME)/.cache/lrc/stats
+
+# the README tables: the samples curve (which also caches the statistics), the default-recipe table at 128
+# samples, the all-methods table at 32 samples, and the layer speed table
 bench: install
+	$(PYTHON) bench/samples_curve.py --data $(DATA) --samples 16 32 64 128 --save-stats $(STATS)
+	$(PYTHON) bench/quality.py --data $(DATA) --samples 128 --stats-cache $(STATS) --out bench/results/quality_128 \
+		--rows svd-llm:uniform loss-aware:knapsack sparse-dictionary:knapsack low-rank-sparse:knapsack
 	$(PYTHON) bench/quality.py --data $(DATA)
+	$(PYTHON) bench/speed.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -21,13 +21,12 @@ import argparse
 import copy
 import dataclasses
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
+from results_files import write_results
 
 import lrc
 from lrc.checkpoint import tensor_bytes, write_checkpoint
@@ -144,13 +143,7 @@ def main() -> None:
     else:
         lines.append("time = shared calibration statistics + this method's decomposition + allocation; the statistics "
                      f"({stats_s:.0f} s) are collected once for all rows.")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".yaml").write_text(yaml.safe_dump(
-        {"command": " ".join(sys.argv), "dense": dense, "statistics_s": stats_s, "rows": results}, sort_keys=False))
+    write_results(args.out, lines, {"dense": dense, "statistics_s": stats_s, "rows": results})
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
+from results_files import write_results
 
 import lrc
 from lrc.cache import cache_key, save_stats
@@ -94,13 +93,7 @@ def main() -> None:
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['samples']} | {r['budget']} | {r['removed']:.1%} | {r['perplexity']:.2f} | {r['ratio_to_dense']:.2f} | "
               f"{r['calibration_s']:.0f} s |" for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".yaml").write_text(yaml.safe_dump({"command": " ".join(sys.argv), "dense": dense, "rows": rows},
-                                                       sort_keys=False))
+    write_results(args.out, lines, {"dense": dense, "rows": rows})
 
 
 if __name__ == "__main__":

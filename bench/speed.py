@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
-from pathlib import Path
 
 import torch
-import yaml
+from results_files import write_results
 from torch import nn
 from torch.utils.benchmark import Timer
 
@@ -85,12 +83,7 @@ def main() -> None:
              "| shape | form | prefill ms | x dense | decode ms | x dense |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['shape']} | {r['form']} | {r['prefill_ms']:.2f} | {r['prefill_x_dense']:.2f} | "
               f"{r['decode_ms']:.3f} | {r['decode_x_dense']:.2f} |" for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".yaml").write_text(yaml.safe_dump({"command": " ".join(sys.argv), "rows": rows}, sort_keys=False))
+    write_results(args.out, lines, {"rows": rows})
 
 
 if __name__ == "__main__":

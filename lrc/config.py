@@ -39,12 +39,12 @@ class CompressionConfig:
     """
 
     budget: float = 0.3
-    method: str = "loss-aware"
+    method: str = "sparse-dictionary"
     method_options: dict[str, Any] = field(default_factory=dict)
     allocator: str = "knapsack"
     allocator_options: dict[str, Any] = field(default_factory=dict)
     calib: str | None = None
-    samples: int = 32
+    samples: int = 128
     seq_len: int = 512
     grad_samples: int | None = None
     batch_size: int = 8

@@ -86,13 +86,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def count_params(model: nn.Module) -> int:
-    """Parameters stored once each (a tied embedding / lm_head counts once)."""
+    """Parameters stored once each (a tied embedding / lm_head counts once); a sparse layer's weight counts
+    as ⌈its bytes (values, indices or bitmask) / bytes of one value⌉, the parameter-equivalents the report
+    and the allocator use."""
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
+    for layer in model.modules():
+        if isinstance(layer, (SparseDictionaryLinear, LowRankSparseLinear)):
+            values = sum(p.numel() for name, p in layer.named_parameters() if name != "bias")
+            vb = layer.sparse_factor().values.element_size()
+            total += -(-layer.weight_bytes(vb) // vb) - values
     return total
 
 
@@ -424,9 +431,11 @@ def check_method_allocator(config: CompressionConfig) -> None:
     if METHODS.get(config.method).offers_sparse:
         if config.allocator != "knapsack":
             raise ConfigError(f"method {config.method} offers sparse options, which only the knapsack allocator "
-                              f"weighs; use --allocator knapsack (got {config.allocator})")
+                              f"weighs: use --allocator knapsack, or a plain low-rank method with --allocator "
+                              f"{config.allocator} (e.g. --method loss-aware)")
         if config.sequential:
-            raise ConfigError(f"sequential mode supports plain ranks only, not method {config.method}")
+            raise ConfigError(f"sequential mode refits plain ranks only, not method {config.method}: "
+                              "pair --sequential with a low-rank method (e.g. --method loss-aware)")
 
 
 def _compile(patterns: list[str], what: str) -> list[re.Pattern[str]]:
@@ -451,7 +460,7 @@ def build_report(
     windows = analysis.stats.windows
     targeted_original = sum(r.shape[0] * r.shape[1] for r in results)
     targeted_compressed = sum(r.params for r in results)
-    # parameter-equivalents: sparse layers' index bytes count as values (count_params would miss them)
+    # parameter-equivalents: sparse layers' index bytes count as values (as in count_params)
     compressed_params = original_params - targeted_original + targeted_compressed
     return {
         "lrc_version": __version__,

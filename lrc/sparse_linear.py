@@ -82,7 +82,8 @@ class SparseDictionaryLinear(_SparseFactorLinear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.atoms(x), self.mixing.to_dense(), self.bias)
+        y = self.mixing(self.atoms(x))
+        return y if self.bias is None else y + self.bias
 
     def dense_weight(self) -> torch.Tensor:
         return self.mixing.to_dense() @ self.atoms.weight
@@ -136,8 +137,8 @@ class LowRankSparseLinear(_SparseFactorLinear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One dense matmul with up @ down + R would be cheaper for a large rank, but the rank here is small.
-        return nn.functional.linear(x, self.residual.to_dense(), self.bias) + self.up(self.down(x))
+        y = self.residual(x) + self.up(self.down(x))
+        return y if self.bias is None else y + self.bias
 
     def dense_weight(self) -> torch.Tensor:
         return self.up.weight @ self.down.weight + self.residual.to_dense()

@@ -11,7 +11,7 @@ Q1 = "model.layers.1.self_attn.q_proj"
 
 
 def run(llama_dir, calib_file, sequential):
-    config = lrc.CompressionConfig(calib=str(calib_file), samples=4, seq_len=32, batch_size=2, budget=0.5,
+    config = lrc.CompressionConfig(calib=str(calib_file), samples=4, seq_len=32, batch_size=2, budget=0.5, method="loss-aware",
                                    sequential=sequential)
     return lrc.compress(str(llama_dir), config)
 

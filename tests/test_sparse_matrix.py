@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from lrc.sparse_matrix import SparseMatrix, best_layout, layout_bytes, pack_bits, unpack_bits
+from lrc.sparse_matrix import (
+    SPARSE_KERNEL_MAX_TOKENS,
+    SparseMatrix,
+    best_layout,
+    layout_bytes,
+    pack_bits,
+    unpack_bits,
+)
 
 
 def random_sparse(rows: int, cols: int, density: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +42,31 @@ def test_layouts_rebuild_the_matrix_and_count_their_bytes(layout, density):
     assert matrix.stored_bytes() == layout_bytes(layout, 37, 50, matrix.nnz, 4)
     h = torch.randn(3, 50)
     torch.testing.assert_close(matrix(h), h @ dense.T)
+
+
+@pytest.mark.parametrize("layout", ["csr", "bitmask"])
+@pytest.mark.parametrize("tokens", [1, SPARSE_KERNEL_MAX_TOKENS + 1])  # the CSR kernel, then the densified matmul
+def test_forward_matches_the_dense_product_on_both_paths(layout, tokens):
+    dense, mask = random_sparse(37, 50, 0.3, seed=tokens)
+    matrix = SparseMatrix.from_dense(dense, mask, layout)
+    h = torch.randn(2, tokens, 50)
+    torch.testing.assert_close(matrix(h), h @ dense.T)
+    torch.testing.assert_close(matrix(h[0, :1].T.contiguous().T), h[0, :1] @ dense.T)  # a non-contiguous input
+
+
+def test_forward_follows_changed_values_and_half_precision():
+    dense, mask = random_sparse(20, 30, 0.3, seed=5)
+    matrix = SparseMatrix.from_dense(dense, mask, "csr")
+    h = torch.randn(4, 30)
+    matrix(h)  # builds the cached CSR copy
+    matrix.values.data.mul_(3)  # in place: the cache must notice
+    torch.testing.assert_close(matrix(h), h @ (3 * dense).T)
+    other = SparseMatrix.from_dense(-dense, mask, "csr")
+    matrix.load_state_dict(other.state_dict())
+    torch.testing.assert_close(matrix(h), h @ (-dense).T)
+    matrix.to(torch.bfloat16)  # no CPU CSR kernel for bfloat16: the dense path, same numbers
+    torch.testing.assert_close(matrix(h.bfloat16()).float(), (h.bfloat16().float() @ (-dense).bfloat16().float().T),
+                               rtol=2e-2, atol=2e-2)
 
 
 def test_best_layout_switches_at_one_index_per_value():

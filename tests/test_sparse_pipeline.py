@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import lrc
+from lrc.pipeline import count_params
 from lrc.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
 
 from .test_pipeline import config, logits
@@ -55,6 +56,8 @@ def test_sparse_round_trip_and_honest_bytes(tiny_model_dir, calib_file, tmp_path
     removed = 1 - sum(layer["params"] for layer in report["layers"]) / sum(a * b for a, b in (layer["shape"] for layer in report["layers"]))
     assert removed >= 0.3
     assert report["params"]["targeted"]["removed_fraction"] == pytest.approx(removed, abs=1e-6)
+    # a loaded model counts the same parameter-equivalents as the report (what `lrc eval` prints)
+    assert count_params(loaded[1]) == report["params"]["model"]["compressed"]
     spec = json.loads((out / "config.json").read_text())["quantization_config"]
     assert spec["format_version"] == 2 and set(spec["sparse"]) == {m.name for m in sparse}
 

@@ -74,6 +74,28 @@ class SparseOption:
         return f"{self.kind} rank {self.rank}, {self.nnz} sparse entries ({self.layout})"
 
 
+def best_per_ratio(
+    shapes: dict[float, list[tuple[int, int]]], fitted: dict[tuple[int, int], SparseOption]
+) -> list[SparseOption]:
+    """Per ratio, the option with the least error among that ratio's candidate shapes (each offered once)."""
+    offered: list[SparseOption] = []
+    for pairs in shapes.values():
+        best = min((fitted[p] for p in pairs), key=lambda o: o.error)
+        if best not in offered:
+            offered.append(best)
+    return offered
+
+
+def sparse_option(kind: str, rank: int, nnz: int, dense_bytes: int, shape: tuple[int, int], value_bytes: int,
+                  error: float) -> SparseOption:
+    """A SparseOption whose sparse factor (shape rows x cols, nnz entries) takes its cheaper layout."""
+    from ..sparse_matrix import best_layout
+
+    layout, sparse_bytes = best_layout(shape[0], shape[1], nnz, value_bytes)
+    nbytes = dense_bytes + sparse_bytes
+    return SparseOption(kind, rank, nnz, layout, nbytes, -(-nbytes // value_bytes), error)
+
+
 @dataclass
 class Decomposition:
     """Factors of one matrix, kept up to `max_rank`, and the weighted error of every rank.

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..sparse_matrix import best_layout
-from .base import SparseOption, WeightedProblem, apply_left, apply_right
+from .base import SparseOption, WeightedProblem, apply_left, apply_right, best_per_ratio, sparse_option
 from .loss_aware import LossAwareSVD
 from .registry import METHODS
 from .sparse_dictionary import default_ratios
@@ -64,15 +64,8 @@ class LowRankSparse(LossAwareSVD):
         fitted: dict[tuple[int, int], SparseOption] = {}
         for rank, nnz in sorted({pair for pairs in shapes.values() for pair in pairs}):
             _, error = sparse_correction(problem, problem.weight - up[:, :rank] @ down[:rank], nnz)
-            layout, sparse_bytes = best_layout(m, n, nnz, value_bytes)
-            nbytes = rank * (m + n) * value_bytes + sparse_bytes
-            fitted[(rank, nnz)] = SparseOption(KIND, rank, nnz, layout, nbytes, -(-nbytes // value_bytes), error)
-        offered: list[SparseOption] = []  # per ratio, the residual share with the least error
-        for pairs in shapes.values():
-            best = min((fitted[p] for p in pairs), key=lambda o: o.error)
-            if best not in offered:
-                offered.append(best)
-        return offered
+            fitted[(rank, nnz)] = sparse_option(KIND, rank, nnz, rank * (m + n) * value_bytes, (m, n), value_bytes, error)
+        return best_per_ratio(shapes, fitted)
 
     def sparse_layer(self, problem: WeightedProblem, option: SparseOption) -> dict[str, torch.Tensor]:
         """{"up", "down", "residual"} in the original space; the low rank refitted to W - R."""

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConfigError
 from ..sparse_matrix import best_layout
-from .base import SparseOption, WeightedProblem, apply_left, apply_right
+from .base import SparseOption, WeightedProblem, apply_left, apply_right, best_per_ratio, sparse_option
 from .loss_aware import LossAwareSVD
 from .registry import METHODS
 
@@ -39,7 +39,7 @@ class SparseDictionary(LossAwareSVD):
 
     offers_sparse = True
     ratios: list[float] = field(default_factory=default_ratios)
-    sparsity_levels: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0])
+    sparsity_levels: list[float] = field(default_factory=lambda: [1.5, 1.75, 2.0, 2.5])
     ridge: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -66,15 +66,8 @@ class SparseDictionary(LossAwareSVD):
         fitted: dict[tuple[int, int], SparseOption] = {}
         for k, s in sorted({pair for pairs in shapes.values() for pair in pairs}):
             _, _, error = self._fit(problem, coefficients[:, :k], s, total)
-            layout, mixing_bytes = best_layout(m, k, m * s, value_bytes)
-            nbytes = k * n * value_bytes + mixing_bytes
-            fitted[(k, s)] = SparseOption(KIND, k, m * s, layout, nbytes, -(-nbytes // value_bytes), error)
-        offered: list[SparseOption] = []  # per ratio, the sparsity level with the least error
-        for pairs in shapes.values():
-            best = min((fitted[p] for p in pairs), key=lambda o: o.error)
-            if best not in offered:
-                offered.append(best)
-        return offered
+            fitted[(k, s)] = sparse_option(KIND, k, m * s, k * n * value_bytes, (m, k), value_bytes, error)
+        return best_per_ratio(shapes, fitted)
 
     def sparse_layer(self, problem: WeightedProblem, option: SparseOption) -> dict[str, torch.Tensor]:
         """{"mixing": S (m x k, zeros off the support), "atoms": U (k x n)} in the original space."""

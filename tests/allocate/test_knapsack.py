@@ -40,6 +40,25 @@ def test_mckp_equals_brute_force(seed):
     assert sum(errors[i][o] for i, o in enumerate(chosen)) == pytest.approx(best)
 
 
+def choice_error(m, choice):
+    if isinstance(choice, SparseOption):
+        return choice.error
+    return 0.0 if choice == DENSE else float(m.errors[choice])
+
+
+def summed_error(mats, picked):
+    return sum(choice_error(m, picked[m.name]) for m in mats)
+
+
+def brute_force_error(mats, options, allowed):
+    """The least summed error over every combination of one option per matrix within `allowed` parameters."""
+    return min(
+        sum(choice_error(m, c) for m, c in zip(mats, combo))
+        for combo in itertools.product(*options)
+        if sum(m.params(c) for m, c in zip(mats, combo)) <= allowed
+    )
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_allocator_equals_brute_force_over_its_rank_grid(seed):
     gen = torch.Generator().manual_seed(100 + seed)
@@ -50,16 +69,8 @@ def test_allocator_equals_brute_force_over_its_rank_grid(seed):
     ranks = allocator.allocate(mats, budget)
     allowed = allowed_params(mats, budget)
 
-    def err(m, r):
-        return 0.0 if r == DENSE else float(m.errors[r])
-
     options = [[r for r in range(2, m.max_rank + 1, 2)] + [DENSE] for m in mats]
-    best = min(
-        sum(err(m, r) for m, r in zip(mats, combo))
-        for combo in itertools.product(*options)
-        if sum(m.params(r) for m, r in zip(mats, combo)) <= allowed
-    )
-    assert sum(err(m, ranks[m.name]) for m in mats) == pytest.approx(best)
+    assert summed_error(mats, ranks) == pytest.approx(brute_force_error(mats, options, allowed))
     assert stored_params(mats, ranks) <= allowed
 
 
@@ -131,16 +142,6 @@ def test_sparse_options_compete_with_ranks_exactly(seed):
     picked = ALLOCATORS.create("knapsack", {"rank_step": 2}).allocate(mats, budget)
     allowed = allowed_params(mats, budget)
 
-    def err(m, choice):
-        if isinstance(choice, SparseOption):
-            return choice.error
-        return 0.0 if choice == DENSE else float(m.errors[choice])
-
     options = [[*range(2, m.max_rank + 1, 2), DENSE, *m.sparse] for m in mats]
-    best = min(
-        sum(err(m, c) for m, c in zip(mats, combo))
-        for combo in itertools.product(*options)
-        if sum(m.params(c) for m, c in zip(mats, combo)) <= allowed
-    )
-    assert sum(err(m, picked[m.name]) for m in mats) == pytest.approx(best)
+    assert summed_error(mats, picked) == pytest.approx(brute_force_error(mats, options, allowed))
     assert stored_params(mats, picked) <= allowed
