@@ -24,18 +24,21 @@ test-fast:
 	$(PYTHON) -m pytest -q -m "not real_model"
 
 demo: install
-	lrc compress smollm2-135m --budget 0.3 --calib $(DATA)/wiki.valid.tokens --samples 16 -o $(DEMO_OUT) --overwrite
+	lrc compress smollm2-135m --recipe recipes/sparse-dictionary-fast.yaml --budget 0.3 --calib $(DATA)/wiki.valid.tokens \
+		--samples 16 -o $(DEMO_OUT) --overwrite
 	lrc eval $(DEMO_OUT) --baseline smollm2-135m --data $(DATA)/wiki.test.raw --seq-len 512 --windows 16
 	lrc report $(DEMO_OUT)
 
 STATS ?= $(HOME)/.cache/lrc/stats
 
 # the README tables: the samples curve (which also caches the statistics), the default-recipe table at 128
-# samples, the all-methods table at 32 samples, and the layer speed table
+# samples (with the one-shot sparse dictionary, reselect=0, beside it), the all-methods table at 32 samples,
+# and the layer speed table
 bench: install
 	$(PYTHON) bench/samples_curve.py --data $(DATA) --samples 16 32 64 128 --save-stats $(STATS)
 	$(PYTHON) bench/quality.py --data $(DATA) --samples 128 --stats-cache $(STATS) --out bench/results/quality_128 \
-		--rows svd-llm:uniform loss-aware:knapsack sparse-dictionary:knapsack low-rank-sparse:knapsack
+		--rows sparse-dictionary:knapsack loss-aware:knapsack svd-llm:uniform sparse-dictionary:knapsack::reselect=0 \
+		low-rank-sparse:knapsack
 	$(PYTHON) bench/quality.py --data $(DATA)
 	$(PYTHON) bench/speed.py
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from results_files import write_results
 
 import lrc
@@ -40,12 +41,20 @@ DEFAULT_ROWS = [
 ]
 
 
+def parse_row(row: str) -> tuple[str, str, str, dict]:
+    """'method:allocator[:mode][:key=value,...]' -> (method, allocator, mode, method options)."""
+    method, allocator, mode, options = (row.split(":") + ["", ""])[:4]
+    parsed = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in options.split(",") if item)}
+    return method, allocator, mode, parsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="../shared/data/wikitext-2", help="folder with wiki.valid.tokens and wiki.test.raw")
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
-                        help="method:allocator pairs; append :sequential for the sequential refit")
+                        help="method:allocator pairs; append :sequential for the sequential refit, and "
+                             ":key=value,... for method options (e.g. sparse-dictionary:knapsack::reselect=0)")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.2, 0.3, 0.4])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -70,10 +79,10 @@ def main() -> None:
     dense = ppl(loaded.model)
     original_params = count_params(pristine)
     print(f"dense: ppl {dense['perplexity']:.3f} ({dense['windows']} windows x {args.eval_seq_len})", flush=True)
-    rows = [(r.split(":") + [""])[:3] for r in args.rows]
-    need_grads = any(lrc.factorize.METHODS.get(m).needs_gradients for m, _, _ in rows)
+    rows = [parse_row(r) for r in args.rows]
+    need_grads = any(lrc.factorize.METHODS.get(m).needs_gradients for m, *_ in rows)
     t = time.perf_counter()
-    fisher = any(m == "fwsvd" for m, _, _ in rows)
+    fisher = any(m == "fwsvd" for m, *_ in rows)
     if args.stats_cache and not fisher:
         stats = cached_statistics(loaded, dataclasses.replace(base, method="loss-aware"), Path(args.stats_cache))
     else:
@@ -85,11 +94,13 @@ def main() -> None:
 
     results = []
     analyses: dict[str, lrc.pipeline.Analysis] = {}
-    for method, allocator, mode in rows:
-        config = dataclasses.replace(base, method=method, allocator=allocator, sequential=mode == "sequential")
-        if method not in analyses:
-            analyses[method] = decompose_all(loaded, config, stats)
-        analysis = analyses[method]
+    for method, allocator, mode, options in rows:
+        config = dataclasses.replace(base, method=method, method_options=options, allocator=allocator,
+                                     sequential=mode == "sequential")
+        label = method + "".join(f" {k}={v}" for k, v in options.items())
+        if label not in analyses:
+            analyses[label] = decompose_all(loaded, config, stats)
+        analysis = analyses[label]
         for budget in args.budgets:
             run_config = dataclasses.replace(config, budget=budget)
             model = copy.deepcopy(pristine)
@@ -109,7 +120,7 @@ def main() -> None:
             kinds = {kind: sum(r.kind == kind for r in matrices) for kind in sorted({r.kind for r in matrices})}
             result = ppl(model)
             row = {
-                "method": method, "allocator": allocator, "mode": mode or "one-shot", "budget": budget,
+                "method": label, "allocator": allocator, "mode": mode or "one-shot", "budget": budget,
                 "removed_targeted": round(removed, 4),
                 "removed_model": round((targeted - compressed) / original_params, 4),
                 "layers": kinds,

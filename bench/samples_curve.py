@@ -1,4 +1,4 @@
-"""Perplexity of the default recipe against the amount of calibration data (--samples at a fixed seq_len).
+"""Perplexity of a recipe (--method, with the knapsack) against the amount of calibration data (--samples).
 
     python bench/samples_curve.py --samples 16 32 64 --budgets 0.2 0.3
 
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--samples", nargs="+", type=int, default=[16, 32, 64, 128])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.2, 0.3])
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--method", default="loss-aware", help="factorization method (the README curve: loss-aware)")
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--out", default="bench/results/samples_curve")
     parser.add_argument("--save-stats", default=None, help="write each count's statistics to this cache folder")
@@ -60,7 +61,7 @@ def main() -> None:
     stats: CalibrationStats | None = None
     collected_s = 0.0
     for samples in sorted(args.samples):
-        config = lrc.CompressionConfig(calib=calib, samples=samples, seq_len=args.seq_len)
+        config = lrc.CompressionConfig(calib=calib, samples=samples, seq_len=args.seq_len, method=args.method)
         windows = token_windows(loaded.tokenizer, text, samples, args.seq_len, config.seed)
         increment = new_windows(windows, stats.windows if stats is not None else None)
         work = LoadedModel(copy.deepcopy(pristine), loaded.tokenizer, loaded.source, loaded.folder)
@@ -85,7 +86,7 @@ def main() -> None:
                    "calibration_s": round(analysis_s, 1)}
             rows.append(row)
             print(row, flush=True)
-    lines = [f"Default recipe ({lrc.CompressionConfig().method} + {lrc.CompressionConfig().allocator}) on {args.model}; "
+    lines = [f"{args.method} + knapsack on {args.model}; "
              f"calibration wiki.valid.tokens at seq_len {args.seq_len}; evaluation wiki.test.raw, seq_len {args.seq_len}, "
              f"first {dense['windows']} windows; {torch.get_num_threads()} threads. Dense perplexity {dense['perplexity']:.2f}. "
              "Time = statistics of all windows up to this count (collected incrementally) + this count's decomposition.",

@@ -48,6 +48,20 @@ def test_sparse_dictionary_option_errors_are_the_weighted_error(shape):
         assert option.error == pytest.approx(direct, rel=1e-3)
 
 
+def test_reselection_rounds_refine_the_same_options_and_never_raise_their_errors():
+    m, n = SHAPES[0]
+    weight, inputs, outputs, *_ = problem_and_reference(METHODS.create("sparse-dictionary"), m, n)
+    errors = {}
+    for rounds in (0, 2, 8):
+        method = METHODS.create("sparse-dictionary", {"reselect": rounds, "sparsity_levels": [1.5, 2.0]})
+        dec = method.decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs)
+        errors[rounds] = {(o.rank, o.nnz): o.error for o in dec.sparse_options}
+    assert errors[0].keys() == errors[2].keys() == errors[8].keys()  # the level is chosen before the rounds
+    for key in errors[0]:
+        assert errors[8][key] <= errors[2][key] <= errors[0][key]
+    assert any(errors[2][key] < 0.99 * errors[0][key] for key in errors[0])
+
+
 def test_sparse_dictionary_refit_is_the_least_squares_solution():
     """With ridge 0 the atoms minimise ||P_out (W - S U) P_in||: compare with torch.linalg.lstsq on that problem."""
     m, n = 40, 24
