@@ -79,13 +79,15 @@ class SparseDictionary(LossAwareSVD):
         offered = best_per_ratio(shapes, fitted)  # the sparsity level is chosen before the rounds (step 4)
         if not self.reselect:
             return offered
-        return [replace(o, error=self._fit(problem, coefficients[:, : o.rank], o.nnz // m, total)[2]) for o in offered]
+        data = input_weighted(problem)
+        return [replace(o, error=self._fit(problem, coefficients[:, : o.rank], o.nnz // m, total, data)[2]) for o in offered]
 
     def sparse_layer(self, problem: WeightedProblem, option: SparseOption) -> dict[str, torch.Tensor]:
         """{"mixing": S (m x k, zeros off the support), "atoms": U (k x n)} in the original space."""
         m = problem.weight.shape[0]
         total = float(problem.weighted.square().sum())  # the rounds compare errors: the same fit as the option's
-        mixing, z, _ = self._fit(problem, self._coefficients(problem, option.rank), option.nnz // m, total)
+        coefficients = self._coefficients(problem, option.rank)
+        mixing, z, _ = self._fit(problem, coefficients, option.nnz // m, total, input_weighted(problem))
         return {"mixing": mixing, "atoms": apply_right(z, problem.in_weights[1])}
 
     @staticmethod
@@ -94,12 +96,10 @@ class SparseDictionary(LossAwareSVD):
         return apply_left(problem.out_weights[1], problem.weighted_coefficients(k))
 
     def _fit(
-        self, problem: WeightedProblem, coefficients: torch.Tensor, s: int, total: float
+        self, problem: WeightedProblem, coefficients: torch.Tensor, s: int, total: float, data: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(S, Z, ||W̃ - P_out S Z||_F²): steps 2-3, then the `reselect` rounds of step 4."""
+        """(S, Z, ||W̃ - P_out S Z||_F²): steps 2-3, then the `reselect` rounds of step 4 (data = W P_in)."""
         best = self._select_and_refit(problem, coefficients, coefficients, s, total)
-        if self.reselect:
-            data = apply_right(problem.weight, problem.in_weights[0])  # W P_in = P_out⁻¹ W̃ (m x n)
         for _ in range(self.reselect):
             z = best[1]
             c = ridge_solve(z @ z.T, z @ data.T, self.ridge).T  # C = W P_in Zᵀ (Z Zᵀ + μ I)⁻¹ (m x k)
@@ -123,6 +123,11 @@ class SparseDictionary(LossAwareSVD):
         # ||W̃ - S̃ Z||² = ||W̃||² - 2 <Z, S̃ᵀW̃> + <Z, S̃ᵀS̃ Z>
         error = total - 2 * float((z * rhs).sum()) + float((z * (gram @ z)).sum())
         return mixing, z, max(error, 0.0)
+
+
+def input_weighted(problem: WeightedProblem) -> torch.Tensor:
+    """W P_in = P_out⁻¹ W̃ (m x n), the target of the rounds' coefficient fits."""
+    return apply_right(problem.weight, problem.in_weights[0])
 
 
 def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
