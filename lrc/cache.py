@@ -1,10 +1,14 @@
 """A cache of calibration statistics, so a second run on the same model and data skips the calibration passes.
 
-Entry key: SHA-256 over the model's weight files and config, the calibration data (file bytes, or
-"self-sampled"), samples, seq_len, seed, grad_samples, exclude patterns, which statistics were collected,
-and the lrc version. An entry is one safetensors file (windows, Grams, gradient statistics) plus a
-`.sha256` sidecar of its bytes, both written atomically. An entry whose bytes, key or layout do not check
-out is reported, deleted and recomputed, never trusted.
+Entry key: SHA-256 over everything that changes the statistics (see `cache_key`): the model's weight
+files and config.json, its tokenizer and generation files (they make the token windows), the dtype and
+attention implementation of the loaded model, the calibration data (the text's bytes, or
+"self-sampled"), samples, seq_len, seed, batch_size (float sums are taken per batch), grad_samples,
+exclude patterns, which statistics were collected, the device and torch's CPU thread count (both change
+float rounding), and the lrc, torch and transformers versions. An entry is one safetensors file
+(windows, Grams, gradient statistics) plus a `.sha256` sidecar of its bytes, both written atomically with
+the user's umask. An entry whose bytes, key or layout do not check out is reported, deleted and
+recomputed, never trusted.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .checkpoint import weight_files
 from .factorize import InputStats, OutputStats
+from .output import apply_umask
 from .sources import file_sha256
 
 if TYPE_CHECKING:
@@ -40,25 +46,59 @@ def model_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
+# files beside the weights that change the calibration windows: the tokenizer's, and generation settings
+# (self-sampled calibration generates text)
+TOKENIZER_FILES = re.compile(
+    r"(tokenizer[\w.-]*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|[\w.-]*\.model"
+    r"|chat_template\.(jinja|json)|generation_config\.json|preprocessor_config\.json)"
+)
+
+
+def tokenizer_fingerprint(folder: Path) -> str:
+    """SHA-256 over the tokenizer and generation files of a model folder (names and bytes)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and TOKENIZER_FILES.fullmatch(p.name)):
+        digest.update(path.name.encode())
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
 def data_fingerprint(calib: str | None) -> str:
+    """SHA-256 of the calibration file's bytes; "self-sampled" without one; the text's SHA-256 for hf://."""
     if calib is None:
         return "self-sampled"
+    if calib.startswith("hf://"):
+        from .calibration import read_text
+
+        return hashlib.sha256(read_text(calib).encode()).hexdigest()
     path = Path(calib).expanduser()
     return file_sha256(path) if path.is_file() else calib
 
 
 def cache_key(loaded: LoadedModel, config: CompressionConfig, gradients: bool, fisher: bool) -> str:
+    """SHA-256 over every input of `collect_statistics` (see the module docstring)."""
+    import transformers
+
+    model = loaded.model
     fields = {
         "model": model_fingerprint(Path(loaded.folder)),
+        "tokenizer": tokenizer_fingerprint(Path(loaded.folder)),
+        "model_dtype": str(getattr(model, "dtype", "")),
+        "attention": str(getattr(model.config, "_attn_implementation", "")),
         "data": data_fingerprint(config.calib),
         "samples": config.samples,
         "seq_len": config.seq_len,
         "seed": config.seed,
+        "batch_size": config.batch_size,
         "grad_samples": config.grad_samples,
         "exclude": config.exclude,
         "gradients": gradients,
         "fisher": fisher,
+        "device": str(torch.device(config.device)),
+        "threads": torch.get_num_threads(),
         "lrc": __version__,
+        "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -87,6 +127,7 @@ def save_stats(stats: CalibrationStats, folder: Path, key: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=folder)
     os.close(fd)
     save_file(tensors, tmp, metadata=meta)
+    apply_umask(Path(tmp), 0o666)  # mkstemp and safetensors make 0600
     digest = file_sha256(Path(tmp))
     os.replace(tmp, target)
     (folder / f"{key}.sha256.tmp").write_text(digest)

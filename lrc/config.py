@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .value_types import check_fields
 
 
 @dataclass
@@ -36,6 +37,10 @@ class CompressionConfig:
     keep_dense: regexes (re.search on module names) of linear layers never to factorize.
     min_kept: every factorized matrix keeps at least this fraction of its parameters (0 = no floor).
     exclude: regexes of linear layers not to target at all (the default skips `lm_head`).
+    heldout_windows: calibration-text windows kept out of the statistics, on which the compressed model's
+        loss is compared with the dense model's (see lrc.quality_check); 0 skips the check.
+    heldout_max_ratio: the run fails when the compressed model's held-out perplexity exceeds this many
+        times the dense model's.
     """
 
     budget: float = 0.3
@@ -55,36 +60,31 @@ class CompressionConfig:
     keep_dense: list[str] = field(default_factory=list)
     min_kept: float = 0.0
     exclude: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$"])
+    heldout_windows: int = 4
+    heldout_max_ratio: float = 100.0
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError on a value out of range; called on construction and after overrides."""
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
-            raise ConfigError(f"budget must be a number in (0, 1), got {self.budget!r}")
+        """Raise ConfigError on a value of the wrong type (naming its key) or out of range; called on
+        construction and after overrides."""
+        check_fields(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         if not (math.isfinite(self.budget) and 0.0 < self.budget < 1.0):
             raise ConfigError(f"budget must be in (0, 1) (fraction of parameters removed), got {self.budget}")
         for name in ("samples", "seq_len", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.grad_samples is not None and (
-            isinstance(self.grad_samples, bool) or not isinstance(self.grad_samples, int) or self.grad_samples < 1
-        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.grad_samples is not None and self.grad_samples < 1:
             raise ConfigError(f"grad_samples must be a positive integer or null, got {self.grad_samples!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        if isinstance(self.min_kept, bool) or not isinstance(self.min_kept, (int, float)) or not 0 <= self.min_kept < 1:
+        if self.heldout_windows < 0:
+            raise ConfigError(f"heldout_windows must be 0 (no held-out check) or more, got {self.heldout_windows}")
+        if not (math.isfinite(self.heldout_max_ratio) and self.heldout_max_ratio > 1.0):
+            raise ConfigError(f"heldout_max_ratio must be a number above 1, got {self.heldout_max_ratio}")
+        if not 0 <= self.min_kept < 1:
             raise ConfigError(f"min_kept must be a fraction in [0, 1), got {self.min_kept!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        for name in ("method_options", "allocator_options"):
-            if not isinstance(getattr(self, name), dict):
-                raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")
-        for name in ("keep_dense", "exclude"):
-            if not isinstance(getattr(self, name), list):
-                raise ConfigError(f"{name} must be a list of regexes, got {getattr(self, name)!r}")
 
     # --- dict / YAML round trip -------------------------------------------------------------------
 

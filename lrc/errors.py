@@ -25,5 +25,9 @@ class OutputError(LrcError):
     """The output location cannot be used."""
 
 
+class QualityError(LrcError):
+    """The compressed model fails the held-out quality check (see lrc.quality_check)."""
+
+
 class NumericalError(LrcError):
     """A weight or statistic is not finite, or a factorization failed."""

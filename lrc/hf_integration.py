@@ -5,16 +5,20 @@ An lrc checkpoint's config.json carries
                             "sparse": {module name: {"kind", "rank", "nnz", "layout"}}}
 and registering a transformers quantizer for "lrc" lets from_pretrained swap those nn.Linear modules for
 `LowRankLinear` or a sparse layer (on the meta device, before any weight is read), so the factors load
-like any weight. Format 1 (ranks only, before sparse layers existed) still loads.
+like any weight. Before any weight is read the files are checked against that skeleton (see
+lrc.load_check): a deleted factor tensor, a layer missing from the rank map, or any tensor missing or extra
+is an error naming it. Format 1 (ranks only, before sparse layers existed) still loads.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .errors import ModelLoadError
 from .lowrank import LowRankLinear
 
 QUANT_METHOD = "lrc"
@@ -50,6 +54,14 @@ def replace_with_low_rank(model: Any, ranks: dict[str, int], sparse: dict[str, d
     from .sparse_linear import sparse_skeleton
     from .targets import replace_module
 
+    for name in [*(sparse or {}), *ranks]:
+        linear = model.get_submodule(name) if _has_module(model, name) else None
+        if not isinstance(linear, nn.Linear):
+            raise ModelLoadError(f"the rank map in config.json names {name}, which is not a linear layer of "
+                                 f"{type(model).__name__}")
+    for name, rank in ranks.items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ModelLoadError(f"the rank map in config.json gives {name} rank {rank!r}; a rank is a positive integer")
     for name, spec in (sparse or {}).items():
         linear = model.get_submodule(name)
         weight = linear.weight
@@ -70,14 +82,31 @@ def replace_with_low_rank(model: Any, ranks: dict[str, int], sparse: dict[str, d
         replace_module(model, name, layer)
 
 
+def _has_module(model: Any, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 class LrcHfQuantizer(HfQuantizer):
-    """Builds the low-rank skeleton before weights load; nothing to do afterwards."""
+    """Builds the low-rank skeleton before weights load and checks the files against it; nothing afterwards."""
 
     requires_calibration = True
     quantization_config: LrcConfig
 
-    def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        replace_with_low_rank(model, self.quantization_config.ranks, self.quantization_config.sparse)
+    def _process_model_before_weight_loading(self, model: Any, checkpoint_files: Any = None, **kwargs: Any) -> Any:
+        """Swap in the factorized layers, then check the files against them before any weight is read:
+        a factor tensor missing, misshapen or not in the rank map, or any other tensor missing or extra,
+        is a ModelLoadError naming it (transformers would fill or drop it silently)."""
+        from .load_check import check_factor_tensors, check_skeleton_against_files
+
+        config = self.quantization_config
+        replace_with_low_rank(model, config.ranks, config.sparse)
+        if checkpoint_files:
+            check_factor_tensors(model, checkpoint_files, [*config.ranks, *config.sparse])
+            check_skeleton_against_files(model, checkpoint_files)
         return model
 
     def is_serializable(self) -> bool:

@@ -1,29 +1,121 @@
-"""Writing an output folder atomically: build it in a temporary sibling, move it into place when complete."""
+"""Writing an output folder safely: refuse any place whose replacement could lose a user's file, claim the
+target with a lock for the whole run, build the folder in a temporary sibling and move it into place when
+complete. Everything is created with the user's umask.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
 import os
+import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
 
 from .errors import OutputError
+from .report_view import REPORT_NAME
+
+if TYPE_CHECKING:
+    from .sources import LoadedModel
+
+# every file name lrc (and the tokenizer's save_pretrained) writes into an output folder
+LRC_FILES = re.compile(
+    r"(config\.json|generation_config\.json|lrc_report\.yaml|model(-\d{5}-of-\d{5})?\.safetensors"
+    r"|model\.safetensors\.index\.json|tokenizer[\w.-]*|special_tokens_map\.json|added_tokens\.json"
+    r"|chat_template\.(jinja|json)|vocab\.(json|txt)|merges\.txt|(spiece|sentencepiece\.bpe)\.model"
+    r"|additional_chat_templates(/[\w.-]+\.jinja)?)"
+)
 
 
-def check_output_path(target: Path, overwrite: bool, inputs: list[Path] | None = None) -> None:
-    """Refuse a non-empty existing folder (unless overwrite), a file, a path inside an input, an unwritable parent."""
-    target = target.resolve()
-    for source in inputs or []:
-        source = source.resolve()
-        folder = source if source.is_dir() else source.parent
-        if target == folder or folder in target.parents:
-            raise OutputError(f"output {target} is inside the input model's folder {folder}; choose another place")
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path, mode: int) -> None:
+    """chmod `path` to `mode` less the umask: what open()/mkdir() would have given (mkdtemp gives 0700,
+    mkstemp 0600)."""
+    os.chmod(path, mode & ~current_umask())
+
+
+def protected_places(
+    inputs: list[Path], calib: str | None = None, cache_dirs: list[Path] | None = None
+) -> dict[Path, tuple[str, bool]]:
+    """{path: (what it is, whether an output may not lie inside it)}: what replacing an output must never touch.
+
+    inputs: the model folder / .gguf file and the folder actually loaded; calib: the calibration file;
+    cache_dirs: lrc's caches. The working directory, the home folder and the Hugging Face cache are added.
+    An output may lie inside the working directory or the home folder, never contain them.
+    """
+    from huggingface_hub import constants
+
+    from .sources import cache_dir
+
+    places: dict[Path, tuple[str, bool]] = {}
+
+    def add(path: Path, what: str, no_inside: bool) -> None:
+        path = path.expanduser().resolve()
+        old = places.get(path)
+        places[path] = (old[0] if old else what, no_inside or (old[1] if old else False))
+
+    for source in inputs:
+        add(source, "the input model", source.is_dir())
+    if calib is not None and not calib.startswith("hf://"):
+        add(Path(calib), "the calibration file", Path(calib).expanduser().is_dir())
+    for folder in [cache_dir(), *(cache_dirs or [])]:
+        add(Path(folder), "the lrc cache", True)
+    add(Path(constants.HF_HUB_CACHE), "the Hugging Face cache", True)
+    add(Path.cwd(), "the working directory", False)
+    add(Path.home(), "your home folder", False)
+    return places
+
+
+def run_places(
+    model: str | LoadedModel, calib: str | None, cache_dir: str | Path | None
+) -> dict[Path, tuple[str, bool]]:
+    """protected_places of a compression run: its model (a spec, resolved without loading, or a loaded model),
+    calibration file and --cache-dir."""
+    from .sources import resolve_model
+
+    if isinstance(model, str):
+        source = resolve_model(model)
+        inputs = [] if source.kind == "hub" else [source.path]
+    else:
+        inputs = [Path(model.folder)] + ([] if model.source.kind == "hub" else [model.source.path])
+    return protected_places(inputs, calib, [Path(cache_dir)] if cache_dir else [])
+
+
+def check_output_path(target: Path, overwrite: bool, places: dict[Path, tuple[str, bool]] | None = None) -> OutputClaim:
+    """Refuse an output whose writing could lose a file, and claim it (a lock held until it is written).
+
+    Refused: an output equal to, containing, or (for folders) inside a protected place (see
+    `protected_places`); a file; a non-empty folder without `overwrite`; with `overwrite`, a folder that
+    is not an earlier lrc output or holds files lrc does not write; an unwritable parent; an output
+    another run is writing.
+    """
+    target = target.expanduser().resolve()
+    for place, (what, no_inside) in (places or {}).items():
+        if target == place or target in place.parents:
+            where = "is" if target == place else "contains"
+            raise OutputError(f"output {target} {where} {what} ({place}); choose another output folder")
+        if no_inside and place in target.parents:
+            raise OutputError(f"output {target} is inside {what} ({place}); choose another output folder")
     if target.exists() and not target.is_dir():
         raise OutputError(f"output {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise OutputError(f"output folder {target} exists and is not empty (pass --overwrite to replace it)")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise OutputError(f"output folder {target} exists and is not empty (pass --overwrite to replace it)")
+        check_replaceable(target)
     parent = target.parent
     while not parent.exists():
         parent = parent.parent
@@ -31,6 +123,96 @@ def check_output_path(target: Path, overwrite: bool, inputs: list[Path] | None =
         raise OutputError(f"cannot create output folder {target}: {parent} is a file")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write to {parent}: permission denied")
+    return OutputClaim.take(target)
+
+
+def check_replaceable(folder: Path) -> None:
+    """Raise unless `folder` is an earlier lrc output: a readable report with lrc_version, and only files lrc writes."""
+    report = folder / REPORT_NAME
+    refuse = f"--overwrite replaces only an empty folder or an earlier lrc output; {folder}"
+    try:
+        data = yaml.safe_load(report.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OutputError(f"{refuse} has no {REPORT_NAME}, so it is not one (choose another output folder)") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise OutputError(f"{refuse} has an unreadable {REPORT_NAME} (choose another output folder)") from None
+    if not isinstance(data, dict) or "lrc_version" not in data:
+        raise OutputError(f"{refuse}: its {REPORT_NAME} is not an lrc report (choose another output folder)")
+    foreign = sorted(
+        str(p.relative_to(folder)) + ("/" if p.is_dir() and not p.is_symlink() else "")
+        for p in folder.rglob("*")
+        if p.is_symlink() or not LRC_FILES.fullmatch(str(p.relative_to(folder)))
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"output folder {folder} is an lrc output but also holds files lrc did not write "
+                          f"({shown}); --overwrite would delete them: move them or choose another output folder")
+
+
+class OutputClaim:
+    """An exclusive fcntl lock on `.NAME.lrc-lock` beside an output, held while a run builds that output.
+
+    A second run (another process) asking for the same output fails at once naming the holder's PID.
+    Taking it again in the same process returns the same claim. It is released (and the lock file removed)
+    by `release`, when the claim is garbage-collected, or at exit.
+    """
+
+    _held: weakref.WeakValueDictionary[Path, OutputClaim] = weakref.WeakValueDictionary()
+
+    def __init__(self, target: Path, fd: int, lock_path: Path) -> None:
+        self.target, self.fd, self.lock_path = target, fd, lock_path
+
+    @classmethod
+    def take(cls, target: Path, wait: bool = False) -> OutputClaim:
+        """Claim `target` (resolved); `wait` blocks until another holder is done instead of failing."""
+        if target in cls._held:
+            return cls._held[target]
+        lock_path = target.parent / f".{target.name}.lrc-lock"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {target.parent}: {exc.strerror}") from None
+        for _ in range(100):  # retry while a releasing holder deletes the lock file under us
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise OutputError(f"cannot create {lock_path}: {exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputError(
+                    f"another lrc run (PID {holder}) is writing {target}; wait for it or choose another output folder"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                    claim = cls(target, fd, lock_path)
+                    cls._held[target] = claim
+                    return claim
+            os.close(fd)
+        raise OutputError(f"cannot lock {lock_path}: it keeps being replaced")
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            self.lock_path.unlink()  # while still holding the lock: a waiter then finds a new inode and retries
+        os.close(self.fd)
+        self.fd = -1
+        if self._held.get(self.target) is self:
+            del self._held[self.target]
+
+    def __del__(self) -> None:
+        self.release()
+
+
+@atexit.register
+def _release_all() -> None:
+    for claim in list(OutputClaim._held.values()):
+        claim.release()
 
 
 def remove_stale_temporaries(target: Path) -> None:
@@ -52,27 +234,39 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
+def atomic_directory(target: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary folder next to `target`; on success it replaces `target`, on any error it is removed.
 
-    A process killed inside the block leaves only a hidden `.NAME.lrc-tmp-*` sibling, never a partial target.
+    The target is claimed (see OutputClaim; waiting for another holder when not `replace`) until the block
+    ends. A target that exists when the block ends is checked again to be replaceable (an earlier lrc
+    output) before it is replaced; with replace=False (a cache entry) an existing target is kept and the
+    new folder discarded. A process killed inside the block leaves only a hidden `.NAME.lrc-tmp-*`
+    sibling, never a partial target. The folder and its files get the user's umask (mkdtemp alone gives
+    0700, safetensors 0600 files).
     """
     target = target.resolve()
+    claim = OutputClaim.take(target, wait=not replace)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {target.parent}: {exc.strerror}") from None
-    remove_stale_temporaries(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.lrc-tmp-{os.getpid()}-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.lrc-old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        remove_stale_temporaries(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.lrc-tmp-{os.getpid()}-", dir=target.parent))
+        try:
+            yield tmp
+            for path in [tmp, *tmp.rglob("*")]:  # safetensors writes 0600 files, mkdtemp a 0700 folder
+                if not path.is_symlink():
+                    apply_umask(path, 0o777 if path.is_dir() else 0o666)
+            if target.exists() and not replace:
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif target.exists():
+                if target.is_dir() and any(target.iterdir()):
+                    check_replaceable(target)
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.lrc-old-", dir=target.parent))
+                os.replace(target, old / target.name)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        claim.release()

@@ -25,6 +25,7 @@ from .calibration import (
     sample_windows,
     token_windows,
 )
+from .calibration.sufficiency import check_sufficiency
 from .checkpoint import DTYPES, check_finite_files, read_tensor_names, tensor_bytes, write_checkpoint
 from .config import CompressionConfig
 from .errors import ConfigError, LrcError
@@ -32,8 +33,9 @@ from .factorize import METHODS, Decomposition, InputStats, OutputStats, SparseOp
 from .factorize.base import Weighting
 from .factorize.output_error import relative_output_errors
 from .lowrank import LowRankLinear
-from .output import atomic_directory, check_output_path
+from .output import atomic_directory, check_output_path, run_places
 from .progress import Progress, no_progress
+from .quality_check import HeldOutCheck
 from .report_view import REPORT_NAME
 from .sequential import sequential_factorize
 from .sources import LoadedModel, load_model
@@ -238,6 +240,7 @@ def decompose_all(
     loaded: LoadedModel, config: CompressionConfig, stats: CalibrationStats, progress: Progress = no_progress
 ) -> Analysis:
     """Decompose every targeted matrix with the configured method, from already collected statistics."""
+    check_sufficiency(stats.inputs, int(stats.windows.shape[0]), int(stats.windows.shape[1]))
     device = resolve_device(config.device)
     method = METHODS.create(config.method, config.method_options)
     if method.needs_gradients and not stats.outputs:
@@ -403,20 +406,22 @@ def compress(
     _compile(config.keep_dense, "keep_dense")
     _compile(config.exclude, "exclude")
     out_path = Path(output) if output is not None else None
-    if out_path is not None and isinstance(model, str):
-        check_output_path(out_path, overwrite)
+    if out_path is not None and isinstance(model, str):  # _claim: a lock on the output, held until it is written
+        _claim = check_output_path(out_path, overwrite, run_places(model, config.calib, cache_dir))
     loaded = load_model(model, progress=progress) if isinstance(model, str) else model
     if out_path is not None:
-        check_output_path(out_path, overwrite, [loaded.source.path] if loaded.source.kind != "hub" else [])
+        _claim = check_output_path(out_path, overwrite, run_places(loaded, config.calib, cache_dir))
     timing = {"load_s": time.perf_counter() - start}
     original_params = count_params(loaded.model)
     if analysis is None:
         stats = cached_statistics(loaded, config, Path(cache_dir) if cache_dir else None, progress)
         analysis = decompose_all(loaded, config, stats, progress)
     timing.update(analysis.timing)
+    held_out = HeldOutCheck.measure_dense(loaded, config)  # dense loss on held-out windows, before apply
     results, apply_timing = apply(loaded, analysis, config, progress)
     timing.update(apply_timing)
     report = build_report(loaded, config, analysis, results, original_params, resolve_device(config.device))
+    report["held_out"] = held_out.compare(loaded.model)  # raises QualityError past config.heldout_max_ratio
     timing["total_s"] = time.perf_counter() - start
     report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
     if out_path is not None:

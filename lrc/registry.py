@@ -8,6 +8,7 @@ from typing import Any, Generic, TypeVar
 
 from .config import suggest
 from .errors import ConfigError
+from .value_types import check_fields
 
 T = TypeVar("T")
 
@@ -46,6 +47,7 @@ class Registry(Generic[T]):
                 if key not in valid:
                     hint = suggest(key, valid) if valid else " (it takes no options)"
                     raise ConfigError(f"unknown option {key!r} for {self.kind} {name!r}{hint}")
+            check_fields(cls, options, where=f"(option of {self.kind} {name!r})")
         try:
             return cls(**options)
         except (TypeError, ValueError) as exc:

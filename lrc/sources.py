@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelLoadError, NumericalError
+from .errors import LrcError, ModelLoadError, NumericalError
 from .progress import Progress, no_progress
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -107,6 +107,7 @@ def download_hub_model(repo_id: str) -> Path:
 def check_folder(folder: Path) -> None:
     """A loadable HF folder: config.json that parses, and readable safetensors weights."""
     from .checkpoint import read_tensor_names, weight_files
+    from .load_check import safetensors_files
 
     config = folder / "config.json"
     if not config.is_file():
@@ -119,6 +120,7 @@ def check_folder(folder: Path) -> None:
         pickles = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
         hint = " (only pickle .bin/.pt files, which lrc does not load)" if pickles else ""
         raise ModelLoadError(f"{folder} holds no .safetensors weights{hint}")
+    safetensors_files(folder)  # what transformers will load: model.safetensors or the index's files, never a pickle
     read_tensor_names(folder)  # raises on a corrupt or truncated file
 
 
@@ -133,6 +135,7 @@ def file_sha256(path: Path) -> str:
 def gguf_folder(path: Path, progress: Progress = no_progress) -> Path:
     """Convert a GGUF file once into a safetensors folder under the cache; return that folder."""
     from .checkpoint import write_checkpoint
+    from .load_check import check_loading_info
     from .output import atomic_directory
 
     with path.open("rb") as handle:
@@ -145,11 +148,15 @@ def gguf_folder(path: Path, progress: Progress = no_progress) -> Path:
 
     progress("convert GGUF to safetensors (once)", 0, 1)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, trust_remote_code=False, output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
     except Exception as exc:
         raise ModelLoadError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}") from None
-    with atomic_directory(target) as tmp:
+    check_loading_info(path, model, info)
+    with atomic_directory(target, replace=False) as tmp:  # waits for, then keeps, another run's conversion
         write_checkpoint(model, tmp, tokenizer)
     progress("convert GGUF to safetensors (once)", 1, 1)
     return target
@@ -173,22 +180,29 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import hf_integration
+    from .load_check import check_loading_info
 
     hf_integration.register()
     source = resolve_model(spec)
     folder = local_folder(source, progress)
     check_folder(folder)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or "auto")
+    try:  # safetensors only, no code from the folder; mismatched shapes are reported below, not raised
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype or "auto", use_safetensors=True, trust_remote_code=False,
+            output_loading_info=True, ignore_mismatched_sizes=True,
+        )
+    except LrcError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"transformers cannot load {folder}: {type(exc).__name__}: {exc}") from None
+    check_loading_info(folder, model, info)
     model.eval()
     model.requires_grad_(False)
     check_finite_model(model)
     tokenizer = None
     if need_tokenizer:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         except Exception as exc:
             raise ModelLoadError(f"cannot load the tokenizer of {folder}: {type(exc).__name__}: {exc}") from None
     return LoadedModel(model, tokenizer, source, folder)

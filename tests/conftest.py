@@ -66,3 +66,42 @@ def calib_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(WIKI_VALID.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     return path
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """{path relative to root: SHA-256 of its bytes (or '-> target' for a symlink)} of every file under root."""
+    import hashlib
+
+    found = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            found[key] = f"-> {path.readlink()}"
+        elif path.is_file():
+            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def save_trained_tiny_model(folder: Path, text: str, steps: int = 30, seed: int = 0) -> Path:
+    """A tiny llama whose decoder layers are trained for a few Adam steps on `text` (byte tokens), with the
+    embeddings and LM head frozen at random: its loss is well below a random model's and depends on the
+    decoder layers, so a broken compression of them shows as a loss increase."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    tokenizer = byte_tokenizer()
+    ids = tokenizer(text[:20_000], return_tensors="pt", add_special_tokens=False).input_ids[0]
+    windows = ids[: (ids.numel() // 32) * 32].view(-1, 32)
+    model.get_input_embeddings().requires_grad_(False)
+    model.get_output_embeddings().requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        batch = windows[torch.randint(0, windows.shape[0], (8,))]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -56,8 +56,13 @@ def test_existing_output_needs_overwrite(capsys, llama_dir, calib_file, tmp_path
     code, _, stderr = run(capsys, *tiny_compress_args(llama_dir, calib_file, out))
     assert code == 2 and "--overwrite" in stderr and (out / "keep.txt").read_text() == "mine"
     code, _, stderr = run(capsys, *tiny_compress_args(llama_dir, calib_file, out, "--overwrite"))
+    assert code == 2 and "has no lrc_report.yaml" in stderr and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    code, _, stderr = run(capsys, *tiny_compress_args(llama_dir, calib_file, out))
     assert code == 0, stderr
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    code, _, stderr = run(capsys, *tiny_compress_args(llama_dir, calib_file, out, "--overwrite", "--budget", "0.5"))
+    assert code == 0, stderr
+    assert (out / "model.safetensors").is_file() and "budget: 0.5" in (out / "lrc_report.yaml").read_text()
 
 
 def test_output_inside_input_refused(capsys, llama_dir, calib_file):

@@ -76,9 +76,27 @@ def token_windows(tokenizer: Any, text: str, samples: int, seq_len: int, seed: i
             f"calibration text has {ids.numel()} tokens; {samples} windows x {seq_len} tokens = "
             f"{samples * seq_len} needed (lower --samples or --seq-len, or give more text)"
         )
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randperm(available, generator=generator)[:samples].sort().values * seq_len
+    return _windows(ids, window_order(available, seed)[:samples], seq_len)
+
+
+def window_order(available: int, seed: int) -> torch.Tensor:
+    """The seeded random order of the `available` non-overlapping windows: calibration takes the first
+    `samples`, the held-out check (see heldout_token_windows) the next ones, so the two never overlap."""
+    return torch.randperm(available, generator=torch.Generator().manual_seed(seed))
+
+
+def _windows(ids: torch.Tensor, picked: torch.Tensor, seq_len: int) -> torch.Tensor:
+    starts = picked.sort().values * seq_len
+    if not starts.numel():
+        return torch.zeros(0, seq_len, dtype=torch.long)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def heldout_token_windows(tokenizer: Any, text: str, samples: int, seq_len: int, seed: int, count: int) -> torch.Tensor:
+    """Up to `count` windows of the text that `token_windows(..., samples, seq_len, seed)` does not use
+    (the next ones in the same seeded order); fewer, or none, when the text has no more. (k, seq_len) int64."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return _windows(ids, window_order(ids.numel() // seq_len, seed)[samples : samples + count], seq_len)
 
 
 def sample_windows(model: Any, tokenizer: Any, samples: int, seq_len: int, seed: int) -> torch.Tensor:
