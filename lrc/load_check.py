@@ -32,6 +32,12 @@ def name_some(keys: Iterable[str]) -> str:
     return head + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """'Type: message' of an exception from a library, on one line (whitespace collapsed) and at most `limit` chars."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_loading_info(folder: Path, model: Any, info: dict[str, Any]) -> None:
     """Raise ModelLoadError when transformers' load report has missing, unexpected or misshapen tensors."""
     missing = set(info.get("missing_keys") or ())

@@ -135,7 +135,7 @@ def file_sha256(path: Path) -> str:
 def gguf_folder(path: Path, progress: Progress = no_progress) -> Path:
     """Convert a GGUF file once into a safetensors folder under the cache; return that folder."""
     from .checkpoint import write_checkpoint
-    from .load_check import check_loading_info
+    from .load_check import check_loading_info, one_line
     from .output import atomic_directory
 
     with path.open("rb") as handle:
@@ -154,7 +154,7 @@ def gguf_folder(path: Path, progress: Progress = no_progress) -> Path:
             ignore_mismatched_sizes=True,
         )
     except Exception as exc:
-        raise ModelLoadError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}") from None
+        raise ModelLoadError(f"cannot read GGUF file {path}: {one_line(exc)}") from None
     check_loading_info(path, model, info)
     with atomic_directory(target, replace=False) as tmp:  # waits for, then keeps, another run's conversion
         write_checkpoint(model, tmp, tokenizer)
@@ -180,7 +180,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import hf_integration
-    from .load_check import check_loading_info
+    from .load_check import check_loading_info, one_line
 
     hf_integration.register()
     source = resolve_model(spec)
@@ -194,7 +194,7 @@ def load_model(
     except LrcError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"transformers cannot load {folder}: {type(exc).__name__}: {exc}") from None
+        raise ModelLoadError(f"transformers cannot load {folder}: {one_line(exc)}") from None
     check_loading_info(folder, model, info)
     model.eval()
     model.requires_grad_(False)
@@ -204,7 +204,7 @@ def load_model(
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         except Exception as exc:
-            raise ModelLoadError(f"cannot load the tokenizer of {folder}: {type(exc).__name__}: {exc}") from None
+            raise ModelLoadError(f"cannot load the tokenizer of {folder}: {one_line(exc)}") from None
     return LoadedModel(model, tokenizer, source, folder)
 
 

@@ -1,0 +1,225 @@
+"""Load strictness through the CLI: a checkpoint that would load with made-up weights is refused, naming
+the tensors; lrc outputs are checked against their rank map (lrc compress / lrc eval / lrc.load / plain
+transformers after `import lrc`); pickle files and code beside the weights are never run. Every
+pre-existing file is hashed before and after."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, BertConfig, BertModel
+
+import lrc
+from lrc.errors import ModelLoadError
+
+from ..conftest import save_tiny_model, tree_hashes
+from ..test_cli import run, tiny_compress_args
+
+
+def edit_tensors(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def edit_config(folder: Path, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def refused(capsys, root: Path, args: list, message: str) -> None:
+    """`lrc ARGS` exits 2 with one `error:` line containing `message`; no file under root changed."""
+    before = tree_hashes(root)
+    code, _, stderr = run(capsys, *args)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert tree_hashes(root) == before
+
+
+def compress_args(model: Path, calib: Path, out: Path) -> list:
+    return tiny_compress_args(model, calib, out, "--method", "loss-aware")
+
+
+# --- input models ------------------------------------------------------------------------------------
+
+
+def missing_tensor(folder):
+    edit_tensors(folder, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+
+
+def extra_tensor(folder):
+    edit_tensors(folder, lambda t: t.update({"model.layers.1.mlp.extra.weight": torch.zeros(3, 3)}))
+
+
+def misshapen_tensor(folder):
+    edit_tensors(folder, lambda t: t.update({"model.layers.1.mlp.down_proj.weight": torch.zeros(64, 90)}))
+
+
+def more_layers_declared(folder):
+    edit_config(folder, lambda c: c.update(num_hidden_layers=3))
+
+
+INPUT_CASES = [
+    (missing_tensor, "missing 1 tensor(s) the LlamaForCausalLM architecture needs: model.layers.1.mlp.down_proj.weight"),
+    (more_layers_declared, "missing 9 tensor(s) the LlamaForCausalLM architecture needs: model.layers.2."),
+    (extra_tensor, "1 tensor(s) the LlamaForCausalLM architecture does not have: model.layers.1.mlp.extra.weight"),
+    (misshapen_tensor, "model.layers.1.mlp.down_proj.weight (file [64, 90], model [64, 96])"),
+]
+
+
+@pytest.mark.parametrize(("damage", "message"), INPUT_CASES, ids=[d.__name__ for d, _ in INPUT_CASES])
+def test_incomplete_or_mismatched_input_is_refused(capsys, tmp_path, calib_file, damage, message):
+    model = save_tiny_model(tmp_path / "model", "llama")
+    damage(model)
+    refused(capsys, tmp_path, compress_args(model, calib_file, tmp_path / "out"), message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tied_embeddings_are_not_missing(capsys, tmp_path, calib_file):
+    model = save_tiny_model(tmp_path / "model", "llama", tie=True)
+    assert "lm_head.weight" not in load_file(model / "model.safetensors")
+    code, _, stderr = run(capsys, *compress_args(model, calib_file, tmp_path / "out"))
+    assert code == 0, stderr
+
+
+def test_model_without_lm_head_is_refused(capsys, tmp_path, calib_file):
+    config = BertConfig(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    refused(capsys, tmp_path, compress_args(tmp_path / "bert", calib_file, tmp_path / "out"),
+            "holds a BertModel, which has no language-model head: loading it as BertLMHeadModel would leave "
+            "cls.predictions.")
+
+
+# --- lrc outputs ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lrc_output(tmp_path_factory, calib_file) -> Path:
+    root = tmp_path_factory.mktemp("lrc-output")
+    model = save_tiny_model(root / "model", "llama")
+    lrc.compress(str(model), lrc.CompressionConfig(calib=str(calib_file), samples=4, seq_len=32, method="loss-aware"),
+                 root / "out")
+    return root / "out"
+
+
+FACTOR = "model.layers.0.mlp.down_proj"
+
+
+def delete_factor(folder):
+    edit_tensors(folder, lambda t: t.pop(f"{FACTOR}.down.weight"))
+
+
+def delete_rank_entry(folder):
+    edit_config(folder, lambda c: c["quantization_config"]["ranks"].pop(FACTOR))
+
+
+def delete_quantization_config(folder):
+    edit_config(folder, lambda c: c.pop("quantization_config"))
+
+
+def change_rank(folder):
+    edit_config(folder, lambda c: c["quantization_config"]["ranks"].update({FACTOR: 25}))
+
+
+def rank_of_missing_layer(folder):
+    edit_config(folder, lambda c: c["quantization_config"]["ranks"].update({"model.layers.7.mlp.up_proj": 4}))
+
+
+def delete_norm(folder):
+    edit_tensors(folder, lambda t: t.pop("model.norm.weight"))
+
+
+OUTPUT_CASES = [
+    (delete_factor, f"lacks factor tensor(s) its rank map needs: {FACTOR}.down.weight"),
+    (delete_rank_entry, f"holds factor tensors of {FACTOR}, which the rank map in config.json (quantization_config) "
+                        "does not list"),
+    (change_rank, f"do not match the rank map in config.json: {FACTOR}.down.weight (file [24, 96], rank map [25, 96])"),
+    (rank_of_missing_layer, "names model.layers.7.mlp.up_proj, which is not a linear layer of LlamaForCausalLM"),
+    (delete_norm, "lacks 1 tensor(s) the model needs: model.norm.weight"),
+]
+
+
+@pytest.mark.parametrize(("damage", "message"), OUTPUT_CASES, ids=[d.__name__ for d, _ in OUTPUT_CASES])
+def test_damaged_lrc_output_is_refused_everywhere(capsys, tmp_path, lrc_output, calib_file, damage, message):
+    folder = shutil.copytree(lrc_output, tmp_path / "out")
+    damage(folder)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["ranks"][
+        "model.layers.0.mlp.gate_proj"] > 0  # the rank map is there: the `lrc` quantizer runs
+    refused(capsys, tmp_path, ["eval", folder, "--data", calib_file, "--seq-len", 32, "--windows", 1], message)
+    with pytest.raises(ModelLoadError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        lrc.load(str(folder))
+    with pytest.raises(ModelLoadError, match="lrc output|rank map"):
+        AutoModelForCausalLM.from_pretrained(folder)  # plain transformers, after `import lrc`
+
+
+def test_lrc_output_without_its_rank_map_is_refused(capsys, tmp_path, lrc_output, calib_file):
+    folder = shutil.copytree(lrc_output, tmp_path / "out")
+    delete_quantization_config(folder)
+    message = "is an lrc output but its config.json has no quantization_config (the rank map)"
+    refused(capsys, tmp_path, ["eval", folder, "--data", calib_file, "--seq-len", 32, "--windows", 1], message)
+    refused(capsys, tmp_path, compress_args(folder, calib_file, tmp_path / "again"), message)
+
+
+# --- pickle and code beside the weights -------------------------------------------------------------
+
+
+class RunsOnUnpickle:
+    """Unpickling this creates the file `marker`: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_weights_are_never_loaded(capsys, tmp_path, calib_file):
+    marker = tmp_path / "unpickled"
+    model = save_tiny_model(tmp_path / "model", "llama")
+    names = list(load_file(model / "model.safetensors"))
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps(RunsOnUnpickle(marker)))
+    save_file({"x": torch.zeros(1)}, model / "adapter.safetensors")
+    refused(capsys, tmp_path, compress_args(model, calib_file, tmp_path / "out"),
+            "holds no model.safetensors or model.safetensors.index.json (found adapter.safetensors, "
+            "pytorch_model.bin; lrc never loads pickle files like pytorch_model.bin)")
+    index = {"metadata": {}, "weight_map": {name: "pytorch_model.bin" for name in names}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(capsys, tmp_path, compress_args(model, calib_file, tmp_path / "out"),
+            "model.safetensors.index.json points at pytorch_model.bin, not a safetensors file in the folder")
+    assert not marker.exists()
+
+
+def test_pickles_and_code_beside_safetensors_are_ignored(capsys, tmp_path, calib_file):
+    marker = tmp_path / "ran"
+    model = save_tiny_model(tmp_path / "model", "llama")
+    for name in ("pytorch_model.bin", "training_args.bin", "optimizer.pt"):
+        (model / name).write_bytes(pickle.dumps(RunsOnUnpickle(marker)))
+    (model / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    edit_config(model, lambda c: c.update(auto_map={"AutoModelForCausalLM": "evil.Model", "AutoConfig": "evil.Config"}))
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["evil.Tokenizer", None]}
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    before = tree_hashes(tmp_path)
+    code, _, stderr = run(capsys, *compress_args(model, calib_file, tmp_path / "out"))
+    assert code == 0, stderr
+    assert not marker.exists()
+    assert {k: v for k, v in tree_hashes(tmp_path).items() if not k.startswith("out/")} == before
+
+
+def test_custom_architecture_code_is_not_run(capsys, tmp_path, calib_file):
+    marker = tmp_path / "ran"
+    model = save_tiny_model(tmp_path / "model", "llama")
+    (model / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    edit_config(model, lambda c: c.update(model_type="evil", auto_map={"AutoModelForCausalLM": "evil.Model",
+                                                                        "AutoConfig": "evil.Config"}))
+    refused(capsys, tmp_path, compress_args(model, calib_file, tmp_path / "out"), "contains custom code")
+    assert not marker.exists()
