@@ -82,18 +82,15 @@ def tree_hashes(root: Path) -> dict[str, str]:
     return found
 
 
-def save_trained_tiny_model(folder: Path, text: str, steps: int = 30, seed: int = 0) -> Path:
-    """A tiny llama whose decoder layers are trained for a few Adam steps on `text` (byte tokens), with the
-    embeddings and LM head frozen at random: its loss is well below a random model's and depends on the
-    decoder layers, so a broken compression of them shows as a loss increase."""
+def save_trained_tiny_model(folder: Path, text: str, steps: int = 40, seed: int = 0) -> Path:
+    """A tiny llama trained for a few Adam steps on `text` (byte tokens; loss 5.6 -> 2.9 nats, seconds):
+    unlike a random model it predicts the text, so a harmful compression shows as a loss increase."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"))
     tokenizer = byte_tokenizer()
     ids = tokenizer(text[:20_000], return_tensors="pt", add_special_tokens=False).input_ids[0]
     windows = ids[: (ids.numel() // 32) * 32].view(-1, 32)
-    model.get_input_embeddings().requires_grad_(False)
-    model.get_output_embeddings().requires_grad_(False)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(steps):
         batch = windows[torch.randint(0, windows.shape[0], (8,))]

@@ -1,0 +1,60 @@
+"""Calibration sufficiency through the CLI: data that cannot determine the input statistics stops the run
+before any decomposition, saying how many tokens are needed; nothing is written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrc.calibration.sufficiency import numerical_rank
+
+from ..conftest import TINY, save_tiny_model, tree_hashes
+from ..test_cli import run, tiny_compress_args
+
+
+def refused(capsys, root, args, message):
+    before = tree_hashes(root)
+    code, _, stderr = run(capsys, *args)
+    assert code == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert stderr.strip().splitlines()[-1] == errors[0]
+    assert "decompose" not in stderr  # stopped before any decomposition
+    assert tree_hashes(root) == before
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fewer_tokens_than_the_widest_input(capsys, tmp_path, calib_file, family):
+    model = save_tiny_model(tmp_path / "model", family)
+    widest = TINY["intermediate_size"]  # down_proj reads the MLP's 96-wide activations
+    args = tiny_compress_args(model, calib_file, tmp_path / "out", "--method", "loss-aware", "--samples", 2)
+    refused(capsys, tmp_path, args,
+            f"calibration has 64 tokens, fewer than the {widest} inputs of model.layers.0.mlp.down_proj: the "
+            f"statistics cannot determine the factorization (it would fit only the 64 directions seen). Give at "
+            f"least {widest} tokens, e.g. --samples 3 at --seq-len 32")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("text", "rank"), [("a" * 4000, 1), ("ab" * 2000, 5), ("the cat. " * 500, 25)],
+                         ids=["one-letter", "two-letters", "one-short-sentence"])
+def test_repetitive_text_spans_too_few_directions(capsys, tmp_path, text, rank):
+    model = save_tiny_model(tmp_path / "model", "llama")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text)
+    args = tiny_compress_args(model, calib, tmp_path / "out", "--method", "loss-aware")
+    refused(capsys, tmp_path, args,
+            f"the calibration inputs of model.layers.0.self_attn.o_proj span only {rank} of its 64 directions "
+            "(128 tokens in 4 windows): the text repeats itself too much")
+
+
+def test_enough_varied_text_passes(capsys, tmp_path, calib_file):
+    model = save_tiny_model(tmp_path / "model", "llama")
+    code, _, stderr = run(capsys, *tiny_compress_args(model, calib_file, tmp_path / "out", "--method", "loss-aware"))
+    assert code == 0, stderr
+
+
+def test_numerical_rank_against_construction():
+    torch.manual_seed(0)
+    for n, r in [(64, 64), (64, 40), (96, 1), (50, 0)]:
+        x = torch.randn(n, r, dtype=torch.float64) @ torch.randn(r, 300, dtype=torch.float64)
+        assert numerical_rank(x @ x.T) == r
