@@ -14,7 +14,6 @@ Cost: 2 x heldout_windows forward passes (dense before, compressed after factori
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +57,6 @@ class HeldOutCheck:
     batch_size: int
     device: torch.device
     skipped: str = ""
-    seconds: float = 0.0
 
     @classmethod
     def measure_dense(cls, loaded: LoadedModel, config: CompressionConfig) -> HeldOutCheck:
@@ -82,18 +80,14 @@ class HeldOutCheck:
                       "used for the statistics")
             warnings.warn(f"lrc: held-out quality check skipped: {reason}; give more text to enable it", stacklevel=2)
             return cls(windows, None, config.heldout_max_ratio, config.batch_size, device, reason)
-        start = time.perf_counter()
         dense_loss = mean_loss(loaded.model, windows, config.batch_size, device)
-        return cls(windows, dense_loss, config.heldout_max_ratio, config.batch_size, device,
-                   seconds=time.perf_counter() - start)
+        return cls(windows, dense_loss, config.heldout_max_ratio, config.batch_size, device)
 
     def compare(self, model: Any) -> dict[str, Any]:
         """The report entry for the compressed `model`; raises QualityError past the perplexity-ratio limit."""
         if self.dense_loss is None:
             return {"windows": 0, "skipped": self.skipped}
-        start = time.perf_counter()
         loss = mean_loss(model, self.windows, self.batch_size, self.device)
-        seconds = self.seconds + time.perf_counter() - start
         ratio = math.exp(min(loss - self.dense_loss, 700.0))
         entry = {
             "windows": int(self.windows.shape[0]),
@@ -104,7 +98,6 @@ class HeldOutCheck:
             "compressed_perplexity": round(math.exp(min(loss, 700.0)), 4),
             "perplexity_ratio": round(ratio, 4),
             "max_ratio": self.max_ratio,
-            "seconds": round(seconds, 3),
         }
         if not math.isfinite(loss) or ratio > self.max_ratio:
             raise QualityError(

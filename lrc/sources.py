@@ -144,14 +144,13 @@ def gguf_folder(path: Path, progress: Progress = no_progress) -> Path:
     target = cache_dir() / "gguf" / file_sha256(path)[:16]
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     progress("convert GGUF to safetensors (once)", 0, 1)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, trust_remote_code=False, output_loading_info=True,
-            ignore_mismatched_sizes=True,
+        model, info = _load_with_report(
+            str(path.parent), gguf_file=path.name, trust_remote_code=False, ignore_mismatched_sizes=True
         )
     except Exception as exc:
         raise ModelLoadError(f"cannot read GGUF file {path}: {one_line(exc)}") from None
@@ -177,7 +176,7 @@ def load_model(
     spec: str, dtype: torch.dtype | None = None, need_tokenizer: bool = True, progress: Progress = no_progress
 ) -> LoadedModel:
     """Load model (on the CPU, eval mode) and tokenizer; the weights are checked to be finite."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from . import hf_integration
     from .load_check import check_loading_info, one_line
@@ -187,9 +186,9 @@ def load_model(
     folder = local_folder(source, progress)
     check_folder(folder)
     try:  # safetensors only, no code from the folder; mismatched shapes are reported below, not raised
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = _load_with_report(
             str(folder), dtype=dtype or "auto", use_safetensors=True, trust_remote_code=False,
-            output_loading_info=True, ignore_mismatched_sizes=True,
+            ignore_mismatched_sizes=True,
         )
     except LrcError:
         raise
@@ -206,6 +205,14 @@ def load_model(
         except Exception as exc:
             raise ModelLoadError(f"cannot load the tokenizer of {folder}: {one_line(exc)}") from None
     return LoadedModel(model, tokenizer, source, folder)
+
+
+def _load_with_report(path: str, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """(model, transformers' load report: missing / unexpected / mismatched keys) of AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM
+
+    loaded: Any = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    return loaded[0], loaded[1]
 
 
 def check_finite_model(model: torch.nn.Module) -> None:
