@@ -29,7 +29,7 @@ def type_name(annotation: Any) -> str:
     if origin is list:
         return f"list of {type_name(args[0])}s" if args else "list"
     if origin is dict:
-        return "mapping"
+        return "mapping of names to values" if args and args[0] is str else "mapping"
     if annotation is float:
         return "number"
     if annotation is int:

@@ -24,7 +24,8 @@ CASES = [
     ("dtype: 16", "dtype must be a string or null, got 16 (an integer)"),
     ("keep_dense: q_proj", "keep_dense must be a list of strings, got 'q_proj' (a string)"),
     ("exclude: [lm_head, 3]", "exclude must be a list of strings, got ['lm_head', 3] (a list)"),
-    ("method_options: [damping]", "method_options must be a mapping, got ['damping'] (a list)"),
+    ("method_options: [damping]", "method_options must be a mapping of names to values, got ['damping'] (a list)"),
+    ("allocator_options: {1: 2}", "allocator_options must be a mapping of names to values, got {1: 2} (a mapping)"),
     ("method: svd-llm\nmethod_options: {damping: 1e-3}",
      "damping (option of method 'svd-llm') must be a number, got '1e-3' (a string) (YAML reads 1e-3 as a string: "
      "write 0.001)"),
