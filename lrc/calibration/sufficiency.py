@@ -19,7 +19,9 @@ Two checks, both before any decomposition:
   decoder layer is not rank-checked: it is the normalised token embedding, so its rank is the number of
   distinct tokens in the data (28 of 64 on 128 tokens of text with a byte tokenizer), a vocabulary
   coverage limit rather than a failure of the statistics; every later input mixes context.
-Cost: one eigvalsh per distinct Gram (n³/3 flops each; see `check_sufficiency`).
+Cost: one float64 eigvalsh per distinct Gram: SmolLM2-135M's 30 layers x (3 of 576 + 1 of 1536) take
+about 7 s on one CPU thread (0.24 s a layer, measured), against ~34 s for its loss-aware decompositions
+and ~750 s for the default calibration (128 x 512).
 """
 
 from __future__ import annotations
