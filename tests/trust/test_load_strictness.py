@@ -223,3 +223,13 @@ def test_custom_architecture_code_is_not_run(capsys, tmp_path, calib_file):
                                                                         "AutoConfig": "evil.Config"}))
     refused(capsys, tmp_path, compress_args(model, calib_file, tmp_path / "out"), "contains custom code")
     assert not marker.exists()
+
+
+def test_index_naming_a_missing_shard_is_refused(capsys, tmp_path, calib_file):
+    model = save_tiny_model(tmp_path / "model", "llama")
+    names = list(load_file(model / "model.safetensors"))
+    (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
+    weight_map = {name: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, name in enumerate(names)}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    refused(capsys, tmp_path, compress_args(model, calib_file, tmp_path / "out"),
+            "model.safetensors.index.json points at model-00002-of-00002.safetensors, which is missing")
