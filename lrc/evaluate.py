@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from .calibration import read_text
-from .checkpoint import tensor_bytes
+from .device import resolve_device
 from .errors import ConfigError
-from .pipeline import count_params, resolve_device
+from .forms import count_params
+from .io.checkpoint import tensor_bytes
 from .progress import Progress, no_progress
 from .sources import LoadedModel, load_model
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .calibration.layerwise import capture_first_layer_inputs, run_layer, to_device
 from .factorize import FactorizationMethod, InputStats, OutputStats
-from .lowrank import LowRankLinear
+from .forms import LowRankLinear
 from .targets import decoder_layers, replace_module
 
 

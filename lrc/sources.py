@@ -106,7 +106,7 @@ def download_hub_model(repo_id: str) -> Path:
 
 def check_folder(folder: Path) -> None:
     """A loadable HF folder: config.json that parses, and readable safetensors weights."""
-    from .checkpoint import read_tensor_names, weight_files
+    from .io.checkpoint import read_tensor_names, weight_files
 
     config = folder / "config.json"
     if not config.is_file():
@@ -132,8 +132,8 @@ def file_sha256(path: Path) -> str:
 
 def gguf_folder(path: Path, progress: Progress = no_progress) -> Path:
     """Convert a GGUF file once into a safetensors folder under the cache; return that folder."""
-    from .checkpoint import write_checkpoint
-    from .output import atomic_directory
+    from .io.checkpoint import write_checkpoint
+    from .io.output import atomic_directory
 
     with path.open("rb") as handle:
         if handle.read(4) != b"GGUF":
@@ -172,7 +172,7 @@ def load_model(
     """Load model (on the CPU, eval mode) and tokenizer; the weights are checked to be finite."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import hf_integration
+    from .io import hf_integration
 
     hf_integration.register()
     source = resolve_model(spec)

@@ -15,7 +15,7 @@ from typing import Any
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .lowrank import LowRankLinear
+from ..forms.lowrank import LowRankLinear
 
 QUANT_METHOD = "lrc"
 FORMAT_VERSION = 2
@@ -47,13 +47,13 @@ class LrcConfig(QuantizationConfigMixin):
 def replace_with_low_rank(model: Any, ranks: dict[str, int], sparse: dict[str, dict[str, Any]] | None = None) -> None:
     """Swap each named nn.Linear for a LowRankLinear of the given rank, or the sparse layer its spec
     describes, with the same device and dtype."""
-    from .sparse_linear import sparse_skeleton
-    from .targets import replace_module
+    from ..forms import skeleton
+    from ..targets import replace_module
 
     for name, spec in (sparse or {}).items():
         linear = model.get_submodule(name)
         weight = linear.weight
-        replace_module(model, name, sparse_skeleton(
+        replace_module(model, name, skeleton(
             linear.in_features, linear.out_features, spec, linear.bias is not None, weight.device, weight.dtype
         ))
     for name, rank in ranks.items():

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputError
+from ..errors import OutputError
 
 
 def check_output_path(target: Path, overwrite: bool, inputs: list[Path] | None = None) -> None:
