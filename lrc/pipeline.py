@@ -17,14 +17,7 @@ from torch import nn
 
 from . import __version__
 from .allocate import ALLOCATORS, DENSE, Choice, MatrixCandidates
-from .calibration import (
-    SELF_SAMPLED,
-    calibrate_layerwise,
-    collect_output_stats,
-    read_text,
-    sample_windows,
-    token_windows,
-)
+from .calibration import SELF_SAMPLED, read_text, sample_windows, token_windows
 from .checkpoint import DTYPES, check_finite_files, read_tensor_names, tensor_bytes, write_checkpoint
 from .config import CompressionConfig
 from .errors import ConfigError, LrcError
@@ -32,13 +25,16 @@ from .factorize import METHODS, Decomposition, InputStats, OutputStats, SparseOp
 from .factorize.base import Weighting
 from .factorize.output_error import relative_output_errors
 from .lowrank import LowRankLinear
+from .model.projection import Projection
+from .model.targets import decoder_layers, matrix_type, replace_module, target_linears
 from .output import atomic_directory, check_output_path
 from .progress import Progress, no_progress
 from .report_view import REPORT_NAME
 from .sequential import sequential_factorize
 from .sources import LoadedModel, load_model
 from .sparse_linear import LowRankSparseLinear, SparseDictionaryLinear, sparse_skeleton
-from .targets import decoder_layers, matrix_type, replace_module, target_linears
+from .stats.gradients import collect_output_stats
+from .stats.inputs import collect_input_stats
 
 
 @dataclass
@@ -202,7 +198,7 @@ def collect_statistics(
         shares.update(shared)
         progress("calibrate", index + 1, n_layers)
 
-    calibrate_layerwise(net, windows, targets, keep, config.batch_size, device)
+    collect_input_stats(net, windows, targets, keep, config.batch_size, device)
     timing["calibration_s"] = time.perf_counter() - t
 
     outputs: dict[str, OutputStats] = {}
@@ -263,7 +259,7 @@ def decompose_all(
     return Analysis(stats, decompositions, output_errors, method.errors_comparable, timing)
 
 
-def value_bytes(config: CompressionConfig, linear: nn.Linear) -> int:
+def value_bytes(config: CompressionConfig, linear: Projection) -> int:
     """Bytes per stored value in the output: the --dtype if given, else the layer's own dtype."""
     return DTYPES[config.dtype].itemsize if config.dtype else linear.weight.element_size()
 
