@@ -14,7 +14,7 @@ from rich.text import Text
 
 from .checkpoint import human_bytes
 from .errors import ModelLoadError
-from .targets import matrix_type
+from .model.targets import matrix_type
 
 REPORT_NAME = "lrc_report.yaml"
 
