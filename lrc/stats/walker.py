@@ -110,14 +110,18 @@ def _record_batch(
 
         return record
 
+    wrapped = [layer.__dict__.get("forward") for layer in layers]  # a forward some library set on the instance
     for index, layer in enumerate(layers):
         layer.forward = recorder(index)  # type: ignore[method-assign]
     try:
         with torch.no_grad(), contextlib.suppress(_StopForward):
             model(**inputs)
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, previous in zip(layers, wrapped):
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
     if len(calls) != len(layers):
         raise ModelLoadError(
             f"the model's forward called {len(calls)} of the {len(layers)} blocks of {stack_name}; lrc cannot run "

@@ -18,6 +18,7 @@ import yaml
 
 import lrc
 from lrc.calibration import token_windows
+from lrc.checkpoint import write_checkpoint
 from lrc.cli import main
 from lrc.errors import CalibrationError, ConfigError, ModelLoadError
 from lrc.factorize import METHODS
@@ -232,7 +233,12 @@ def test_unfused_experts_compute_what_transformers_computes(family, tmp_path, te
     fused = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
     assert not any(isinstance(m, UnfusedExperts) for m in fused.modules())
     ids = windows_for(loaded, text)
-    torch.testing.assert_close(forward(loaded.model, ids, False), forward(fused, ids, False), rtol=1e-5, atol=1e-5)
+    expected = forward(fused, ids, False)
+    torch.testing.assert_close(forward(loaded.model, ids, False), expected, rtol=1e-5, atol=1e-5)
+    # written dense under the Hub checkpoints' per-expert names, transformers merges them back by itself
+    write_checkpoint(loaded.model, tmp_path / "dense", loaded.tokenizer)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    torch.testing.assert_close(forward(reloaded, ids, False), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_an_expert_no_token_reaches_is_an_error(tmp_path, calib_file):

@@ -49,7 +49,7 @@ class ModelAdapter:
     layers: dotted path of the block stack in the model that `auto_class` loads; None: search for the one
     nn.ModuleList of num_hidden_layers blocks (the generic fallback).
     projections: fnmatch patterns of layer-relative module names to compress ("*": every nn.Linear/Conv1D).
-    shared_inputs: groups of projections reading one tensor. fused: projections stacking several matrices.
+    shared_inputs: groups of projections reading one tensor (fused projections are one matrix: see the adapters).
     objective: CAUSAL_LM or HIDDEN_STATES (see `loss`). experts: fused mixture-of-experts modules, if any.
     """
 
@@ -57,7 +57,6 @@ class ModelAdapter:
     layers: str | None
     projections: tuple[str, ...] = ("*",)
     shared_inputs: tuple[tuple[str, ...], ...] = ()
-    fused: tuple[str, ...] = ()
     objective: str = CAUSAL_LM
     experts: ExpertLayout | None = None
 

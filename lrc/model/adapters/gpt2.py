@@ -5,5 +5,4 @@ from . import ModelAdapter, register
 GPT2 = register(ModelAdapter(
     model_types=("gpt2",), layers="transformer.h",
     projections=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-    fused=("attn.c_attn",),
 ))

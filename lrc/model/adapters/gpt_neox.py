@@ -6,5 +6,4 @@ from . import ModelAdapter, register
 GPT_NEOX = register(ModelAdapter(
     model_types=("gpt_neox",), layers="gpt_neox.layers",
     projections=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
-    fused=("attention.query_key_value",),
 ))

@@ -8,5 +8,4 @@ from . import ModelAdapter, register
 PHI3 = register(ModelAdapter(
     model_types=("phi3",), layers="model.layers",
     projections=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
-    fused=("self_attn.qkv_proj", "mlp.gate_up_proj"),
 ))
