@@ -55,9 +55,12 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "mixtral": ("MixtralConfig", TINY | {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "bert": ("BertConfig", dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=256) | IDS),  # encoder, no head
+    "roberta": ("RobertaConfig", dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=258) | IDS
+                        | {"pad_token_id": 1}),  # positions start after the padding id, as in RoBERTa checkpoints
     "starcoder2": ("Starcoder2Config", TINY | {"sliding_window": SLIDING_WINDOW}),  # no adapter: the generic fallback
 }
-ENCODERS = {"bert"}
+ENCODERS = {"bert", "roberta"}
 
 
 def tiny_config(family: str, tie: bool = False, **overrides):
