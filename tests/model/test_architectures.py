@@ -23,7 +23,7 @@ from lrc.cli import main
 from lrc.errors import CalibrationError, ConfigError, ModelLoadError
 from lrc.factorize import METHODS
 from lrc.lowrank import LowRankLinear
-from lrc.model.adapters import GENERIC, adapter_for
+from lrc.model.adapters import GENERIC, adapter_for, registered
 from lrc.model.experts import UnfusedExperts
 from lrc.model.targets import target_linears
 from lrc.sequential import sequential_factorize
@@ -31,16 +31,24 @@ from lrc.stats.gradients import PROBE_SEED, collect_output_stats
 from lrc.stats.inputs import collect_input_stats
 from lrc.stats.walker import LayerWalk
 
-from ..conftest import ARCHITECTURES, ENCODERS, save_tiny_model
+from ..conftest import ARCHITECTURES, ENCODERS, save_tiny_model, tiny_config
 
 SAMPLES, SEQ_LEN, BATCH = 4, 24, 2  # 24 tokens > the sliding window of 8
 MOE = ["qwen3_moe", "mixtral"]
 
 
+TIED = {"gpt2", "opt", "gemma2", "gemma3"}  # families whose checkpoints tie the LM head to the embedding
+
+
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
 def arch(request, tmp_path_factory):
     """(family, folder of its tiny model saved by transformers)."""
-    return request.param, save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+    family = request.param
+    return family, save_tiny_model(tmp_path_factory.mktemp(family), family, tie=family in TIED)
+
+
+def test_every_registered_architecture_is_tested():
+    assert set(registered()) <= {tiny_config(family).model_type for family in ARCHITECTURES}
 
 
 @pytest.fixture(scope="module")
@@ -190,11 +198,15 @@ def test_compress_save_load_gives_the_same_outputs(compressed, text):
     dense = forward(lrc.load(str(folder)).model, ids, encoder)
     assert not torch.allclose(in_memory, dense, atol=1e-3)  # compression changed the model
 
+    if family in TIED:  # tied in memory, and after the round trip below
+        assert result.model.get_output_embeddings().weight is result.model.get_input_embeddings().weight
     by_lrc = lrc.load(str(out)).model
     auto = transformers.AutoModel if encoder else transformers.AutoModelForCausalLM
     by_transformers = auto.from_pretrained(str(out))
     for model in (by_lrc, by_transformers):
         assert all(isinstance(model.get_submodule(name), LowRankLinear) for name in targets)
+        if family in TIED:
+            assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
         torch.testing.assert_close(forward(model, ids, encoder), in_memory, rtol=1e-5, atol=1e-5)
 
 
