@@ -12,7 +12,7 @@ from rich.text import Text
 
 from .io.checkpoint import human_bytes
 from .io.report import REPORT_NAME, read_report
-from .targets import matrix_type
+from .model.targets import matrix_type
 
 __all__ = ["REPORT_NAME", "read_report", "render_report", "summary_table"]
 

@@ -170,18 +170,22 @@ def load_model(
     spec: str, dtype: torch.dtype | None = None, need_tokenizer: bool = True, progress: Progress = no_progress
 ) -> LoadedModel:
     """Load model (on the CPU, eval mode) and tokenizer; the weights are checked to be finite."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
 
     from .io import hf_integration
+    from .model.adapters import adapter_for
 
     hf_integration.register()
     source = resolve_model(spec)
     folder = local_folder(source, progress)
     check_folder(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or "auto")
+        adapter = adapter_for(transformers.AutoConfig.from_pretrained(str(folder)))
+        model = getattr(transformers, adapter.auto_class).from_pretrained(str(folder), dtype=dtype or "auto")
     except Exception as exc:
         raise ModelLoadError(f"transformers cannot load {folder}: {type(exc).__name__}: {exc}") from None
+    adapter.prepare(model)  # e.g. fused mixture-of-experts weights -> one nn.Linear per expert matrix
     model.eval()
     model.requires_grad_(False)
     check_finite_model(model)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..config import CompressionConfig
 from ..errors import ConfigError
-from ..targets import matrix_type
+from ..model.targets import matrix_type
 from .base import ALLOCATORS, Choice, MatrixCandidates
 
 if TYPE_CHECKING:

@@ -14,10 +14,10 @@ from ..device import resolve_device
 from ..errors import ConfigError
 from ..factorize import METHODS, SparseOption
 from ..forms import LAYER_FORMS, LowRankLinear, LowRankSparseLinear, SparseDictionaryLinear
+from ..model.targets import replace_module, target_linears
 from ..progress import Progress, no_progress
 from ..sequential import sequential_factorize
 from ..sources import LoadedModel
-from ..targets import replace_module, target_linears
 from .jobs import Analysis, value_bytes
 
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..config import CompressionConfig
 from ..device import resolve_device
@@ -21,10 +20,11 @@ from ..errors import ConfigError
 from ..factorize import METHODS, Decomposition, FactorizationMethod, breakeven_rank
 from ..factorize.output_error import relative_output_errors
 from ..io.checkpoint import DTYPES
+from ..model.projection import Projection
+from ..model.targets import target_linears
 from ..progress import Progress, no_progress
 from ..sources import LoadedModel
 from ..stats.types import CalibrationStats
-from ..targets import target_linears
 from .executors import EXECUTORS
 
 
@@ -65,7 +65,7 @@ class Analysis:
     timing: dict[str, float]
 
 
-def decomposition_jobs(targets: dict[str, nn.Linear], stats: CalibrationStats) -> list[DecompositionJob]:
+def decomposition_jobs(targets: dict[str, Projection], stats: CalibrationStats) -> list[DecompositionJob]:
     """One job per distinct input, its matrices in model order (linears sharing an input are consecutive)."""
     jobs: dict[str, DecompositionJob] = {}
     for name, linear in targets.items():
@@ -76,14 +76,14 @@ def decomposition_jobs(targets: dict[str, nn.Linear], stats: CalibrationStats) -
     return list(jobs.values())
 
 
-def value_bytes(config: CompressionConfig, linear: nn.Linear) -> int:
+def value_bytes(config: CompressionConfig, linear: Projection) -> int:
     """Bytes per stored value in the output: the --dtype if given, else the layer's own dtype."""
     return DTYPES[config.dtype].itemsize if config.dtype else linear.weight.element_size()
 
 
 def run_job(
     job: DecompositionJob,
-    targets: dict[str, nn.Linear],
+    targets: dict[str, Projection],
     stats: CalibrationStats,
     method: FactorizationMethod,
     config: CompressionConfig,

@@ -48,16 +48,17 @@ def replace_with_low_rank(model: Any, ranks: dict[str, int], sparse: dict[str, d
     """Swap each named nn.Linear for a LowRankLinear of the given rank, or the sparse layer its spec
     describes, with the same device and dtype."""
     from ..forms import skeleton
-    from ..targets import replace_module
+    from ..model.projection import Projection
+    from ..model.targets import replace_module
 
     for name, spec in (sparse or {}).items():
-        linear = model.get_submodule(name)
+        linear = Projection(model.get_submodule(name))  # an nn.Linear, or a Conv1D seen as W = weight.T
         weight = linear.weight
         replace_module(model, name, skeleton(
             linear.in_features, linear.out_features, spec, linear.bias is not None, weight.device, weight.dtype
         ))
     for name, rank in ranks.items():
-        linear = model.get_submodule(name)
+        linear = Projection(model.get_submodule(name))  # an nn.Linear, or a Conv1D seen as W = weight.T
         weight = linear.weight
         layer = LowRankLinear(
             linear.in_features,
@@ -77,8 +78,18 @@ class LrcHfQuantizer(HfQuantizer):
     quantization_config: LrcConfig
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        from ..model.adapters import adapter_for
+        from ..model.targets import skip_init_of_parents
+
+        adapter_for(model).prepare(model)  # the structure lrc wrote: fused experts unfused
         replace_with_low_rank(model, self.quantization_config.ranks, self.quantization_config.sparse)
+        skip_init_of_parents(model, [*self.quantization_config.ranks, *self.quantization_config.sparse])
         return model
+
+    def update_weight_conversions(self, weight_conversions: Any, model: Any) -> Any:
+        from ..model.experts import drop_merges_into_unfused
+
+        return drop_merges_into_unfused(super().update_weight_conversions(weight_conversions, model), model)
 
     def is_serializable(self) -> bool:
         return True

@@ -8,21 +8,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calibration import (
-    SELF_SAMPLED,
-    calibrate_layerwise,
-    collect_output_stats,
-    read_text,
-    sample_windows,
-    token_windows,
-)
+from ..calibration import SELF_SAMPLED, read_text, sample_windows, token_windows
 from ..config import CompressionConfig
 from ..device import resolve_device
 from ..errors import ConfigError
 from ..factorize import METHODS, InputStats, OutputStats
+from ..model.targets import decoder_layers, target_linears
 from ..progress import Progress, no_progress
 from ..sources import LoadedModel
-from ..targets import decoder_layers, target_linears
+from .gradients import collect_output_stats
+from .inputs import collect_input_stats
 from .types import CalibrationStats
 
 
@@ -75,7 +70,7 @@ def collect_statistics(
         shares.update(shared)
         progress("calibrate", index + 1, n_layers)
 
-    calibrate_layerwise(net, windows, targets, keep, config.batch_size, device)
+    collect_input_stats(net, windows, targets, keep, config.batch_size, device)
     timing["calibration_s"] = time.perf_counter() - t
 
     outputs: dict[str, OutputStats] = {}
