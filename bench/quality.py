@@ -30,10 +30,13 @@ import yaml
 from results_files import write_results
 
 import lrc
-from lrc.checkpoint import tensor_bytes, write_checkpoint
+from lrc.engine import Analysis, decompose_all
+from lrc.engine.build import apply
 from lrc.evaluate import perplexity
-from lrc.pipeline import apply, cached_statistics, collect_statistics, count_params, decompose_all
+from lrc.forms import count_params
+from lrc.io.checkpoint import tensor_bytes, write_checkpoint
 from lrc.sources import LoadedModel, load_model
+from lrc.stats.collect import cached_statistics, collect_statistics
 
 DEFAULT_ROWS = [
     "svd:uniform", "asvd:uniform", "fwsvd:uniform", "svd-llm:uniform", "svd-llm-v2:svd-llm-v2",
@@ -93,7 +96,7 @@ def main() -> None:
     print(f"statistics: {stats_s:.0f}s {stats.timing}", flush=True)
 
     results = []
-    analyses: dict[str, lrc.pipeline.Analysis] = {}
+    analyses: dict[str, Analysis] = {}
     for method, allocator, mode, options in rows:
         config = dataclasses.replace(base, method=method, method_options=options, allocator=allocator,
                                      sequential=mode == "sequential")

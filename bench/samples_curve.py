@@ -21,11 +21,14 @@ import torch
 from results_files import write_results
 
 import lrc
-from lrc.cache import cache_key, save_stats
 from lrc.calibration import read_text, token_windows
+from lrc.engine import decompose_all
+from lrc.engine.build import apply
 from lrc.evaluate import perplexity
-from lrc.pipeline import CalibrationStats, apply, collect_statistics, decompose_all
 from lrc.sources import LoadedModel, load_model
+from lrc.stats.collect import collect_statistics
+from lrc.stats.store import cache_key, save_stats
+from lrc.stats.types import CalibrationStats
 
 
 def new_windows(windows: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:

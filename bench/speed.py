@@ -20,9 +20,9 @@ from torch.utils.benchmark import Timer
 
 from lrc.factorize.low_rank_sparse import entries_within
 from lrc.factorize.sparse_dictionary import atoms_within
-from lrc.lowrank import LowRankLinear
-from lrc.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
-from lrc.sparse_matrix import best_layout
+from lrc.forms import LowRankLinear
+from lrc.forms.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
+from lrc.forms.sparse_matrix import best_layout
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down of SmolLM2-135M
 

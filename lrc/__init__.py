@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 from .config import CompressionConfig  # noqa: E402
 from .errors import LrcError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
-from .hf_integration import register as _register_with_transformers  # noqa: E402
-from .lowrank import LowRankLinear  # noqa: E402
+from .forms import LowRankLinear  # noqa: E402
+from .io.hf_integration import register as _register_with_transformers  # noqa: E402
 from .pipeline import CompressionResult, compress  # noqa: E402
 from .sources import load_model as load  # noqa: E402
 

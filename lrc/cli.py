@@ -131,16 +131,17 @@ def evaluate_cmd(
     results = []
     for spec in [model] + ([baseline] if baseline else []):
         with _progress_bars() as progress:
-            results.append(evaluate(spec, data, seq_len, windows, batch_size, device, progress))
+            results.append(evaluate(spec, data, seq_len, windows, batch_size, device, progress, reference=baseline))
     table = Table(title=f"{data}: seq_len {seq_len}, {results[0]['windows']} windows", title_justify="left")
     table.add_column("")
     for r in results:
         table.add_column(r["model"], justify="right")
-    rows = [("perplexity", "{:.3f}", "perplexity"), ("parameters", "{:,}", "params"), ("bytes on disk", "{:,}", "bytes"),
-            ("tokens/s", "{:,.0f}", "tokens_per_s")]
+    rows = [("perplexity", "{:.3f}", "perplexity"), ("cosine similarity to baseline", "{:.5f}", "cosine_similarity"),
+            ("parameters", "{:,}", "params"), ("bytes on disk", "{:,}", "bytes"), ("tokens/s", "{:,.0f}", "tokens_per_s")]
     for label, fmt, key in rows:
-        table.add_row(label, *[fmt.format(r[key]) for r in results])
-    if baseline:
+        if key in results[0]:  # an encoder has a cosine similarity instead of a perplexity
+            table.add_row(label, *[fmt.format(r[key]) for r in results])
+    if baseline and "perplexity" in results[0]:
         ratio = results[0]["perplexity"] / results[1]["perplexity"]
         table.caption = f"perplexity ratio (model / baseline): {ratio:.3f}"
     out.print(table)

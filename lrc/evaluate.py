@@ -1,8 +1,11 @@
-"""Evaluation: perplexity by the standard protocol, parameter count, file size, forward speed.
+"""Evaluation: perplexity by the standard protocol (or, for an encoder, embedding similarity to the dense
+model), parameter count, file size, forward speed.
 
 Perplexity protocol (GPTQ, SVD-LLM, ASVD): tokenize the whole text once, cut it into non-overlapping windows
 of seq_len tokens, drop the tail, ppl = exp(mean next-token cross-entropy over every predicted token).
 `windows` limits the count to a fixed prefix of windows (for quick CPU runs); the result states it.
+An encoder has no next-token head: on the same windows it is compared with a reference model (the dense
+one) by the cosine similarity of their embeddings (see `embedding_similarity`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from typing import Any
 import torch
 
 from .calibration import read_text
-from .checkpoint import tensor_bytes
+from .device import resolve_device
 from .errors import ConfigError
-from .pipeline import count_params, resolve_device
+from .forms import count_params
+from .io.checkpoint import tensor_bytes
+from .model.adapters import CAUSAL_LM, adapter_for
 from .progress import Progress, no_progress
 from .sources import LoadedModel, load_model
 
@@ -32,13 +37,8 @@ def perplexity(
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Perplexity of `model` on the 1-D `token_ids`, in non-overlapping windows of `seq_len` (tail dropped)."""
-    available = token_ids.numel() // seq_len
-    if available == 0:
-        raise ConfigError(f"evaluation text has {token_ids.numel()} tokens, fewer than one window of {seq_len}")
-    count = available if windows is None else min(windows, available)
-    if windows is not None and windows < 1:
-        raise ConfigError(f"windows must be at least 1, got {windows}")
-    data = token_ids[: count * seq_len].view(count, seq_len)
+    data, available = evaluation_windows(token_ids, seq_len, windows)
+    count = data.shape[0]
     dev = resolve_device(device)
     model.to(dev)
     nll = 0.0
@@ -68,6 +68,61 @@ def perplexity(
     }
 
 
+def evaluation_windows(token_ids: torch.Tensor, seq_len: int, windows: int | None) -> tuple[torch.Tensor, int]:
+    """(the first `windows` non-overlapping windows of `seq_len` tokens (count x seq_len), windows available)."""
+    available = token_ids.numel() // seq_len
+    if available == 0:
+        raise ConfigError(f"evaluation text has {token_ids.numel()} tokens, fewer than one window of {seq_len}")
+    if windows is not None and windows < 1:
+        raise ConfigError(f"windows must be at least 1, got {windows}")
+    count = available if windows is None else min(windows, available)
+    return token_ids[: count * seq_len].view(count, seq_len), available
+
+
+def embedding_similarity(
+    model: Any,
+    reference: Any,
+    token_ids: torch.Tensor,
+    seq_len: int,
+    windows: int | None = None,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: Progress = no_progress,
+) -> dict[str, Any]:
+    """How close an encoder's embeddings are to `reference`'s on the same windows (as `perplexity` cuts them).
+
+    cosine_similarity: mean over windows of cos(mean_t h_t, mean_t h'_t), the mean-pooled final hidden
+    states (a sentence embedding); token_cosine_similarity: mean over tokens of cos(h_t, h'_t).
+    """
+    data, available = evaluation_windows(token_ids, seq_len, windows)
+    count = data.shape[0]
+    dev = resolve_device(device)
+    model.to(dev)
+    reference.to(dev)
+    pooled = token = 0.0
+    seconds = 0.0
+    with torch.inference_mode():
+        for i, batch in enumerate(data.split(batch_size)):
+            batch = batch.to(dev)
+            start = time.perf_counter()
+            h = model(input_ids=batch).last_hidden_state.double()
+            seconds += time.perf_counter() - start
+            h_ref = reference(input_ids=batch).last_hidden_state.double()
+            pooled += float(torch.nn.functional.cosine_similarity(h.mean(1), h_ref.mean(1), dim=-1).sum())
+            token += float(torch.nn.functional.cosine_similarity(h, h_ref, dim=-1).sum())
+            progress("embeddings", min((i + 1) * batch_size, count), count)
+    return {
+        "cosine_similarity": pooled / count,
+        "token_cosine_similarity": token / (count * seq_len),
+        "seq_len": seq_len,
+        "windows": count,
+        "windows_available": available,
+        "tokens": count * seq_len,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(count * seq_len / seconds, 1),
+    }
+
+
 def model_size(loaded: LoadedModel) -> dict[str, Any]:
     """Parameters (tied weights once) and bytes on disk: safetensors bytes, or the GGUF file for a GGUF source."""
     source = loaded.source
@@ -88,13 +143,30 @@ def evaluate(
     batch_size: int = 4,
     device: str = "cpu",
     progress: Progress = no_progress,
+    reference: str | LoadedModel | None = None,
 ) -> dict[str, Any]:
-    """Perplexity on the text file `data`, parameter count and size of `model` (path, Hub id, alias or loaded)."""
+    """Perplexity on the text file `data`, parameter count and size of `model` (path, Hub id, alias or loaded).
+
+    An encoder (no next-token head) gets `embedding_similarity` to `reference` (the dense model) instead of
+    a perplexity; it needs one. A decoder ignores `reference`.
+    """
     loaded = load_model(model, progress=progress) if isinstance(model, str) else model
     context = getattr(loaded.model.config, "max_position_embeddings", None)
     if context is not None and seq_len > context:
         raise ConfigError(f"seq_len {seq_len} is longer than the model's context ({context} tokens)")
     text = read_text(data, what="evaluation")
     ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    result = perplexity(loaded.model, ids, seq_len, windows, batch_size, device, progress)
+    if adapter_for(loaded.model).objective == CAUSAL_LM:
+        result = perplexity(loaded.model, ids, seq_len, windows, batch_size, device, progress)
+    else:
+        if reference is None:
+            raise ConfigError(
+                f"{loaded.source.spec} is an encoder (model_type {loaded.model.config.model_type}): it has no perplexity; "
+                "give the dense model as --baseline to measure the cosine similarity of its embeddings to it"
+            )
+        if reference is model or reference == model:
+            ref = loaded
+        else:
+            ref = load_model(reference, progress=progress) if isinstance(reference, str) else reference
+        result = embedding_similarity(loaded.model, ref.model, ids, seq_len, windows, batch_size, device, progress)
     return {"model": loaded.source.spec, "data": data, **result, **model_size(loaded)}

@@ -61,7 +61,7 @@ def check_loading_info(folder: Path, model: Any, info: dict[str, Any]) -> None:
     if missing and declared and not any(a == built or a.endswith(("ForCausalLM", "LMHeadModel")) for a in declared):
         raise ModelLoadError(
             f"{folder} holds a {declared[0]}, which has no language-model head: loading it as {built} would "
-            f"leave {name_some(missing)} random. lrc compresses causal language models (…ForCausalLM)"
+            f"leave {name_some(missing)} random; give the checkpoint with its head"
         )
     problems = []
     if missing:
@@ -142,10 +142,11 @@ def check_skeleton_against_files(model: Any, files: Iterable[str | Path]) -> Non
 
 
 def _is_plain_linear(model: Any, name: str) -> bool:
-    from torch import nn
+    """Whether `name` is an uncompressed projection (nn.Linear or GPT-2's Conv1D) of `model`."""
+    from .model.projection import MATRIX_MODULES
 
     try:
-        return isinstance(model.get_submodule(name), nn.Linear)
+        return isinstance(model.get_submodule(name), MATRIX_MODULES)
     except AttributeError:
         return False
 

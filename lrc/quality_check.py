@@ -7,6 +7,7 @@ of the same text (the next ones in the calibration's seeded window order, so dis
 calibration windows and the same for the same seed; for self-sampled calibration, sequences sampled from
 the dense model with another seed). loss = mean next-token cross-entropy; the perplexity ratio
 exp(loss_compressed - loss_dense) above `heldout_max_ratio` stops the run before anything is written.
+Models without a language-model head (encoders) skip it, saying so in the report.
 Cost: 2 x heldout_windows forward passes (dense before, compressed after factorization), about
 2 x 4 / 128 = 6% of the default calibration's forward pass, without its backward pass.
 """
@@ -61,13 +62,17 @@ class HeldOutCheck:
     @classmethod
     def measure_dense(cls, loaded: LoadedModel, config: CompressionConfig) -> HeldOutCheck:
         """Pick the held-out windows and measure the (still dense) model on them."""
-        from .pipeline import resolve_device
+        from .device import resolve_device
 
         device = resolve_device(config.device)
         count = config.heldout_windows
+        none = torch.zeros(0, config.seq_len, dtype=torch.long)
         if count == 0:
-            return cls(torch.zeros(0, config.seq_len, dtype=torch.long), None, config.heldout_max_ratio,
-                       config.batch_size, device, "heldout_windows is 0")
+            return cls(none, None, config.heldout_max_ratio, config.batch_size, device, "heldout_windows is 0")
+        head = getattr(loaded.model, "get_output_embeddings", lambda: None)()
+        if head is None:  # an encoder (BertModel): no next-token loss to compare
+            return cls(none, None, config.heldout_max_ratio, config.batch_size, device,
+                       f"{type(loaded.model).__name__} has no language-model head")
         if config.calib is None or config.calib == SELF_SAMPLED:
             with torch.random.fork_rng():
                 windows = sample_windows(loaded.model, loaded.tokenizer, count, config.seq_len,

@@ -1,38 +1,20 @@
-"""Reading an lrc_report.yaml and drawing it as rich tables: a summary, then one row per matrix."""
+"""Drawing an lrc_report.yaml as rich tables: a summary, then one row per matrix."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
-import yaml
 from rich import box
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .checkpoint import human_bytes
-from .errors import ModelLoadError
-from .targets import matrix_type
+from .io.checkpoint import human_bytes
+from .io.report import REPORT_NAME, read_report
+from .model.targets import matrix_type
 
-REPORT_NAME = "lrc_report.yaml"
-
-
-def read_report(path: str | Path) -> dict[str, Any]:
-    """The report of an output folder (or the YAML file itself)."""
-    path = Path(path)
-    file = path / REPORT_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise ModelLoadError(f"no {REPORT_NAME} in {path}: not an lrc output folder")
-    try:
-        report = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise ModelLoadError(f"{file} is not valid YAML") from None
-    if not isinstance(report, dict) or "layers" not in report or "params" not in report:
-        raise ModelLoadError(f"{file} is not an lrc report (no params/layers)")
-    return report
-
+__all__ = ["REPORT_NAME", "read_report", "render_report", "summary_table"]
 
 def _bar(fraction: float, width: int = 8) -> Text:
     """A bar of `width` cells, filled to `fraction`; shows the parameters a matrix keeps."""

@@ -106,7 +106,7 @@ def download_hub_model(repo_id: str) -> Path:
 
 def check_folder(folder: Path) -> None:
     """A loadable HF folder: config.json that parses, and readable safetensors weights."""
-    from .checkpoint import read_tensor_names, weight_files
+    from .io.checkpoint import read_tensor_names, weight_files
     from .load_check import safetensors_files
 
     config = folder / "config.json"
@@ -134,9 +134,9 @@ def file_sha256(path: Path) -> str:
 
 def gguf_folder(path: Path, progress: Progress = no_progress) -> Path:
     """Convert a GGUF file once into a safetensors folder under the cache; return that folder."""
-    from .checkpoint import write_checkpoint
+    from .io.checkpoint import write_checkpoint
+    from .io.output import atomic_directory
     from .load_check import check_loading_info, one_line
-    from .output import atomic_directory
 
     with path.open("rb") as handle:
         if handle.read(4) != b"GGUF":
@@ -176,18 +176,21 @@ def load_model(
     spec: str, dtype: torch.dtype | None = None, need_tokenizer: bool = True, progress: Progress = no_progress
 ) -> LoadedModel:
     """Load model (on the CPU, eval mode) and tokenizer; the weights are checked to be finite."""
+    import transformers
     from transformers import AutoTokenizer
 
-    from . import hf_integration
+    from .io import hf_integration
     from .load_check import check_loading_info, one_line
+    from .model.adapters import adapter_for
 
     hf_integration.register()
     source = resolve_model(spec)
     folder = local_folder(source, progress)
     check_folder(folder)
     try:  # safetensors only, no code from the folder; mismatched shapes are reported below, not raised
+        adapter = adapter_for(transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False))
         model, info = _load_with_report(
-            str(folder), dtype=dtype or "auto", use_safetensors=True, trust_remote_code=False,
+            str(folder), adapter.auto_class, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=False,
             ignore_mismatched_sizes=True,
         )
     except LrcError:
@@ -195,6 +198,7 @@ def load_model(
     except Exception as exc:
         raise ModelLoadError(f"transformers cannot load {folder}: {one_line(exc)}") from None
     check_loading_info(folder, model, info)
+    adapter.prepare(model)  # e.g. fused mixture-of-experts weights -> one nn.Linear per expert matrix
     model.eval()
     model.requires_grad_(False)
     check_finite_model(model)
@@ -207,11 +211,11 @@ def load_model(
     return LoadedModel(model, tokenizer, source, folder)
 
 
-def _load_with_report(path: str, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-    """(model, transformers' load report: missing / unexpected / mismatched keys) of AutoModelForCausalLM."""
-    from transformers import AutoModelForCausalLM
+def _load_with_report(path: str, auto_class: str = "AutoModelForCausalLM", **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """(model, transformers' load report: missing / unexpected / mismatched keys) of `auto_class`.from_pretrained."""
+    import transformers
 
-    loaded: Any = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    loaded: Any = getattr(transformers, auto_class).from_pretrained(path, output_loading_info=True, **kwargs)
     return loaded[0], loaded[1]
 
 

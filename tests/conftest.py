@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import lrc  # noqa: F401  (registers the lrc loader with transformers)
 
@@ -30,20 +30,54 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 TINY = dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=256, eos_token_id=257)
+IDS = dict(bos_token_id=256, eos_token_id=257, pad_token_id=257)
+ALTERNATING = ["sliding_attention", "full_attention"]  # layer 0 sliding-window, layer 1 full attention
+SLIDING_WINDOW = 8  # tokens: calibration windows in the tests are longer, so the two masks differ
+
+# family -> transformers config class name and its arguments: 2 layers, hidden 64, every variant of the family
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", TINY),
+    "mistral": ("MistralConfig", TINY | {"sliding_window": SLIDING_WINDOW}),
+    "qwen2": ("Qwen2Config", TINY),  # q/k/v carry biases
+    "qwen3": ("Qwen3Config", TINY | {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", TINY | IDS | {"head_dim": 16, "sliding_window": SLIDING_WINDOW, "layer_types": ALTERNATING}),
+    "gemma3": ("Gemma3TextConfig", TINY | IDS | {"head_dim": 16, "sliding_window": SLIDING_WINDOW,
+                                                 "layer_types": ALTERNATING}),  # local layers: their own rope base too
+    "phi3": ("Phi3Config", TINY | IDS),  # fused qkv_proj, gate_up_proj
+    "gpt2": ("GPT2Config", dict(vocab_size=260, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=256,
+                                eos_token_id=257)),  # Conv1D projections
+    "opt": ("OPTConfig", dict(vocab_size=260, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=256, word_embed_proj_dim=64) | IDS),
+    "gpt_neox": ("GPTNeoXConfig", dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=256) | IDS),
+    "qwen3_moe": ("Qwen3MoeConfig", TINY | {"head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4,
+                                             "num_experts_per_tok": 2, "mlp_only_layers": [0]}),  # layer 0 dense MLP
+    "mixtral": ("MixtralConfig", TINY | {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "bert": ("BertConfig", dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=256) | IDS),  # encoder, no head
+    "roberta": ("RobertaConfig", dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=258) | IDS
+                        | {"pad_token_id": 1}),  # positions start after the padding id, as in RoBERTa checkpoints
+    "starcoder2": ("Starcoder2Config", TINY | {"sliding_window": SLIDING_WINDOW}),  # no adapter: the generic fallback
+}
+ENCODERS = {"bert", "roberta"}
 
 
-def tiny_config(family: str, tie: bool = False):
-    if family == "llama":
-        return LlamaConfig(**TINY, tie_word_embeddings=tie)
-    if family == "qwen2":  # q/k/v carry biases
-        return Qwen2Config(**TINY, tie_word_embeddings=tie)
-    raise ValueError(family)
+def tiny_config(family: str, tie: bool = False, **overrides):
+    import transformers
+
+    name, kwargs = ARCHITECTURES[family]
+    return getattr(transformers, name)(**(kwargs | overrides), tie_word_embeddings=tie)
 
 
-def save_tiny_model(folder: Path, family: str = "llama", tie: bool = False, seed: int = 0) -> Path:
-    """A random tiny model saved by transformers itself (as a user's folder would be) plus its tokenizer."""
+def save_tiny_model(folder: Path, family: str = "llama", tie: bool = False, seed: int = 0, **overrides) -> Path:
+    """A random tiny model saved by transformers itself (as a user's folder would be) plus its tokenizer.
+
+    Encoders are saved without a task head (AutoModel), as an embedding model is. overrides: config fields.
+    """
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, tie))
+    auto = AutoModel if family in ENCODERS else AutoModelForCausalLM
+    model = auto.from_config(tiny_config(family, tie, **overrides))
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder

@@ -150,7 +150,7 @@ def test_nothing_to_compress_says_what_was_searched(capsys, llama_dir, calib_fil
     recipe = tmp_path / "r.yaml"
     recipe.write_text('exclude: [".*"]\n')
     code, _, stderr = run(capsys, *tiny_compress_args(llama_dir, calib_file, tmp_path / "o", "--recipe", recipe))
-    assert code == 2 and "no torch.nn.Linear module inside the 2 decoder layers" in stderr
+    assert code == 2 and "no torch.nn.Linear or Conv1D projection inside the 2 layers" in stderr
 
 
 def test_debug_shows_the_traceback(llama_dir, calib_file, tmp_path):

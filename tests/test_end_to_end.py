@@ -11,7 +11,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from lrc.cli import main
-from lrc.pipeline import count_params
+from lrc.forms import count_params
 
 from .conftest import WIKI_TEST, WIKI_VALID
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import lrc
-from lrc.lowrank import LowRankLinear
+from lrc.forms import LowRankLinear
 
 from .conftest import save_tiny_model
 

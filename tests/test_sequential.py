@@ -1,4 +1,8 @@
-"""Sequential mode: layer 0 equals one-shot; later layers fit the original outputs from the compressed inputs."""
+"""Sequential mode: layer 0 equals one-shot; later layers fit the original outputs from the compressed inputs.
+
+Run on llama and on a 3-layer gemma2, whose layer 1 (full attention) is called with another mask than
+layers 0 and 2 (sliding window): the reported error of layer 2's q_proj matches the compressed model's
+own forward only if the refit ran layer 1 with its own arguments."""
 
 from __future__ import annotations
 
@@ -7,13 +11,13 @@ import torch
 
 import lrc
 
-Q1 = "model.layers.1.self_attn.q_proj"
+from .conftest import save_tiny_model
 
 
-def run(llama_dir, calib_file, sequential):
+def run(model_dir, calib_file, sequential):
     config = lrc.CompressionConfig(calib=str(calib_file), samples=4, seq_len=32, batch_size=2, budget=0.5, method="loss-aware",
                                    sequential=sequential)
-    return lrc.compress(str(llama_dir), config)
+    return lrc.compress(str(model_dir), config)
 
 
 def inputs_of(model, name, windows):
@@ -25,10 +29,17 @@ def inputs_of(model, name, windows):
     return torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).double()
 
 
-def test_sequential_fits_original_outputs_better(llama_dir, calib_file):
-    original = lrc.load(str(llama_dir)).model
-    one_shot = run(llama_dir, calib_file, False)
-    seq = run(llama_dir, calib_file, True)
+@pytest.mark.parametrize(("family", "layers", "checked"), [
+    ("llama", 2, "model.layers.1.self_attn.q_proj"),
+    ("gemma2", 3, "model.layers.2.self_attn.q_proj"),  # its input went through layer 1's full attention
+])
+def test_sequential_fits_original_outputs_better(family, layers, checked, calib_file, tmp_path):
+    layer_types = ["sliding_attention", "full_attention", "sliding_attention"][:layers] if family == "gemma2" else None
+    model_dir = save_tiny_model(tmp_path / family, family, num_hidden_layers=layers,
+                                **({"layer_types": layer_types} if layer_types else {}))
+    original = lrc.load(str(model_dir)).model
+    one_shot = run(model_dir, calib_file, False)
+    seq = run(model_dir, calib_file, True)
     assert one_shot.ranks == seq.ranks
 
     w_shot = one_shot.model.get_submodule("model.layers.0.self_attn.q_proj").dense_weight()
@@ -37,13 +48,13 @@ def test_sequential_fits_original_outputs_better(llama_dir, calib_file):
 
     from lrc.calibration import read_text, token_windows
 
-    windows = token_windows(lrc.load(str(llama_dir)).tokenizer, read_text(str(calib_file)), 4, 32, 0)
-    x = inputs_of(original, Q1, windows)
-    x_hat = inputs_of(seq.model, Q1, windows)
-    w = original.get_submodule(Q1).weight.double()
+    windows = token_windows(lrc.load(str(model_dir)).tokenizer, read_text(str(calib_file)), 4, 32, 0)
+    x = inputs_of(original, checked, windows)
+    x_hat = inputs_of(seq.model, checked, windows)
+    w = original.get_submodule(checked).weight.double()
     target = x @ w.T
-    err_seq = (target - x_hat @ seq.model.get_submodule(Q1).dense_weight().double().T).norm() / target.norm()
-    err_shot = (target - x_hat @ one_shot.model.get_submodule(Q1).dense_weight().double().T).norm() / target.norm()
+    err_seq = (target - x_hat @ seq.model.get_submodule(checked).dense_weight().double().T).norm() / target.norm()
+    err_shot = (target - x_hat @ one_shot.model.get_submodule(checked).dense_weight().double().T).norm() / target.norm()
     assert err_seq < err_shot
-    reported = next(r["rel_error"] for r in seq.report["layers"] if r["name"] == Q1)
+    reported = next(r["rel_error"] for r in seq.report["layers"] if r["name"] == checked)
     assert reported == pytest.approx(float(err_seq), rel=1e-3)

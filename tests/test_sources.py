@@ -87,11 +87,11 @@ def test_non_finite_weights_named(tmp_path):
 def test_nothing_to_compress(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lrc.targets import target_linears
+    from lrc.model.targets import target_linears
 
     folder = save_tiny_model(tmp_path / "m")
     model = AutoModelForCausalLM.from_pretrained(folder)
-    with pytest.raises(ModelLoadError, match="no torch.nn.Linear module inside the 2 decoder layers"):
+    with pytest.raises(ModelLoadError, match="no torch.nn.Linear or Conv1D projection inside the 2 layers"):
         target_linears(model, exclude=[".*"])
     config = json.loads((folder / "config.json").read_text())
     assert config["num_hidden_layers"] == 2

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lrc.sparse_matrix import (
+from lrc.forms.sparse_matrix import (
     SPARSE_KERNEL_MAX_TOKENS,
     SparseMatrix,
     best_layout,

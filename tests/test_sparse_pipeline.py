@@ -12,8 +12,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import lrc
-from lrc.pipeline import count_params
-from lrc.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
+from lrc.forms import count_params
+from lrc.forms.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
 
 from .test_pipeline import config, logits
 

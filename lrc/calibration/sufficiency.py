@@ -8,7 +8,9 @@ rel_error 0.0095, perplexity 2e9 against 46 dense). Damping (λ = 1e-6 · mean d
 invertible; it does not supply the missing directions.
 
 Two checks, both before any decomposition:
-- tokens: T >= the widest targeted input n_max (a necessary condition; the message names n_max).
+- tokens: every input sees at least as many tokens as its width n (a necessary condition). A dense
+  layer sees all T tokens; a mixture-of-experts expert only those routed to it, so the message names the
+  input needing the most calibration tokens and that number.
 - numerical rank: for each distinct input Gram, r = #{eigenvalues λ > n · ε · λ_max} (ε = float64
   machine epsilon, numpy's matrix_rank rule for a Gram). If r < MIN_RANK_FRACTION · n, the data spans
   too few directions (text repeating itself: 1 of 64 for "aaaa...", 5 for "abab..."), even with T >= n.
@@ -26,6 +28,7 @@ and ~750 s for the default calibration (128 x 512).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -55,21 +58,30 @@ def check_sufficiency(inputs: Mapping[str, InputStats], samples: int, seq_len: i
     """
     if not inputs:
         return
-    tokens = min(s.tokens for s in inputs.values())
-    widest_name, widest = max(((name, s.gram.shape[0]) for name, s in inputs.items()), key=lambda item: item[1])
-    if tokens < widest:
+    total = samples * seq_len
+
+    def needed(item: tuple[str, InputStats]) -> float:  # total tokens for this input to see its width
+        stats = item[1]
+        return math.inf if stats.tokens == 0 else stats.gram.shape[0] * total / stats.tokens
+
+    name, worst = max(inputs.items(), key=needed)
+    width, seen = worst.gram.shape[0], worst.tokens
+    if seen < width:
+        need = math.ceil(needed((name, worst))) if seen else None
+        what = (f"calibration has {seen} tokens, fewer than the {width} inputs of {name}" if seen == total else
+                f"calibration has {total} tokens, of which {seen} reach {name} (routed), fewer than its {width} inputs")
+        advice = (f"Give at least {need} tokens, e.g. --samples {-(-need // seq_len)} at --seq-len {seq_len} (more is "
+                  "better; the default is 128 x 512)" if need else "Give more calibration data")
         raise CalibrationError(
-            f"calibration has {tokens} tokens, fewer than the {widest} inputs of {widest_name}: the statistics "
-            f"cannot determine the factorization (it would fit only the {tokens} directions seen). Give at least "
-            f"{widest} tokens, e.g. --samples {-(-widest // seq_len)} at --seq-len {seq_len} (more is better; "
-            f"the default is 128 x 512)"
+            f"{what}: the statistics cannot determine the factorization (it would fit only the {seen} directions "
+            f"seen). {advice}"
         )
     for name, stats in list(inputs.items())[1:]:  # the first: token embeddings (see the module docstring)
         n = stats.gram.shape[0]
         rank = numerical_rank(stats.gram)
         if rank < MIN_RANK_FRACTION * n:
             raise CalibrationError(
-                f"the calibration inputs of {name} span only {rank} of its {n} directions ({tokens} tokens in "
+                f"the calibration inputs of {name} span only {rank} of its {n} directions ({stats.tokens} tokens in "
                 f"{samples} windows): the text repeats itself too much to determine the factorization; give "
                 f"more varied calibration text"
             )

@@ -105,6 +105,9 @@ def sample_windows(model: Any, tokenizer: Any, samples: int, seq_len: int, seed:
     Each starts from the BOS token (or EOS if the model has none) and continues with plain sampling
     (temperature 1, top-k 50), seeded. Returns (samples, seq_len) int64.
     """
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        raise CalibrationError(f"data-free calibration samples text from the model, and {type(model).__name__} "
+                               "cannot generate; give --calib FILE instead")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise CalibrationError("data-free calibration needs a BOS or EOS token; give --calib FILE instead")

@@ -89,7 +89,7 @@ def best_per_ratio(
 def sparse_option(kind: str, rank: int, nnz: int, dense_bytes: int, shape: tuple[int, int], value_bytes: int,
                   error: float) -> SparseOption:
     """A SparseOption whose sparse factor (shape rows x cols, nnz entries) takes its cheaper layout."""
-    from ..sparse_matrix import best_layout
+    from ..forms.sparse_matrix import best_layout
 
     layout, sparse_bytes = best_layout(shape[0], shape[1], nnz, value_bytes)
     nbytes = dense_bytes + sparse_bytes

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
-from ..sparse_matrix import best_layout
+from ..forms.sparse_matrix import best_layout
 from .base import SparseOption, WeightedProblem, apply_left, apply_right, best_per_ratio, sparse_option
 from .loss_aware import LossAwareSVD
 from .registry import METHODS

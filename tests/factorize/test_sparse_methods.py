@@ -10,7 +10,7 @@ import torch
 
 from lrc.factorize import METHODS, breakeven_rank
 from lrc.factorize.low_rank_sparse import sparse_correction
-from lrc.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
+from lrc.forms.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
 
 from .test_loss_aware import output_stats
 from .test_methods import random_stats

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-import lrc.cache
+import lrc.stats.store
 from lrc.cli import main
 
 from ..conftest import save_tiny_model, tree_hashes
@@ -113,7 +113,7 @@ def test_change_misses_the_cache_and_matches_a_fresh_run(capsys, base, setup, ch
 def test_versions_and_threads_are_in_the_key(capsys, setup, monkeypatch):
     root, model, calib, cache = setup
     assert cache_hit(compress(capsys, model, calib, root / "same", "--cache-dir", cache, "--budget", "0.5"))
-    monkeypatch.setattr(lrc.cache, "__version__", "0.0.0-other")
+    monkeypatch.setattr(lrc.stats.store, "__version__", "0.0.0-other")
     assert not cache_hit(compress(capsys, model, calib, root / "lrc", "--cache-dir", cache))
     monkeypatch.setattr("transformers.__version__", "0.0.0-other")
     assert not cache_hit(compress(capsys, model, calib, root / "transformers", "--cache-dir", cache))

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, BertConfig, BertModel
+from transformers import AutoModelForCausalLM, LlamaModel
 
 import lrc
 from lrc.errors import ModelLoadError
 
-from ..conftest import save_tiny_model, tree_hashes
+from ..conftest import byte_tokenizer, save_tiny_model, tiny_config, tree_hashes
 from ..test_cli import run, tiny_compress_args
 
 
@@ -91,11 +91,11 @@ def test_tied_embeddings_are_not_missing(capsys, tmp_path, calib_file):
 
 
 def test_model_without_lm_head_is_refused(capsys, tmp_path, calib_file):
-    config = BertConfig(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
-    BertModel(config).save_pretrained(tmp_path / "bert")
-    refused(capsys, tmp_path, compress_args(tmp_path / "bert", calib_file, tmp_path / "out"),
-            "holds a BertModel, which has no language-model head: loading it as BertLMHeadModel would leave "
-            "cls.predictions.")
+    LlamaModel(tiny_config("llama")).save_pretrained(tmp_path / "base")  # a decoder without its LM head
+    byte_tokenizer().save_pretrained(tmp_path / "base")
+    refused(capsys, tmp_path, compress_args(tmp_path / "base", calib_file, tmp_path / "out"),
+            "holds a LlamaModel, which has no language-model head: loading it as LlamaForCausalLM would leave "
+            "lm_head.weight random")
 
 
 # --- lrc outputs ----------------------------------------------------------------------------------------

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .errors import ModelLoadError
-from .lowrank import LowRankLinear
+from ..errors import ModelLoadError
+from ..forms.lowrank import LowRankLinear
 
 QUANT_METHOD = "lrc"
 FORMAT_VERSION = 2
@@ -51,25 +50,26 @@ class LrcConfig(QuantizationConfigMixin):
 def replace_with_low_rank(model: Any, ranks: dict[str, int], sparse: dict[str, dict[str, Any]] | None = None) -> None:
     """Swap each named nn.Linear for a LowRankLinear of the given rank, or the sparse layer its spec
     describes, with the same device and dtype."""
-    from .sparse_linear import sparse_skeleton
-    from .targets import replace_module
+    from ..forms import skeleton
+    from ..model.projection import MATRIX_MODULES, Projection
+    from ..model.targets import replace_module
 
     for name in [*(sparse or {}), *ranks]:
         linear = model.get_submodule(name) if _has_module(model, name) else None
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, MATRIX_MODULES):
             raise ModelLoadError(f"the rank map in config.json names {name}, which is not a linear layer of "
                                  f"{type(model).__name__}")
     for name, rank in ranks.items():
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ModelLoadError(f"the rank map in config.json gives {name} rank {rank!r}; a rank is a positive integer")
     for name, spec in (sparse or {}).items():
-        linear = model.get_submodule(name)
+        linear = Projection(model.get_submodule(name))  # an nn.Linear, or a Conv1D seen as W = weight.T
         weight = linear.weight
-        replace_module(model, name, sparse_skeleton(
+        replace_module(model, name, skeleton(
             linear.in_features, linear.out_features, spec, linear.bias is not None, weight.device, weight.dtype
         ))
     for name, rank in ranks.items():
-        linear = model.get_submodule(name)
+        linear = Projection(model.get_submodule(name))  # an nn.Linear, or a Conv1D seen as W = weight.T
         weight = linear.weight
         layer = LowRankLinear(
             linear.in_features,
@@ -100,14 +100,23 @@ class LrcHfQuantizer(HfQuantizer):
         """Swap in the factorized layers, then check the files against them before any weight is read:
         a factor tensor missing, misshapen or not in the rank map, or any other tensor missing or extra,
         is a ModelLoadError naming it (transformers would fill or drop it silently)."""
-        from .load_check import check_factor_tensors, check_skeleton_against_files
+        from ..load_check import check_factor_tensors, check_skeleton_against_files
+        from ..model.adapters import adapter_for
+        from ..model.targets import skip_init_of_parents
 
         config = self.quantization_config
+        adapter_for(model).prepare(model)  # the structure lrc wrote: fused experts unfused
         replace_with_low_rank(model, config.ranks, config.sparse)
+        skip_init_of_parents(model, [*config.ranks, *config.sparse])
         if checkpoint_files:
             check_factor_tensors(model, checkpoint_files, [*config.ranks, *config.sparse])
             check_skeleton_against_files(model, checkpoint_files)
         return model
+
+    def update_weight_conversions(self, weight_conversions: Any, model: Any) -> Any:
+        from ..model.experts import drop_merges_into_unfused
+
+        return drop_merges_into_unfused(super().update_weight_conversions(weight_conversions, model), model)
 
     def is_serializable(self) -> bool:
         return True

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 import lrc
-from lrc.calibration import collect_output_stats, token_windows
-from lrc.targets import target_linears
+from lrc.calibration import token_windows
+from lrc.model.targets import target_linears
+from lrc.stats.gradients import collect_output_stats
 
 
 def test_output_gradient_stats_match_autograd(llama_dir, calib_file):
@@ -26,7 +27,7 @@ def test_output_gradient_stats_match_autograd(llama_dir, calib_file):
         def record(module, args, output, name, outs=outs, ins=ins):
             outs[name], ins[name] = output, args[0]
 
-        hooks = [targets[n].register_forward_hook(lambda m, a, o, n=n: record(m, a, o, n)) for n in names]
+        hooks = [targets[n].module.register_forward_hook(lambda m, a, o, n=n: record(m, a, o, n)) for n in names]
         embeds = model.get_input_embeddings()(window[None]).detach().requires_grad_(True)
         logits = model(inputs_embeds=embeds, use_cache=False).logits[0, :-1]
         loss = torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -12,6 +14,8 @@ class LowRankLinear(nn.Module):
     down.weight: rank x in_features,  up.weight: out_features x rank,  up.bias: out_features (if any).
     Costs rank · (in + out) parameters and two small matmuls instead of in · out.
     """
+
+    kind = "low-rank"
 
     def __init__(
         self,
@@ -41,6 +45,26 @@ class LowRankLinear(nn.Module):
         if bias is not None:
             layer.up.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
         return layer
+
+    @classmethod
+    def skeleton(
+        cls,
+        in_features: int,
+        out_features: int,
+        spec: dict[str, Any],
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LowRankLinear:
+        """An empty layer for a checkpoint spec {"rank": r}, ready for its weights."""
+        return cls(in_features, out_features, int(spec["rank"]), bias, device, dtype)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": self.rank}
+
+    def weight_bytes(self, value_bytes: int) -> int:
+        """Bytes of the two factors at `value_bytes` per value (bias excluded, as for dense)."""
+        return self.rank * (self.in_features + self.out_features) * value_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))

@@ -5,7 +5,7 @@
 - `LowRankSparseLinear`: W ≈ up @ down + R, a rank-r factorization plus a sparse residual R (out x in):
   y = up (down x) + R x + b.
 Both keep their sparse factor as a `SparseMatrix`, so the state dict stores values and indices (or a
-bitmask) only; `stored_bytes` is what the checkpoint holds for the layer.
+bitmask) only; `weight_bytes` is what the checkpoint holds for the layer's weight.
 """
 
 from __future__ import annotations
@@ -19,9 +19,29 @@ from .sparse_matrix import SparseMatrix, layout_bytes
 
 
 class _SparseFactorLinear(nn.Module):
+    kind: str
     in_features: int
     out_features: int
+    rank: int
     bias: nn.Parameter | None
+
+    @classmethod
+    def skeleton(
+        cls,
+        in_features: int,
+        out_features: int,
+        spec: dict[str, Any],
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> _SparseFactorLinear:
+        """An empty layer for a checkpoint spec {"kind", "rank", "nnz", "layout"}, ready for its weights."""
+        build: Any = cls  # each subclass takes (in, out, rank, nnz, layout, bias, device, dtype)
+        return build(in_features, out_features, int(spec["rank"]), int(spec["nnz"]), spec["layout"], bias, device, dtype)
+
+    def spec(self) -> dict[str, Any]:
+        sparse = self.sparse_factor()
+        return {"kind": self.kind, "rank": self.rank, "nnz": sparse.nnz, "layout": sparse.layout}
 
     def _init_bias(self, bias: bool, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
         self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
@@ -45,6 +65,8 @@ class _SparseFactorLinear(nn.Module):
 
 class SparseDictionaryLinear(_SparseFactorLinear):
     """y = mixing(atoms(x)) + bias;  atoms.weight: k x in (dense),  mixing: out x k sparse."""
+
+    kind = "sparse-dictionary"
 
     def __init__(
         self,
@@ -81,6 +103,13 @@ class SparseDictionaryLinear(_SparseFactorLinear):
         layer._set_bias(bias, dtype)
         return layer
 
+    @classmethod
+    def from_named_factors(
+        cls, factors: dict[str, torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype, layout: str | None
+    ) -> SparseDictionaryLinear:
+        """From a method's factors {"mixing", "atoms"} (see FactorizationMethod.sparse_layer)."""
+        return cls.from_factors(factors["mixing"].cpu(), factors["atoms"].cpu(), bias, dtype, layout)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.mixing(self.atoms(x))
         return y if self.bias is None else y + self.bias
@@ -97,6 +126,8 @@ class SparseDictionaryLinear(_SparseFactorLinear):
 
 class LowRankSparseLinear(_SparseFactorLinear):
     """y = up(down(x)) + residual(x) + bias;  down: r x in, up: out x r, residual: out x in sparse."""
+
+    kind = "low-rank-sparse"
 
     def __init__(
         self,
@@ -136,6 +167,13 @@ class LowRankSparseLinear(_SparseFactorLinear):
         layer._set_bias(bias, dtype)
         return layer
 
+    @classmethod
+    def from_named_factors(
+        cls, factors: dict[str, torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype, layout: str | None
+    ) -> LowRankSparseLinear:
+        """From a method's factors {"up", "down", "residual"} (see FactorizationMethod.sparse_layer)."""
+        return cls.from_factors(factors["up"].cpu(), factors["down"].cpu(), factors["residual"].cpu(), bias, dtype, layout)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.residual(x) + self.up(self.down(x))
         return y if self.bias is None else y + self.bias
@@ -148,24 +186,3 @@ class LowRankSparseLinear(_SparseFactorLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
-
-
-SPARSE_LAYERS: dict[str, type[SparseDictionaryLinear] | type[LowRankSparseLinear]] = {
-    "sparse-dictionary": SparseDictionaryLinear,
-    "low-rank-sparse": LowRankSparseLinear,
-}
-
-
-def sparse_skeleton(
-    in_features: int,
-    out_features: int,
-    spec: dict[str, Any],
-    bias: bool = False,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> SparseDictionaryLinear | LowRankSparseLinear:
-    """An empty layer for a checkpoint's layer spec {"kind", "rank", "nnz", "layout"}, ready for its weights."""
-    if spec.get("kind") not in SPARSE_LAYERS:
-        raise ValueError(f"unknown sparse layer kind {spec.get('kind')!r} (this lrc knows {sorted(SPARSE_LAYERS)})")
-    layer_cls = SPARSE_LAYERS[spec["kind"]]
-    return layer_cls(in_features, out_features, int(spec["rank"]), int(spec["nnz"]), spec["layout"], bias, device, dtype)

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import ModelLoadError, NumericalError
+from ..errors import ModelLoadError, NumericalError
 from .hf_integration import LrcConfig
 
 SHARD_BYTES = 2 * 1024**3
@@ -131,11 +131,6 @@ def check_finite_files(folder: Path) -> None:
                 t = handle.get_tensor(name)
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise NumericalError(f"tensor {name} in {path.name} contains NaN or Inf")
-
-
-def stored_bytes(folder: Path) -> int:
-    """Bytes of every file in the folder (weights, config, tokenizer, report): what a user downloads."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def tensor_bytes(folder: Path) -> int:

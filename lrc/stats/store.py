@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .checkpoint import weight_files
-from .factorize import InputStats, OutputStats
-from .output import apply_umask
-from .sources import file_sha256
+from .. import __version__
+from ..factorize import InputStats, OutputStats
+from ..io.checkpoint import weight_files
+from ..io.output import apply_umask
+from ..sources import file_sha256
+from .types import CalibrationStats
 
 if TYPE_CHECKING:
-    from .config import CompressionConfig
-    from .pipeline import CalibrationStats
-    from .sources import LoadedModel
+    from ..config import CompressionConfig
+    from ..sources import LoadedModel
 
 
 def model_fingerprint(folder: Path) -> str:
@@ -137,8 +137,6 @@ def save_stats(stats: CalibrationStats, folder: Path, key: str) -> Path:
 
 def load_stats(folder: Path, key: str) -> CalibrationStats | None:
     """The cached entry for `key`, or None if absent; a corrupt or stale entry is deleted (with a warning)."""
-    from .pipeline import CalibrationStats
-
     path, check = folder / f"{key}.safetensors", folder / f"{key}.sha256"
     if not path.is_file():
         return None

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from .errors import OutputError
-from .report_view import REPORT_NAME
+from ..errors import OutputError
+from .report import REPORT_NAME
 
 if TYPE_CHECKING:
-    from .sources import LoadedModel
+    from ..sources import LoadedModel
 
 # every file name lrc (and the tokenizer's save_pretrained) writes into an output folder
 LRC_FILES = re.compile(
@@ -59,7 +59,7 @@ def protected_places(
     """
     from huggingface_hub import constants
 
-    from .sources import cache_dir
+    from ..sources import cache_dir
 
     places: dict[Path, tuple[str, bool]] = {}
 
@@ -85,7 +85,7 @@ def run_places(
 ) -> dict[Path, tuple[str, bool]]:
     """protected_places of a compression run: its model (a spec, resolved without loading, or a loaded model),
     calibration file and --cache-dir."""
-    from .sources import resolve_model
+    from ..sources import resolve_model
 
     if isinstance(model, str):
         source = resolve_model(model)

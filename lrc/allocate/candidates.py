@@ -1,0 +1,60 @@
+"""From decompositions to the allocator's view: one `MatrixCandidates` per targeted matrix, then a choice each."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from ..config import CompressionConfig
+from ..errors import ConfigError
+from ..model.targets import matrix_type
+from .base import ALLOCATORS, Choice, MatrixCandidates
+
+if TYPE_CHECKING:
+    from ..engine import Analysis
+
+
+def compile_patterns(patterns: list[str], what: str) -> list[re.Pattern[str]]:
+    """The regexes of a config field (keep_dense, exclude); a bad one is a ConfigError naming the field."""
+    try:
+        return [re.compile(p) for p in patterns]
+    except re.error as exc:
+        raise ConfigError(f"bad regex in {what}: {exc}") from None
+
+
+def build_candidates(analysis: Analysis, config: CompressionConfig) -> list[MatrixCandidates]:
+    """Every decomposed matrix with its error curve, rank range, sparse options and constraints, in model order.
+
+    Errors are raw where the method's scale is shared by all matrices (loss units), else relative to each
+    matrix's total; sparse options are rescaled the same way and dropped below config.min_kept.
+    """
+    keep_dense = compile_patterns(config.keep_dense, "keep_dense")
+    candidates = []
+    for name, dec in analysis.decompositions.items():
+        m, n = dec.up_full.shape[0], dec.down_full.shape[1]
+        min_rank = max(1, math.ceil(config.min_kept * m * n / (m + n)))
+        scale = 1.0 if analysis.errors_comparable or float(dec.errors[0]) <= 0 else 1.0 / float(dec.errors[0])
+        sparse = [dataclasses.replace(o, error=o.error * scale) for o in dec.sparse_options if o.cost >= config.min_kept * m * n]
+        candidates.append(
+            MatrixCandidates(
+                name=name,
+                shape=(m, n),
+                errors=dec.errors if analysis.errors_comparable else dec.relative_errors(),
+                max_rank=dec.max_rank,
+                min_rank=min_rank,
+                keep_dense=min_rank > dec.max_rank or any(p.search(name) for p in keep_dense),
+                group=matrix_type(name),
+                sparse=sparse,
+            )
+        )
+    return candidates
+
+
+def allocate_ranks(analysis: Analysis, config: CompressionConfig) -> tuple[list[MatrixCandidates], Mapping[str, Choice]]:
+    """The allocator's choice of a rank, DENSE or a sparse option for every targeted matrix under config.budget."""
+    allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
+    candidates = build_candidates(analysis, config)
+    return candidates, allocator.allocate(candidates, config.budget)

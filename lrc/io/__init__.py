@@ -1,0 +1,1 @@
+"""Files: the checkpoint format, its transformers integration, the report, and atomic output."""

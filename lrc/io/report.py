@@ -1,0 +1,108 @@
+"""The compression report, lrc_report.yaml: what it records (build_report), writing and reading it."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+
+from .. import __version__
+from ..config import CompressionConfig
+from ..errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from ..engine.build import MatrixResult
+    from ..sources import LoadedModel
+    from ..stats.types import CalibrationStats
+
+REPORT_NAME = "lrc_report.yaml"
+
+
+def build_report(
+    loaded: LoadedModel,
+    config: CompressionConfig,
+    stats: CalibrationStats,
+    results: list[MatrixResult],
+    original_params: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The report of a run: model, settings, calibration, parameter counts, environment and every matrix."""
+    import transformers
+
+    from ..stats.store import data_fingerprint, model_fingerprint
+
+    windows = stats.windows
+    targeted_original = sum(r.shape[0] * r.shape[1] for r in results)
+    targeted_compressed = sum(r.params for r in results)
+    # parameter-equivalents: sparse layers' index bytes count as values (as in lrc.forms.count_params)
+    compressed_params = original_params - targeted_original + targeted_compressed
+    return {
+        "lrc_version": __version__,
+        "model": loaded.source.describe()
+        | {"architecture": type(loaded.model).__name__, "sha256": model_fingerprint(Path(loaded.folder))},
+        "method": config.method,
+        "allocator": config.allocator,
+        "budget": config.budget,
+        "seed": config.seed,
+        "calibration": {
+            "source": stats.calib_source,
+            "samples": int(windows.shape[0]),
+            "seq_len": int(windows.shape[1]),
+            "tokens": int(windows.numel()),
+            "sha256": data_fingerprint(config.calib),
+        },
+        "params": {
+            "targeted": {
+                "original": targeted_original,
+                "compressed": targeted_compressed,
+                "removed_fraction": round(1 - targeted_compressed / targeted_original, 6),
+            },
+            "model": {
+                "original": original_params,
+                "compressed": compressed_params,
+                "removed_fraction": round(1 - compressed_params / original_params, 6),
+            },
+        },
+        "settings": config.to_dict(),
+        "environment": {
+            "python": platform.python_version(),
+            "torch": str(torch.__version__),
+            "transformers": str(transformers.__version__),
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "platform": platform.platform(),
+        },
+        "layers": [
+            {
+                "name": r.name,
+                "shape": list(r.shape),
+                "kind": r.kind,
+                "rank": "dense" if r.kind == "dense" else r.rank,
+                "params": r.params,
+                "rel_error": round(r.rel_error, 6),
+            }
+            | ({"nnz": r.nnz, "layout": r.layout} if r.nnz else {})
+            for r in results
+        ],
+    }
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(report, sort_keys=False, width=120))
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """The report of an output folder (or the YAML file itself)."""
+    path = Path(path)
+    file = path / REPORT_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise ModelLoadError(f"no {REPORT_NAME} in {path}: not an lrc output folder")
+    try:
+        report = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ModelLoadError(f"{file} is not valid YAML") from None
+    if not isinstance(report, dict) or "layers" not in report or "params" not in report:
+        raise ModelLoadError(f"{file} is not an lrc report (no params/layers)")
+    return report

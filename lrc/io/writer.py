@@ -1,0 +1,49 @@
+"""Writing a compressed model: checkpoint + report into a temporary sibling, verified, then moved into place."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import LrcError
+from ..forms import LowRankLinear, skeleton
+from .checkpoint import DTYPES, check_finite_files, read_tensor_names, tensor_bytes, write_checkpoint
+from .output import atomic_directory
+from .report import REPORT_NAME, write_report
+
+if TYPE_CHECKING:
+    from ..config import CompressionConfig
+    from ..engine.build import MatrixResult
+    from ..sources import LoadedModel
+
+
+def expected_tensors(results: list[MatrixResult]) -> dict[str, list[int]]:
+    """{tensor name: shape} every compressed matrix must have in the checkpoint, from its form's skeleton."""
+    expected: dict[str, list[int]] = {}
+    for r in results:
+        if r.kind == "dense":
+            continue
+        layer = skeleton(r.shape[1], r.shape[0], r.spec(), device="meta")
+        expected.update({f"{r.name}.{key}": list(t.shape) for key, t in layer.state_dict().items()})
+    return expected
+
+
+def write_output(
+    loaded: LoadedModel, out: Path, results: list[MatrixResult], report: dict[str, Any], config: CompressionConfig
+) -> None:
+    """Write checkpoint + report into a temporary folder, verify it, then move it to `out`."""
+    ranks = {r.name: r.rank for r in results if r.kind == LowRankLinear.kind}
+    sparse = {r.name: r.spec() for r in results if r.kind not in ("dense", LowRankLinear.kind)}
+    dtype = DTYPES[config.dtype] if config.dtype else None
+    start = time.perf_counter()
+    with atomic_directory(out) as tmp:
+        write_checkpoint(loaded.model, tmp, loaded.tokenizer, ranks, dtype, sparse)
+        names = read_tensor_names(tmp)
+        for key, shape in expected_tensors(results).items():
+            if key not in names or names[key][1] != shape:
+                raise LrcError(f"written checkpoint is missing or misshapes {key}")
+        check_finite_files(tmp)
+        report["timing_s"]["write_s"] = round(time.perf_counter() - start, 3)
+        report["bytes"] = {"safetensors": tensor_bytes(tmp), "dtype": str(dtype or loaded.model.dtype).removeprefix("torch.")}
+        write_report(tmp / REPORT_NAME, report)

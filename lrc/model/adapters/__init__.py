@@ -1,0 +1,53 @@
+"""Model adapters, one registry keyed by config.model_type; anything else gets the generic fallback.
+
+Adding an architecture is one small file in this folder that calls `register(ModelAdapter(...))`
+(every module here is imported when the registry is first used).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
+
+from .base import CAUSAL_LM, HIDDEN_STATES, ExpertLayout, ModelAdapter
+
+GENERIC = ModelAdapter(model_types=(), layers=None)
+"""Unknown model types: the one nn.ModuleList of num_hidden_layers blocks, every nn.Linear/Conv1D in it,
+a causal-LM objective; fused experts stay dense."""
+
+_ADAPTERS: dict[str, ModelAdapter] = {}
+_loaded = False
+
+
+def register(adapter: ModelAdapter) -> ModelAdapter:
+    for model_type in adapter.model_types:
+        if model_type in _ADAPTERS:
+            raise ValueError(f"model_type {model_type!r} already has an adapter")
+        _ADAPTERS[model_type] = adapter
+    return adapter
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for info in pkgutil.iter_modules(__path__):
+            if info.name != "base":
+                importlib.import_module(f"{__name__}.{info.name}")
+
+
+def adapter_for(model_or_config: Any) -> ModelAdapter:
+    """The adapter of a model, or of a config, by its model_type (GENERIC when none is registered)."""
+    _load_all()
+    config = getattr(model_or_config, "config", model_or_config)
+    return _ADAPTERS.get(getattr(config, "model_type", ""), GENERIC)
+
+
+def registered() -> dict[str, ModelAdapter]:
+    """{model_type: adapter} of every registered architecture."""
+    _load_all()
+    return dict(_ADAPTERS)
+
+
+__all__ = ["CAUSAL_LM", "GENERIC", "HIDDEN_STATES", "ExpertLayout", "ModelAdapter", "adapter_for", "register", "registered"]

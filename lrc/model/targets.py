@@ -1,0 +1,58 @@
+"""The targeted projections of a model and module surgery on them, through the model's adapter."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from ..errors import ModelLoadError
+from .adapters import adapter_for
+from .projection import Projection
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted path, nn.ModuleList) of the model's block stack, as its adapter finds it."""
+    return adapter_for(model).layer_stack(model)
+
+
+def target_linears(model: nn.Module, exclude: list[str] | None = None) -> dict[str, Projection]:
+    """{full module name: Projection} of every projection the adapter targets, minus `exclude` regexes.
+
+    Embeddings and the LM head sit outside the layer stack and are never targeted.
+    """
+    found = adapter_for(model).targets(model)
+    patterns = [re.compile(p) for p in exclude or []]
+    kept = {name: p for name, p in found.items() if not any(pattern.search(name) for pattern in patterns)}
+    if not kept:
+        stack_name, stack = decoder_layers(model)
+        raise ModelLoadError(
+            f"nothing to compress in {type(model).__name__}: no torch.nn.Linear or Conv1D projection inside the "
+            f"{len(stack)} layers of {stack_name!r}" + (f" after excluding {exclude}" if exclude else "")
+        )
+    return kept
+
+
+def matrix_type(name: str) -> str:
+    """The module name without its layer index, e.g. 'model.layers.3.self_attn.q_proj' -> 'self_attn.q_proj'."""
+    return re.sub(r"^.*?\.\d+\.", "", name)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the submodule called `name` (e.g. 'model.layers.0.mlp.up_proj') is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def skip_init_of_parents(model: nn.Module, names: list[str]) -> None:
+    """Tell transformers not to initialise the parents of the projections lrc replaced.
+
+    While loading, transformers runs each module's `_init_weights`, and some reach for a child's weight
+    by name (GPT-2: attn.c_proj.weight), which an lrc layer (factors, no `weight`) does not have. Every
+    tensor of these modules comes from the checkpoint, so skipping their initialisation loses nothing.
+    """
+    for name in names:
+        parent = name.rpartition(".")[0]
+        parent_module: Any = model.get_submodule(parent)
+        parent_module._is_hf_initialized = True
