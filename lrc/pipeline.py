@@ -17,6 +17,7 @@ from torch import nn
 
 from . import __version__
 from .allocate import ALLOCATORS, DENSE, Choice, MatrixCandidates
+from .allocate.curve import allocation_curve
 from .calibration import (
     SELF_SAMPLED,
     calibrate_layerwise,
@@ -414,9 +415,16 @@ def compress(
         stats = cached_statistics(loaded, config, Path(cache_dir) if cache_dir else None, progress)
         analysis = decompose_all(loaded, config, stats, progress)
     timing.update(analysis.timing)
+    # -- the allocator's error-vs-size curve, for `lrc report --plot` (lrc.allocate.curve); before `apply`
+    # -- replaces the linears that allocate_ranks reads
+    t = time.perf_counter()
+    curve = allocation_curve(ALLOCATORS.create(config.allocator, config.allocator_options),
+                             *allocate_ranks(loaded, analysis, config))
+    timing["allocation_curve_s"] = time.perf_counter() - t
     results, apply_timing = apply(loaded, analysis, config, progress)
     timing.update(apply_timing)
     report = build_report(loaded, config, analysis, results, original_params, resolve_device(config.device))
+    report["allocation_curve"] = curve
     timing["total_s"] = time.perf_counter() - start
     report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
     if out_path is not None:
