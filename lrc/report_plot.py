@@ -9,14 +9,13 @@ is imported only here.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic_file import atomic_file
 from .errors import LrcError, OutputError
 from .targets import matrix_type
 
@@ -57,8 +56,6 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in canvas.get_supported_filetypes():
         raise OutputError(f"cannot draw to {path}: unknown image type {path.suffix!r} (use .png, .svg or .pdf)")
-    if not path.parent.is_dir():
-        raise OutputError(f"cannot write {path}: folder {path.parent} does not exist")
     heat, curve = fig.subplots(2, 1, height_ratios=[1.1, 1])
     _draw_heat_map(fig, heat, report)
     _draw_curve(curve, report)
@@ -66,14 +63,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     removed = report["params"]["targeted"]["removed_fraction"]
     fig.suptitle(f"{model}: {report.get('method')} + {report.get('allocator')}, "
                  f"{removed:.1%} of the targeted parameters removed")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=suffix)
     return path
 
 

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console, RenderableType
 
-from ..errors import OutputError
+from ..atomic_file import atomic_file
 
 
 class CommandOutput:
@@ -48,24 +46,6 @@ def finite_or_null(value: Any) -> Any:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling of `path`, then rename it over `path`: never a half-written file."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"cannot write {path}: it is a folder")
-    if not path.parent.is_dir():
-        raise OutputError(f"cannot write {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".lrc-tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Write `text` to `path` through a temporary sibling: never a half-written file (see lrc.atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -6,6 +6,8 @@ on stderr, written and flushed as they happen, with the elapsed time and an esti
     [    4.2s] calibrate 3/30 (10%): 3.1s in this phase, about 27.9s left
     [   35.1s] calibrate 30/30 done in 34.0s
 
+The time left is the steps left times the time per step measured since the phase's first report.
+
 Every update of a phase with at most PER_STEP_MAX steps is printed (one line per decoder layer when
 calibrating), longer phases (one step per matrix, per window) print every `interval` seconds; the first
 and last update of every phase always print. `--quiet` draws nothing.
@@ -48,9 +50,18 @@ def duration(seconds: float) -> str:
 
 @dataclass
 class _Phase:
-    start: float
+    start: float  # when the work before the phase ended
+    first_at: float  # when the phase first reported, and how many steps it had done then
+    first_done: int
     printed: float = float("-inf")
     finished: bool = False
+
+    def time_left(self, now: float, done: int, total: int) -> float:
+        """Steps left x seconds per step, the rate measured since the first report (the first step often
+        includes setup, such as loading the model), or since the phase began while there is no other."""
+        if done > self.first_done and now > self.first_at:
+            return (now - self.first_at) / (done - self.first_done) * (total - done)
+        return (now - self.start) / done * (total - done)
 
 
 class ProgressLog:
@@ -75,7 +86,7 @@ class ProgressLog:
         new = state is None or (state.finished and done < total)
         if new:
             # the phase began when the work before it ended: its first step is already done when it reports
-            state = self.phases[phase] = _Phase(start=self.last_event)
+            state = self.phases[phase] = _Phase(start=self.last_event, first_at=now, first_done=done)
         assert state is not None
         self.last_event = now
         finished = total > 0 and done >= total
@@ -88,7 +99,7 @@ class ProgressLog:
         if finished:
             self.write(f"{head} done in {duration(spent)}")
         elif done > 0:
-            left = spent / done * (total - done)
+            left = state.time_left(now, done, total)
             self.write(f"{head} ({done / total:.0%}): {duration(spent)} in this phase, about {duration(left)} left")
         else:
             self.write(f"{head}: started")

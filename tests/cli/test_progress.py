@@ -25,13 +25,21 @@ def test_compress_logs_every_layer_with_time_left(compressed_run):
     assert ("output gradients", 4, 4) in phases  # loss-aware's backward pass over the 4 windows
     stamps = [float(m["at"]) for m in lines]
     assert stamps == sorted(stamps)
+    first: dict[str, re.Match[str]] = {}
     for m in lines:
         done, total = int(m["done"]), int(m["total"])
+        start = first.setdefault(m["phase"], m)
         if done == total:
             assert m["took"] is not None
-        else:  # time left = time spent / steps done x steps left (printed rounded to 0.1 s)
-            assert abs(int(m["pct"]) - 100 * done / total) <= 0.5
-            assert abs(float(m["left"]) - float(m["spent"]) / done * (total - done)) <= 0.1 + 0.05 * total / done
+            continue
+        assert abs(int(m["pct"]) - 100 * done / total) <= 0.5
+        # time left = steps left x time per step since the phase's first line (all printed rounded to 0.1 s)
+        if m is start:
+            rate, slack = float(m["spent"]) / done, 0.05 / done
+        else:
+            steps = done - int(start["done"])
+            rate, slack = (float(m["at"]) - float(start["at"])) / steps, 0.1 / steps
+        assert abs(float(m["left"]) - rate * (total - done)) <= 0.05 + slack * (total - done)
     first, last = stderr.splitlines()[0], stderr.splitlines()
     assert "compress" in first and "loss-aware + knapsack" in first
     assert any(line.endswith(f"wrote {compressed_run.out}") for line in last)
@@ -82,6 +90,17 @@ def test_a_phase_starts_when_the_previous_one_ended():
     log("decompose", 1, 4)  # a repeated count prints again only for short phases; a finished phase never
     log("calibrate", 1, 1)
     assert len(lines) == 3
+
+
+def test_time_left_leaves_out_the_setup_in_the_first_step():
+    clock, lines = FakeClock(), []
+    log = ProgressLog(write=lines.append, clock=clock)
+    clock.now = 30.0  # loading the model took most of the first step
+    log("calibrate", 1, 10)
+    clock.now = 32.0
+    log("calibrate", 2, 10)  # 2 s per step since the first report: 8 steps left, 16 s
+    assert lines == ["[   30.0s] calibrate 1/10 (10%): 30.0s in this phase, about 4m30s left",
+                     "[   32.0s] calibrate 2/10 (20%): 32.0s in this phase, about 16.0s left"]
 
 
 def test_duration():

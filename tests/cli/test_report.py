@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import matplotlib.image
 import numpy as np
@@ -38,6 +39,9 @@ def test_plot_writes_a_png(capsys, compressed_run, tmp_path):
     assert image.shape[0] > 500 and image.shape[1] > 800
     assert image[..., :3].std() > 0.1  # not a blank canvas
     assert not list(tmp_path.glob(".report.png*"))  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file of the user's
 
 
 def test_heat_map_cells_are_the_kept_fractions(compressed_run):
