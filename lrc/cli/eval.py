@@ -29,7 +29,7 @@ def eval_command(
     baseline: Annotated[str | None, typer.Option(help="Second model evaluated in the same run.")] = None,
     max_ratio: Annotated[float | None, typer.Option(
         "--max-ratio", help="Quality gate: exit with code 3 if perplexity(model) / perplexity(baseline) exceeds this.")] = None,
-    tasks: Annotated[str | None, typer.Option(help="lm-eval tasks, comma-separated (piqa,arc_easy,...); needs lrc[tasks].")] = None,
+    tasks: Annotated[str | None, typer.Option(help="lm-eval tasks, comma-separated (piqa,arc_easy,...); needs lrc\\[tasks].")] = None,
     tasks_path: Annotated[Path | None, typer.Option("--tasks-path", help="Folder of extra lm-eval task YAML files.")] = None,
     task_limit: Annotated[int | None, typer.Option("--task-limit", help="Score only the first N documents of each task.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 4,
@@ -40,8 +40,7 @@ def eval_command(
 ) -> None:
     """Perplexity, size, speed and zero-shot tasks; optionally against a baseline, with a quality gate.
 
-    Perplexity: non-overlapping windows of --seq-len tokens, tail dropped. The gate (--max-ratio R with
-    --baseline) exits with code 3 when perplexity(model) / perplexity(baseline) > R.
+    Perplexity: non-overlapping windows of --seq-len tokens, tail dropped. The gate (--max-ratio R with --baseline) exits with code 3 when perplexity(model) / perplexity(baseline) > R.
     """
     from ..evaluate import evaluate, model_size
     from ..sources import load_model

@@ -15,7 +15,7 @@ def report(
     folder: ReportArg,
     plot: Annotated[Path | None, typer.Option(
         help="Also draw the kept fraction of every matrix and the allocator's error-vs-size curve to this "
-             "image (.png, .svg, .pdf); needs lrc[plot].")] = None,
+             "image (.png, .svg, .pdf); needs lrc\\[plot].")] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Show a compression report as tables."""
