@@ -79,9 +79,13 @@ class ProgressLog:
         self.start = clock()
         self.last_event = self.start
         self.phases: dict[str, _Phase] = {}
+        self.pending: list[str] = []
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         now = self.clock()
+        for text in self.pending:
+            self.write(f"[{duration(now - self.start):>8}] {text}")
+        self.pending.clear()
         state = self.phases.get(phase)
         new = state is None or (state.finished and done < total)
         if new:
@@ -105,8 +109,12 @@ class ProgressLog:
             self.write(f"{head}: started")
 
     def note(self, text: str) -> None:
-        """A line that is not a progress update (what the command is about to do), with the elapsed time."""
-        self.write(f"[{duration(self.clock() - self.start):>8}] {text}")
+        """A line that is not a progress update (what the command does), with the elapsed time. Before the
+        first update it waits for it, so that a run failing on bad input prints only its error line."""
+        if self.phases:
+            self.write(f"[{duration(self.clock() - self.start):>8}] {text}")
+        else:
+            self.pending.append(text)
 
 
 def _write_stderr(line: str) -> None:

@@ -103,6 +103,18 @@ def test_time_left_leaves_out_the_setup_in_the_first_step():
                      "[   32.0s] calibrate 2/10 (20%): 32.0s in this phase, about 16.0s left"]
 
 
+def test_notes_wait_for_the_first_update():
+    clock, lines = FakeClock(), []
+    log = ProgressLog(write=lines.append, clock=clock)
+    log.note("compress m -> out")
+    assert lines == []  # a run that fails now (bad input) prints only its error line
+    clock.now = 2.0
+    log("calibrate", 1, 2)
+    log.note("wrote out")
+    assert lines == ["[    2.0s] compress m -> out", "[    2.0s] calibrate 1/2 (50%): 2.0s in this phase, about 2.0s left",
+                     "[    2.0s] wrote out"]
+
+
 def test_duration():
     assert [duration(s) for s in (0.04, 59.94, 60, 3599, 3600, 7322)] == ["0.0s", "59.9s", "1m00s", "59m59s",
                                                                           "1h00m", "2h02m"]
