@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from .allocate import ALLOCATORS, compile_patterns
+from .allocate import ALLOCATORS, allocate_ranks, compile_patterns
+from .allocate.curve import allocation_curve
 from .config import CompressionConfig
 from .device import resolve_device
 from .engine import Analysis, decompose_all
@@ -77,9 +78,13 @@ def compress(
         stats = cached_statistics(loaded, config, Path(cache_dir) if cache_dir else None, progress)
         analysis = decompose_all(loaded, config, stats, progress)
     timing.update(analysis.timing)
+    t = time.perf_counter()  # the allocator's error-vs-size curve, for `lrc report --plot`
+    curve = allocation_curve(ALLOCATORS.create(config.allocator, config.allocator_options), *allocate_ranks(analysis, config))
+    timing["allocation_curve_s"] = time.perf_counter() - t
     results, apply_timing = apply(loaded, analysis, config, progress)
     timing.update(apply_timing)
     report = build_report(loaded, config, analysis.stats, results, original_params, resolve_device(config.device))
+    report["allocation_curve"] = curve
     timing["total_s"] = time.perf_counter() - start
     report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
     if out_path is not None:
