@@ -25,6 +25,7 @@ from .forms import count_params
 from .io.output import check_output_path
 from .io.report import build_report
 from .io.writer import write_output
+from .peak_memory import peak_memory
 from .progress import Progress, no_progress
 from .sources import LoadedModel, load_model
 from .stats.collect import cached_statistics
@@ -87,6 +88,7 @@ def compress(
     report["allocation_curve"] = curve
     timing["total_s"] = time.perf_counter() - start
     report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
+    report["memory"] = peak_memory(resolve_device(config.device))  # write_output measures it again
     if out_path is not None:
         write_output(loaded, out_path, results, report, config)
     return CompressionResult(loaded.model, report, results)
