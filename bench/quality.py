@@ -10,6 +10,10 @@ number) under bench/results/.
     python bench/quality.py --rows loss-aware:knapsack sparse-dictionary:knapsack low-rank-sparse:knapsack \
         --stats-cache /tmp/lrc-stats --out bench/results/sparse             # the sparse-plus-low-rank table
 
+Next to OUT.md and OUT.yaml it draws OUT.png: perplexity against the removed fraction, one line per recipe
+(bench/quality_plot.py, needs matplotlib: `pip install 'lrc[plot]'`); `python bench/quality_plot.py OUT.yaml`
+redraws it from the YAML alone.
+
 "removed" counts parameter-equivalents: sparse layers' indices / bitmasks are charged as values of the
 written dtype (bytes / value bytes), so removed fractions compare at equal real bytes; the safetensors
 column is the size of the written file.
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from quality_plot import plot_quality
 from results_files import write_results
 
 import lrc
@@ -158,6 +163,7 @@ def main() -> None:
         lines.append("time = shared calibration statistics + this method's decomposition + allocation; the statistics "
                      f"({stats_s:.0f} s) are collected once for all rows.")
     write_results(args.out, lines, {"dense": dense, "statistics_s": stats_s, "rows": results})
+    print(f"wrote {plot_quality({'dense': dense, 'rows': results}, Path(args.out).with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

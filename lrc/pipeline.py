@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from .allocate import ALLOCATORS, compile_patterns
+from .allocate import ALLOCATORS, allocate_ranks, compile_patterns
+from .allocate.curve import allocation_curve
 from .config import CompressionConfig
 from .device import resolve_device
 from .engine import Analysis, decompose_all
@@ -24,6 +25,7 @@ from .forms import count_params
 from .io.output import check_output_path, run_places
 from .io.report import build_report
 from .io.writer import write_output
+from .peak_memory import peak_memory
 from .progress import Progress, no_progress
 from .quality_check import HeldOutCheck
 from .sources import LoadedModel, load_model
@@ -78,13 +80,18 @@ def compress(
         stats = cached_statistics(loaded, config, Path(cache_dir) if cache_dir else None, progress)
         analysis = decompose_all(loaded, config, stats, progress)
     timing.update(analysis.timing)
+    t = time.perf_counter()  # the allocator's error-vs-size curve, for `lrc report --plot`
+    curve = allocation_curve(ALLOCATORS.create(config.allocator, config.allocator_options), *allocate_ranks(analysis, config))
+    timing["allocation_curve_s"] = time.perf_counter() - t
     held_out = HeldOutCheck.measure_dense(loaded, config)  # dense loss on held-out windows, before apply
     results, apply_timing = apply(loaded, analysis, config, progress)
     timing.update(apply_timing)
     report = build_report(loaded, config, analysis.stats, results, original_params, resolve_device(config.device))
+    report["allocation_curve"] = curve
     report["held_out"] = held_out.compare(loaded.model)  # raises QualityError past config.heldout_max_ratio
     timing["total_s"] = time.perf_counter() - start
     report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
+    report["memory"] = peak_memory(resolve_device(config.device))  # write_output measures it again
     if out_path is not None:
         write_output(loaded, out_path, results, report, config)
     return CompressionResult(loaded.model, report, results)

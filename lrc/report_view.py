@@ -44,6 +44,8 @@ def summary_table(report: dict[str, Any]) -> Table:
     timing = report.get("timing_s", {})
     if timing:
         rows.append(("time", ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in timing.items())))
+    rows += [("peak memory", ", ".join(f"{human_bytes(v)} {k.removesuffix('_bytes').replace('_', ' ')}"
+                                      for k, v in report["memory"].items()))] if report.get("memory") else []
     env = report.get("environment", {})
     rows.append(("environment", f"lrc {report.get('lrc_version')}, torch {env.get('torch')}, {env.get('device')}"))
     for key, value in rows:

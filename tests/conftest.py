@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -102,20 +107,6 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
-def tree_hashes(root: Path) -> dict[str, str]:
-    """{path relative to root: SHA-256 of its bytes (or '-> target' for a symlink)} of every file under root."""
-    import hashlib
-
-    found = {}
-    for path in sorted(root.rglob("*")):
-        key = str(path.relative_to(root))
-        if path.is_symlink():
-            found[key] = f"-> {path.readlink()}"
-        elif path.is_file():
-            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
 def save_trained_tiny_model(folder: Path, text: str, steps: int = 40, seed: int = 0) -> Path:
     """A tiny llama trained for a few Adam steps on `text` (byte tokens; loss 5.6 -> 2.9 nats, seconds):
     unlike a random model it predicts the text, so a harmful compression shows as a loss increase."""
@@ -136,3 +127,67 @@ def save_trained_tiny_model(folder: Path, text: str, steps: int = 40, seed: int 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lrc_command(*args: object) -> list[str]:
+    """`python -m lrc ARGS` as a subprocess argv (run it with lrc_env() so this checkout's lrc is used)."""
+    return [sys.executable, "-m", "lrc", *[str(a) for a in args]]
+
+
+def lrc_env() -> dict[str, str]:
+    """The environment for a CLI subprocess: this checkout first on PYTHONPATH, no terminal assumed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "FORCE_TERMINAL", "TTY_COMPATIBLE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_lrc(*args: object, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a subprocess with stdout and stderr to pipes (as a CI job would) and wait for it."""
+    return subprocess.run(lrc_command(*args), cwd=cwd, env=lrc_env(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder`, hidden ones included."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_main(capsys, *args: object) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `lrc ARGS` run in this process through lrc.cli.main."""
+    from lrc.cli import main
+
+    capsys.readouterr()  # drop what fixtures printed
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def tiny_compress_args(model: Path, calib: Path, out: Path, *extra: object) -> list[str]:
+    """A fast `lrc compress` of a tiny model: loss-aware + knapsack, 4 windows of 32 tokens."""
+    return [str(a) for a in ("compress", model, "-o", out, "--calib", calib, "--samples", 4, "--seq-len", 32,
+                             "--method", "loss-aware", "--budget", 0.3, *extra)]
+
+
+@dataclass
+class CompressedRun:
+    """One `lrc compress --json` run in a subprocess, its output pipes and its folders."""
+
+    model: Path
+    calib: Path
+    out: Path
+    result: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="session")
+def compressed_run(tmp_path_factory, calib_file) -> CompressedRun:
+    """A tiny llama compressed once per session by the CLI, stdout and stderr to pipes; tests only read it."""
+    root = tmp_path_factory.mktemp("compressed")
+    model = save_tiny_model(root / "model", "llama")
+    out = root / "out"
+    result = run_lrc(*tiny_compress_args(model, calib_file, out, "--json"), cwd=root)
+    assert result.returncode == 0, result.stderr
+    return CompressedRun(model, calib_file, out, result)

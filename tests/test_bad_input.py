@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
+from .cli.test_commands import default_compress_args as tiny_compress_args
+from .cli.test_commands import run
 from .conftest import save_tiny_model
-from .test_cli import run, tiny_compress_args
 
 BAD = [
     (["--budget", "0"], "budget must be in (0, 1)"),

@@ -93,12 +93,15 @@ class KnapsackAllocator(Allocator):
         if self.rank_step < 1 or self.max_units < 100:
             raise ConfigError("knapsack needs rank_step >= 1 and max_units >= 100")
 
-    def allocate(self, matrices: list[MatrixCandidates], budget: float) -> dict[str, Choice]:
+    def _items(self, matrices: list[MatrixCandidates]) -> list[_Item]:
         groups: dict[str, list[MatrixCandidates]] = {}
         for m in matrices:
             key = m.group if self.same_rank_per_type else m.name
             groups.setdefault(key, []).append(m)
-        items = [_options(members, self.rank_step) for members in groups.values()]
+        return [_options(members, self.rank_step) for members in groups.values()]
+
+    def allocate(self, matrices: list[MatrixCandidates], budget: float) -> dict[str, Choice]:
+        items = self._items(matrices)
         allowed = allowed_params(matrices, budget)
         gcd = reduce(math.gcd, (c for item in items for c in item.costs))
         unit = max(gcd, math.ceil(allowed / self.max_units))
@@ -110,3 +113,25 @@ class KnapsackAllocator(Allocator):
             for m in item.members:
                 picked[m.name] = item.choices[index]
         return picked
+
+    def least_errors(self, matrices: list[MatrixCandidates], kept: list[float]) -> list[float | None]:
+        """The least Σ error of these options within kept[i] · Σ m n parameters, for every i, from ONE DP.
+
+        dp[b] after the last item is the best error within b units, for every b at once. As in `allocate`,
+        costs are rounded up to units of max(gcd, ⌈Σ m n / max_units⌉), so a point's error is reachable
+        within its kept fraction (pessimistic by less than one unit per matrix); k >= 1 keeps all dense.
+        None where no choice fits.
+        """
+        items = self._items(matrices)
+        total = sum(m.dense_params for m in matrices)
+        unit = max(reduce(math.gcd, (c for item in items for c in item.costs)), math.ceil(total / self.max_units))
+        costs = [[math.ceil(c / unit) for c in item.costs] for item in items]
+        capacity = sum(max(c) for c in costs)
+        dp = np.zeros(capacity + 1)
+        for item_costs, item_errors in zip(costs, (item.errors for item in items)):
+            best = np.full(capacity + 1, np.inf)
+            for c, error in zip(item_costs, item_errors):
+                np.minimum(best[c:], dp[: capacity + 1 - c] + error, out=best[c:])
+            dp = best
+        points = [float(dp[capacity if k >= 1 else min(capacity, int(k * total) // unit)]) for k in kept]
+        return [p if math.isfinite(p) else None for p in points]

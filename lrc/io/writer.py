@@ -6,8 +6,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..device import resolve_device
 from ..errors import LrcError
 from ..forms import LowRankLinear, skeleton
+from ..peak_memory import peak_memory
 from .checkpoint import DTYPES, check_finite_files, read_tensor_names, tensor_bytes, write_checkpoint
 from .output import atomic_directory
 from .report import REPORT_NAME, write_report
@@ -45,5 +47,6 @@ def write_output(
                 raise LrcError(f"written checkpoint is missing or misshapes {key}")
         check_finite_files(tmp)
         report["timing_s"]["write_s"] = round(time.perf_counter() - start, 3)
+        report["memory"] = peak_memory(resolve_device(config.device))  # again: the peak now includes the writing
         report["bytes"] = {"safetensors": tensor_bytes(tmp), "dtype": str(dtype or loaded.model.dtype).removeprefix("torch.")}
         write_report(tmp / REPORT_NAME, report)

@@ -1,14 +1,21 @@
-"""Output-gradient statistics: one backward pass per calibration batch over the whole model.
+"""Output-gradient statistics by a backward sweep over the blocks, last to first, without a whole-model backward.
 
 For every targeted projection y = W x we accumulate, with g_t = ∂loss/∂y_t and the model's training
 objective `loss` (its adapter's: next-token cross-entropy for a causal LM, a probe of the final hidden
 states for an encoder, see ModelAdapter.loss):
   Σ_t g_t g_tᵀ (m x m) where m <= full_max, else only its diagonal Σ_t g_t²,
   and, if `fisher`, the FWSVD Fisher row sums Σ_windows Σ_j (∂loss_w/∂W_ij)², with ∂loss_w/∂W = Σ_t g_t x_tᵀ.
-An expert's statistics are sums over the tokens routed to it. Weights get no gradient (requires_grad
-stays False); the graph starts at the embedding output.
-Cost: one forward + backward per batch over the full model, so memory holds the model plus one batch's
-activations, and the statistics: m² float64 per projection with m <= full_max.
+An expert's statistics are sums over the tokens routed to it.
+
+The sweep (per group of windows): a forward pass block by block (the layer walker, each block with its own
+recorded arguments) keeps every block's input h_i; the model's own objective on the last output h_L
+(final norm, head, loss: the model's forward with its blocks bypassed) gives ∂loss/∂h_L; then for
+i = L-1 .. 0, block i is run again on h_i with autograd and one vector-Jacobian product takes
+∂loss/∂h_{i+1} to ∂loss/∂h_i, passing ∂loss/∂y at each of its projections on the way. This is the
+chain rule of the whole-model backward, factored at block boundaries: the same gradients, to round-off.
+Cost: about one more forward than a whole-model backward. Memory: the statistics (m² float64 per
+projection with m <= full_max), the block inputs of one group of windows ((L+1) x group x seq_len x
+hidden) and one block's autograd graph for one batch; weights get no gradient (requires_grad stays False).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from ..factorize import OutputStats
 from ..model.adapters import adapter_for
 from ..model.projection import Projection
 from .inputs import check_reached
+from .walker import LayerWalk
 
 PROBE_SEED = 0
 """Seed of the encoder objective's Gaussian probe (drawn in batch order)."""
@@ -37,12 +45,15 @@ def collect_output_stats(
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    sweep_batches: int = 8,
 ) -> dict[str, OutputStats]:
-    """{projection name: OutputStats} from forward + backward passes over `windows` (samples x seq_len)."""
+    """{projection name: OutputStats} over `windows` (samples x seq_len), by backward sweeps over the blocks.
+
+    batch_size: windows per forward; sweep_batches: batches whose block inputs one sweep holds at once.
+    """
     device = torch.device(device)
     adapter = adapter_for(model)
-    home = next(model.parameters()).device
-    model.to(device)
+    home = model.get_input_embeddings().weight.device
     stats: dict[str, OutputStats] = {}
     for name, projection in targets.items():
         m = projection.out_features
@@ -52,34 +63,62 @@ def collect_output_stats(
             fisher_rows=torch.zeros(m, dtype=torch.float64, device=device),
             tokens=0,
         )
-    inputs: dict[str, torch.Tensor] = {}
+    probe = torch.Generator().manual_seed(PROBE_SEED)
+    groups = windows.split(batch_size * sweep_batches)
+    for g, group in enumerate(groups):
+        walk = LayerWalk(model, group, batch_size, device)
+        blocks = len(walk)
+        hidden = [walk.inputs]  # hidden[i][b]: block i's input on batch b; hidden[L]: the last block's output
+        with torch.no_grad():
+            for index in range(blocks):
+                with walk.placed(index):
+                    hidden.append([walk.run(index, b, h) for b, h in enumerate(hidden[-1])])
+        grads = []  # ∂loss/∂(current block's output), per batch
+        for b, batch in enumerate(group.split(batch_size)):
+            last = hidden[blocks][b].detach().to(home).requires_grad_(True)
+            with walk.blocks_bypassed(last), torch.enable_grad():
+                loss = adapter.loss(model, batch.to(home), probe)
+            grads.append(torch.autograd.grad(loss, last)[0].to(device))
+        del hidden[blocks]
+        for index in reversed(range(blocks)):
+            projections = {name: p for name, p in targets.items() if name.startswith(walk.prefix(index))}
+            with walk.placed(index):
+                hooks = _GradientHooks(projections, stats, fisher)
+                try:
+                    for b, h in enumerate(hidden[index]):
+                        h = h.detach().requires_grad_(True)
+                        with torch.enable_grad():
+                            out = walk.run(index, b, h)
+                            grads[b] = torch.autograd.grad(out, h, grads[b])[0]
+                        hooks.inputs.clear()
+                finally:
+                    hooks.remove()
+            del hidden[index]
+            if progress is not None:
+                progress(g * blocks + blocks - index, len(groups) * blocks)
+    check_reached(targets, {name for name, s in stats.items() if s.tokens > 0}, "the output-gradient pass")
+    return {name: s.to("cpu") for name, s in stats.items()}
 
-    def forward_hook(name: str) -> Callable[..., None]:
+
+class _GradientHooks:
+    """Hooks on the given projections: each output's gradient, with the input that produced it, into `stats`."""
+
+    def __init__(self, projections: dict[str, Projection], stats: dict[str, OutputStats], fisher: bool) -> None:
+        self.inputs: dict[str, torch.Tensor] = {}
+        self._handles = [p.module.register_forward_hook(self._hook(name, stats[name], fisher))
+                         for name, p in projections.items()]
+
+    def _hook(self, name: str, stats: OutputStats, fisher: bool) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            inputs[name] = args[0].detach()
+            self.inputs[name] = args[0].detach()
             if output.requires_grad:
-                output.register_hook(lambda grad: _accumulate(stats[name], grad, inputs.pop(name), fisher))
+                output.register_hook(lambda grad: _accumulate(stats, grad, self.inputs.pop(name), fisher))
 
         return hook
 
-    handles = [p.module.register_forward_hook(forward_hook(name)) for name, p in targets.items()]
-    embed = model.get_input_embeddings()
-    handles.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
-    probe = torch.Generator().manual_seed(PROBE_SEED)
-    try:
-        batches = windows.split(batch_size)
-        for i, batch in enumerate(batches):
-            with torch.enable_grad():
-                adapter.loss(model, batch.to(device), probe).backward()
-            inputs.clear()
-            if progress is not None:
-                progress(i + 1, len(batches))
-    finally:
-        for handle in handles:
+    def remove(self) -> None:
+        for handle in self._handles:
             handle.remove()
-        model.to(home)
-    check_reached(targets, {name for name, s in stats.items() if s.tokens > 0}, "the output-gradient pass")
-    return {name: s.to("cpu") for name, s in stats.items()}
 
 
 def _accumulate(stats: OutputStats, grad: torch.Tensor, x: torch.Tensor, fisher: bool) -> None:

@@ -16,7 +16,7 @@ the compute device once however many blocks share it (masks, position embeddings
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -83,6 +83,25 @@ class LayerWalk:
         out = layer(*args, hidden_states=hidden, **kwargs) if by_keyword else layer(hidden, *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    @contextlib.contextmanager
+    def blocks_bypassed(self, last_output: torch.Tensor) -> Iterator[None]:
+        """While open, the model's forward skips its blocks and continues from `last_output`.
+
+        Every block but the last returns its hidden states unchanged, the last returns `last_output`: a
+        forward of the model then computes only what lies around the blocks (embeddings, which nothing
+        uses, then the final norm, the head and the loss) on the last block's output `last_output`.
+        """
+        last = len(self.layers) - 1
+
+        def bypass(index: int) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+                return last_output if index == last else (args[0] if args else kwargs["hidden_states"])
+
+            return forward
+
+        with _forwards_replaced(self.layers, bypass):
+            yield
+
 
 def _record_batch(
     model: nn.Module, stack_name: str, layers: nn.ModuleList, inputs: dict[str, Any]
@@ -110,24 +129,30 @@ def _record_batch(
 
         return record
 
-    wrapped = [layer.__dict__.get("forward") for layer in layers]  # a forward some library set on the instance
-    for index, layer in enumerate(layers):
-        layer.forward = recorder(index)  # type: ignore[method-assign]
-    try:
-        with torch.no_grad(), contextlib.suppress(_StopForward):
-            model(**inputs)
-    finally:
-        for layer, previous in zip(layers, wrapped):
-            if previous is None:
-                del layer.forward
-            else:
-                layer.forward = previous
+    with _forwards_replaced(layers, recorder), torch.no_grad(), contextlib.suppress(_StopForward):
+        model(**inputs)
     if len(calls) != len(layers):
         raise ModelLoadError(
             f"the model's forward called {len(calls)} of the {len(layers)} blocks of {stack_name}; lrc cannot run "
             "it block by block"
         )
     return passed[0].detach(), calls
+
+
+@contextlib.contextmanager
+def _forwards_replaced(layers: nn.ModuleList, forward_for: Callable[[int], Any]) -> Iterator[None]:
+    """Every block's forward replaced by `forward_for(index)` for the duration, then restored as it was."""
+    wrapped = [layer.__dict__.get("forward") for layer in layers]  # a forward some library set on the instance
+    for index, layer in enumerate(layers):
+        layer.forward = forward_for(index)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for layer, previous in zip(layers, wrapped):
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
 
 
 def _to_device(value: Any, device: torch.device, memo: dict[int, Any]) -> Any:

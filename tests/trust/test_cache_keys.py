@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 import lrc.stats.store
 from lrc.cli import main
 
-from ..conftest import save_tiny_model, tree_hashes
-from ..test_cli import run, tiny_compress_args
+from ..conftest import file_hashes, run_main, save_tiny_model, tiny_compress_args
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,7 @@ def base(tmp_path_factory, calib_file):
     root = tmp_path_factory.mktemp("cache-base")
     model = save_tiny_model(root / "model", "llama")
     calib = Path(shutil.copy(calib_file, root / "calib.txt"))
-    code = main([str(a) for a in tiny_compress_args(model, calib, root / "base", "--method", "loss-aware",
+    code = main([str(a) for a in tiny_compress_args(model, calib, root / "base",
                                                     "--cache-dir", root / "cache")])
     assert code == 0
     return root
@@ -40,7 +39,7 @@ def setup(tmp_path, base):
 
 
 def compress(capsys, model, calib, out, *extra):
-    code, _, stderr = run(capsys, *tiny_compress_args(model, calib, out, "--method", "loss-aware", *extra))
+    code, _, stderr = run_main(capsys, *tiny_compress_args(model, calib, out, *extra))
     assert code == 0, stderr
     return yaml.safe_load((out / "lrc_report.yaml").read_text())
 
@@ -98,7 +97,7 @@ def test_change_misses_the_cache_and_matches_a_fresh_run(capsys, base, setup, ch
     root, model, calib, cache = setup
     make_change, compare = CHANGES[change]
     extra = make_change(root, model, calib)
-    before = {k: v for k, v in tree_hashes(root).items() if not k.startswith("cache/")}
+    before = {k: v for k, v in file_hashes(root).items() if not k.startswith("cache/")}
     cached = compress(capsys, model, calib, root / "cached", "--cache-dir", cache, *extra)
     assert not cache_hit(cached)
     assert len(list(cache.glob("*.safetensors"))) == 2
@@ -106,7 +105,7 @@ def test_change_misses_the_cache_and_matches_a_fresh_run(capsys, base, setup, ch
         compress(capsys, model, calib, root / "fresh", *extra)
         assert (root / "cached" / "model.safetensors").read_bytes() == (root / "fresh" / "model.safetensors").read_bytes()
         assert (root / "cached" / "model.safetensors").read_bytes() != (base / "base" / "model.safetensors").read_bytes()
-    after = tree_hashes(root)
+    after = file_hashes(root)
     assert {k: v for k, v in after.items() if k in before} == before
 
 

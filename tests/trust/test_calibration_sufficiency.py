@@ -8,26 +8,25 @@ import torch
 
 from lrc.calibration.sufficiency import numerical_rank
 
-from ..conftest import TINY, save_tiny_model, tree_hashes
-from ..test_cli import run, tiny_compress_args
+from ..conftest import TINY, file_hashes, run_main, save_tiny_model, tiny_compress_args
 
 
 def refused(capsys, root, args, message):
-    before = tree_hashes(root)
-    code, _, stderr = run(capsys, *args)
+    before = file_hashes(root)
+    code, _, stderr = run_main(capsys, *args)
     assert code == 2, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], stderr
     assert stderr.strip().splitlines()[-1] == errors[0]
     assert "decompose" not in stderr  # stopped before any decomposition
-    assert tree_hashes(root) == before
+    assert file_hashes(root) == before
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_fewer_tokens_than_the_widest_input(capsys, tmp_path, calib_file, family):
     model = save_tiny_model(tmp_path / "model", family)
     widest = TINY["intermediate_size"]  # down_proj reads the MLP's 96-wide activations
-    args = tiny_compress_args(model, calib_file, tmp_path / "out", "--method", "loss-aware", "--samples", 2)
+    args = tiny_compress_args(model, calib_file, tmp_path / "out", "--samples", 2)
     refused(capsys, tmp_path, args,
             f"calibration has 64 tokens, fewer than the {widest} inputs of model.layers.0.mlp.down_proj: the "
             f"statistics cannot determine the factorization (it would fit only the 64 directions seen). Give at "
@@ -41,7 +40,7 @@ def test_repetitive_text_spans_too_few_directions(capsys, tmp_path, text, rank):
     model = save_tiny_model(tmp_path / "model", "llama")
     calib = tmp_path / "calib.txt"
     calib.write_text(text)
-    args = tiny_compress_args(model, calib, tmp_path / "out", "--method", "loss-aware")
+    args = tiny_compress_args(model, calib, tmp_path / "out")
     refused(capsys, tmp_path, args,
             f"the calibration inputs of model.layers.0.self_attn.o_proj span only {rank} of its 64 directions "
             "(128 tokens in 4 windows): the text repeats itself too much")
@@ -49,7 +48,7 @@ def test_repetitive_text_spans_too_few_directions(capsys, tmp_path, text, rank):
 
 def test_enough_varied_text_passes(capsys, tmp_path, calib_file):
     model = save_tiny_model(tmp_path / "model", "llama")
-    code, _, stderr = run(capsys, *tiny_compress_args(model, calib_file, tmp_path / "out", "--method", "loss-aware"))
+    code, _, stderr = run_main(capsys, *tiny_compress_args(model, calib_file, tmp_path / "out"))
     assert code == 0, stderr
 
 

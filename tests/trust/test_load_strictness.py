@@ -18,8 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaModel
 import lrc
 from lrc.errors import ModelLoadError
 
-from ..conftest import byte_tokenizer, save_tiny_model, tiny_config, tree_hashes
-from ..test_cli import run, tiny_compress_args
+from ..conftest import byte_tokenizer, file_hashes, run_main, save_tiny_model, tiny_compress_args, tiny_config
 
 
 def edit_tensors(folder: Path, edit) -> None:
@@ -36,16 +35,12 @@ def edit_config(folder: Path, edit) -> None:
 
 def refused(capsys, root: Path, args: list, message: str) -> None:
     """`lrc ARGS` exits 2 with one `error:` line containing `message`; no file under root changed."""
-    before = tree_hashes(root)
-    code, _, stderr = run(capsys, *args)
+    before = file_hashes(root)
+    code, _, stderr = run_main(capsys, *args)
     assert code == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
-    assert tree_hashes(root) == before
-
-
-def compress_args(model: Path, calib: Path, out: Path) -> list:
-    return tiny_compress_args(model, calib, out, "--method", "loss-aware")
+    assert file_hashes(root) == before
 
 
 # --- input models ------------------------------------------------------------------------------------
@@ -79,21 +74,21 @@ INPUT_CASES = [
 def test_incomplete_or_mismatched_input_is_refused(capsys, tmp_path, calib_file, damage, message):
     model = save_tiny_model(tmp_path / "model", "llama")
     damage(model)
-    refused(capsys, tmp_path, compress_args(model, calib_file, tmp_path / "out"), message)
+    refused(capsys, tmp_path, tiny_compress_args(model, calib_file, tmp_path / "out"), message)
     assert not (tmp_path / "out").exists()
 
 
 def test_tied_embeddings_are_not_missing(capsys, tmp_path, calib_file):
     model = save_tiny_model(tmp_path / "model", "llama", tie=True)
     assert "lm_head.weight" not in load_file(model / "model.safetensors")
-    code, _, stderr = run(capsys, *compress_args(model, calib_file, tmp_path / "out"))
+    code, _, stderr = run_main(capsys, *tiny_compress_args(model, calib_file, tmp_path / "out"))
     assert code == 0, stderr
 
 
 def test_model_without_lm_head_is_refused(capsys, tmp_path, calib_file):
     LlamaModel(tiny_config("llama")).save_pretrained(tmp_path / "base")  # a decoder without its LM head
     byte_tokenizer().save_pretrained(tmp_path / "base")
-    refused(capsys, tmp_path, compress_args(tmp_path / "base", calib_file, tmp_path / "out"),
+    refused(capsys, tmp_path, tiny_compress_args(tmp_path / "base", calib_file, tmp_path / "out"),
             "holds a LlamaModel, which has no language-model head: loading it as LlamaForCausalLM would leave "
             "lm_head.weight random")
 
@@ -165,7 +160,7 @@ def test_lrc_output_without_its_rank_map_is_refused(capsys, tmp_path, lrc_output
     delete_quantization_config(folder)
     message = "is an lrc output but its config.json has no quantization_config (the rank map)"
     refused(capsys, tmp_path, ["eval", folder, "--data", calib_file, "--seq-len", 32, "--windows", 1], message)
-    refused(capsys, tmp_path, compress_args(folder, calib_file, tmp_path / "again"), message)
+    refused(capsys, tmp_path, tiny_compress_args(folder, calib_file, tmp_path / "again"), message)
 
 
 # --- pickle and code beside the weights -------------------------------------------------------------
@@ -188,12 +183,12 @@ def test_pickle_weights_are_never_loaded(capsys, tmp_path, calib_file):
     (model / "model.safetensors").unlink()
     (model / "pytorch_model.bin").write_bytes(pickle.dumps(RunsOnUnpickle(marker)))
     save_file({"x": torch.zeros(1)}, model / "adapter.safetensors")
-    refused(capsys, tmp_path, compress_args(model, calib_file, tmp_path / "out"),
+    refused(capsys, tmp_path, tiny_compress_args(model, calib_file, tmp_path / "out"),
             "holds no model.safetensors or model.safetensors.index.json (found adapter.safetensors, "
             "pytorch_model.bin; lrc never loads pickle files like pytorch_model.bin)")
     index = {"metadata": {}, "weight_map": {name: "pytorch_model.bin" for name in names}}
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    refused(capsys, tmp_path, compress_args(model, calib_file, tmp_path / "out"),
+    refused(capsys, tmp_path, tiny_compress_args(model, calib_file, tmp_path / "out"),
             "model.safetensors.index.json points at pytorch_model.bin, not a safetensors file in the folder")
     assert not marker.exists()
 
@@ -208,11 +203,11 @@ def test_pickles_and_code_beside_safetensors_are_ignored(capsys, tmp_path, calib
     tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
     tokenizer_config["auto_map"] = {"AutoTokenizer": ["evil.Tokenizer", None]}
     (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    before = tree_hashes(tmp_path)
-    code, _, stderr = run(capsys, *compress_args(model, calib_file, tmp_path / "out"))
+    before = file_hashes(tmp_path)
+    code, _, stderr = run_main(capsys, *tiny_compress_args(model, calib_file, tmp_path / "out"))
     assert code == 0, stderr
     assert not marker.exists()
-    assert {k: v for k, v in tree_hashes(tmp_path).items() if not k.startswith("out/")} == before
+    assert {k: v for k, v in file_hashes(tmp_path).items() if not k.startswith("out/")} == before
 
 
 def test_custom_architecture_code_is_not_run(capsys, tmp_path, calib_file):
@@ -221,7 +216,7 @@ def test_custom_architecture_code_is_not_run(capsys, tmp_path, calib_file):
     (model / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
     edit_config(model, lambda c: c.update(model_type="evil", auto_map={"AutoModelForCausalLM": "evil.Model",
                                                                         "AutoConfig": "evil.Config"}))
-    refused(capsys, tmp_path, compress_args(model, calib_file, tmp_path / "out"), "contains custom code")
+    refused(capsys, tmp_path, tiny_compress_args(model, calib_file, tmp_path / "out"), "contains custom code")
     assert not marker.exists()
 
 
@@ -231,5 +226,5 @@ def test_index_naming_a_missing_shard_is_refused(capsys, tmp_path, calib_file):
     (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
     weight_map = {name: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, name in enumerate(names)}
     (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    refused(capsys, tmp_path, compress_args(model, calib_file, tmp_path / "out"),
+    refused(capsys, tmp_path, tiny_compress_args(model, calib_file, tmp_path / "out"),
             "model.safetensors.index.json points at model-00002-of-00002.safetensors, which is missing")

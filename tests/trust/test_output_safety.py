@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ..conftest import WIKI_VALID, save_tiny_model, tree_hashes
-from ..test_cli import run, tiny_compress_args
+from ..conftest import (
+    WIKI_VALID,
+    file_hashes,
+    lrc_command,
+    lrc_env,
+    run_main,
+    save_tiny_model,
+    tiny_compress_args,
+)
 
 
 @pytest.fixture
@@ -36,18 +43,17 @@ def sandbox(tmp_path, monkeypatch):
 
 
 def compress_args(root: Path, out, *extra):
-    return tiny_compress_args(root / "models" / "llama", root / "data" / "calib.txt", out, "--method", "loss-aware",
-                              *extra)
+    return tiny_compress_args(root / "models" / "llama", root / "data" / "calib.txt", out, *extra)
 
 
 def refused(capsys, root: Path, out, message: str, *extra) -> None:
     """The run exits 2 with one `error:` line containing `message`, and no file under root changed."""
-    before = tree_hashes(root)
-    code, _, stderr = run(capsys, *compress_args(root, out, *extra))
+    before = file_hashes(root)
+    code, _, stderr = run_main(capsys, *compress_args(root, out, *extra))
     assert code == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
-    assert tree_hashes(root) == before
+    assert file_hashes(root) == before
 
 
 @pytest.mark.parametrize(
@@ -92,17 +98,17 @@ def test_overwrite_refuses_a_folder_that_is_not_an_lrc_output(capsys, sandbox):
 
 def test_overwrite_replaces_an_earlier_output_only_without_foreign_files(capsys, sandbox):
     out = sandbox / "out"
-    code, _, stderr = run(capsys, *compress_args(sandbox, out))
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, out))
     assert code == 0, stderr
     (out / "README.md").write_text("my model card")
     (out / "eval").mkdir()
     refused(capsys, sandbox, out, "also holds files lrc did not write (README.md, eval/)", "--overwrite")
     (out / "README.md").unlink()
     (out / "eval").rmdir()
-    before = tree_hashes(sandbox)
-    code, _, stderr = run(capsys, *compress_args(sandbox, out, "--overwrite", "--budget", "0.5"))
+    before = file_hashes(sandbox)
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, out, "--overwrite", "--budget", "0.5"))
     assert code == 0, stderr
-    after = tree_hashes(sandbox)
+    after = file_hashes(sandbox)
     assert {k: v for k, v in after.items() if not k.startswith("out/")} == {
         k: v for k, v in before.items() if not k.startswith("out/")}
     assert yaml.safe_load((out / "lrc_report.yaml").read_text())["budget"] == 0.5
@@ -111,7 +117,7 @@ def test_overwrite_replaces_an_earlier_output_only_without_foreign_files(capsys,
 
 def test_overwrite_accepts_an_empty_folder(capsys, sandbox):
     (sandbox / "empty").mkdir()
-    code, _, stderr = run(capsys, *compress_args(sandbox, sandbox / "empty", "--overwrite"))
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, sandbox / "empty", "--overwrite"))
     assert code == 0, stderr
     assert (sandbox / "empty" / "lrc_report.yaml").is_file()
 
@@ -135,27 +141,26 @@ def test_a_run_holding_the_output_blocks_another(capsys, sandbox):
     finally:
         holder.kill()
         holder.wait()
-    code, _, stderr = run(capsys, *compress_args(sandbox, sandbox / "out"))  # the holder is gone: free again
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, sandbox / "out"))  # the holder is gone: free again
     assert code == 0, stderr
 
 
 def test_two_concurrent_runs_do_not_both_succeed(sandbox):
-    before = tree_hashes(sandbox)
-    command = [sys.executable, "-m", "lrc", *map(str, compress_args(sandbox, sandbox / "out"))]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    procs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    before = file_hashes(sandbox)
+    command = lrc_command(*compress_args(sandbox, sandbox / "out"))
+    procs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=lrc_env())
              for _ in range(2)]
     results = sorted((p.wait(), p.stderr.read()) for p in procs)
     assert [code for code, _ in results] == [0, 2], results
     assert ("another lrc run" in results[1][1]) or ("exists and is not empty" in results[1][1])
-    after = tree_hashes(sandbox)
+    after = file_hashes(sandbox)
     assert {k: v for k, v in after.items() if not k.startswith("out/")} == before
 
 
 def test_everything_written_follows_the_umask(capsys, sandbox):
     old = os.umask(0o027)
     try:
-        code, _, stderr = run(capsys, *compress_args(sandbox, sandbox / "out", "--cache-dir", sandbox / "stats"))
+        code, _, stderr = run_main(capsys, *compress_args(sandbox, sandbox / "out", "--cache-dir", sandbox / "stats"))
     finally:
         os.umask(old)
     assert code == 0, stderr

@@ -13,8 +13,14 @@ from transformers import AutoModelForCausalLM
 
 from lrc.calibration import token_windows
 
-from ..conftest import byte_tokenizer, save_tiny_model, save_trained_tiny_model, tree_hashes
-from ..test_cli import run, tiny_compress_args
+from ..conftest import (
+    byte_tokenizer,
+    file_hashes,
+    run_main,
+    save_tiny_model,
+    save_trained_tiny_model,
+    tiny_compress_args,
+)
 
 
 def mean_next_token_loss(model, windows: torch.Tensor) -> float:
@@ -35,7 +41,7 @@ def expected_heldout(text: str, samples: int, seq_len: int, seed: int, count: in
 def test_report_holds_dense_and_compressed_heldout_loss(capsys, tmp_path, calib_file):
     model = save_tiny_model(tmp_path / "model", "llama")
     out = tmp_path / "out"
-    code, _, stderr = run(capsys, *tiny_compress_args(model, calib_file, out, "--method", "loss-aware", "--seed", 3))
+    code, _, stderr = run_main(capsys, *tiny_compress_args(model, calib_file, out, "--seed", 3))
     assert code == 0, stderr
     held = yaml.safe_load((out / "lrc_report.yaml").read_text())["held_out"]
 
@@ -55,21 +61,21 @@ def test_report_holds_dense_and_compressed_heldout_loss(capsys, tmp_path, calib_
 def test_ratio_past_the_limit_stops_the_run(capsys, tmp_path, calib_file):
     model = save_trained_tiny_model(tmp_path / "model", calib_file.read_text())
     args = ["--method", "svd", "--allocator", "uniform", "--budget", "0.8"]
-    code, _, stderr = run(capsys, *tiny_compress_args(model, calib_file, tmp_path / "first", *args))
+    code, _, stderr = run_main(capsys, *tiny_compress_args(model, calib_file, tmp_path / "first", *args))
     assert code == 0, stderr
     ratio = yaml.safe_load((tmp_path / "first" / "lrc_report.yaml").read_text())["held_out"]["perplexity_ratio"]
     assert ratio > 1.01  # this compression hurts the held-out windows of a model that predicts the text
 
     recipe = tmp_path / "strict.yaml"
     recipe.write_text("heldout_max_ratio: 1.01\n")
-    before = tree_hashes(tmp_path)
-    code, _, stderr = run(capsys, *tiny_compress_args(model, calib_file, tmp_path / "out", *args, "--recipe", recipe))
+    before = file_hashes(tmp_path)
+    code, _, stderr = run_main(capsys, *tiny_compress_args(model, calib_file, tmp_path / "out", *args, "--recipe", recipe))
     assert code == 2, stderr
     error = stderr.strip().splitlines()[-1]
     assert error.startswith("error: the compressed model's perplexity on 4 held-out calibration windows is ")
     assert f"{ratio:.3g}x the dense model's" in error and "(limit 1.01x)" in error
     assert "give more calibration data (--samples) or remove less (--budget); nothing was written" in error
-    assert tree_hashes(tmp_path) == before and not (tmp_path / "out").exists()
+    assert file_hashes(tmp_path) == before and not (tmp_path / "out").exists()
 
 
 def test_no_heldout_windows_left_is_reported(capsys, tmp_path, calib_file):
@@ -77,7 +83,7 @@ def test_no_heldout_windows_left_is_reported(capsys, tmp_path, calib_file):
     calib = tmp_path / "short.txt"
     calib.write_text(calib_file.read_text()[: 4 * 32 + 20])  # 4 windows of 32 byte tokens and no fifth
     with pytest.warns(UserWarning, match="held-out quality check skipped: the calibration text has no 32-token window"):
-        code, _, stderr = run(capsys, *tiny_compress_args(model, calib, tmp_path / "out", "--method", "loss-aware"))
+        code, _, stderr = run_main(capsys, *tiny_compress_args(model, calib, tmp_path / "out"))
     assert code == 0, stderr
     held = yaml.safe_load((tmp_path / "out" / "lrc_report.yaml").read_text())["held_out"]
     assert held["windows"] == 0 and "beyond the 4 used for the statistics" in held["skipped"]
@@ -87,7 +93,7 @@ def test_heldout_check_can_be_turned_off(capsys, tmp_path, calib_file):
     model = save_tiny_model(tmp_path / "model", "llama")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("heldout_windows: 0\n")
-    code, _, stderr = run(capsys, *tiny_compress_args(model, calib_file, tmp_path / "out", "--method", "loss-aware",
+    code, _, stderr = run_main(capsys, *tiny_compress_args(model, calib_file, tmp_path / "out",
                                                       "--recipe", recipe))
     assert code == 0, stderr
     assert yaml.safe_load((tmp_path / "out" / "lrc_report.yaml").read_text())["held_out"] == {

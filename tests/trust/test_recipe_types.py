@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ..conftest import tree_hashes
-from ..test_cli import run, tiny_compress_args
+from ..conftest import file_hashes, run_main
 
 CASES = [
     ('sequential: "no"', "sequential must be a boolean (true or false), got 'no' (a string)"),
@@ -39,20 +38,25 @@ CASES = [
 ]
 
 
+def recipe_args(model, calib, out, recipe):
+    """`lrc compress` with every method and allocator setting left to the recipe."""
+    return ["compress", model, "-o", out, "--calib", calib, "--samples", 4, "--seq-len", 32, "--recipe", recipe]
+
+
 @pytest.mark.parametrize(("recipe", "message"), CASES, ids=[r.split(":")[0] + str(i) for i, (r, _) in enumerate(CASES)])
 def test_wrong_value_type_names_the_key(capsys, tmp_path, llama_dir, calib_file, recipe, message):
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe + "\n")
-    before = tree_hashes(tmp_path)
-    code, _, stderr = run(capsys, *tiny_compress_args(llama_dir, calib_file, tmp_path / "out", "--recipe", path))
+    before = file_hashes(tmp_path)
+    code, _, stderr = run_main(capsys, *recipe_args(llama_dir, calib_file, tmp_path / "out", path))
     assert code == 2, stderr
     assert stderr.strip().splitlines() == [f"error: {message}"]
-    assert tree_hashes(tmp_path) == before
+    assert file_hashes(tmp_path) == before
 
 
 def test_right_types_pass(capsys, tmp_path, llama_dir, calib_file):
     path = tmp_path / "recipe.yaml"
     path.write_text("method: loss-aware\nsequential: false\nbudget: 0.4\nmin_kept: 0\nseed: 2\nkeep_dense: []\n"
                     "method_options: {damping: 1.0e-5}\nallocator_options: {rank_step: 4}\nheldout_max_ratio: 50\n")
-    code, _, stderr = run(capsys, *tiny_compress_args(llama_dir, calib_file, tmp_path / "out", "--recipe", path))
+    code, _, stderr = run_main(capsys, *recipe_args(llama_dir, calib_file, tmp_path / "out", path))
     assert code == 0, stderr

@@ -1,0 +1,67 @@
+"""`lrc compress`: a recipe and flags -> CompressionConfig -> lrc.compress, then the summary (or JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..config import CompressionConfig
+from ..errors import ConfigError
+from ..sources import DEFAULT_MODEL
+from .command_output import CommandOutput
+from .options import JsonOpt, ModelArg, QuietOpt
+from .progress_display import announce, progress_display
+
+
+def parse_budget(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"budget must be a number in (0, 1), got {text!r}") from None
+
+
+def compress(
+    model: ModelArg = DEFAULT_MODEL,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (written atomically).")] = Path("lrc-out"),
+    budget: Annotated[str | None, typer.Option(help="Fraction of targeted parameters to remove, in (0, 1).")] = None,
+    method: Annotated[str | None, typer.Option(help="Factorization method (see `lrc methods`).")] = None,
+    allocator: Annotated[str | None, typer.Option(help="Rank allocator (see `lrc methods`).")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe; flags given here override it.")] = None,
+    calib: Annotated[str | None, typer.Option(help="Calibration .txt/.jsonl file or hf://datasets/...; default: self-sampled.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Calibration windows.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per calibration window.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Dtype of written weights: float32, bfloat16, float16.")] = None,
+    sequential: Annotated[bool | None, typer.Option("--sequential/--one-shot", help="Refit each layer on the compressed layers' outputs.")] = None,
+    keep_dense: Annotated[list[str] | None, typer.Option("--keep-dense", help="Regex of linears to keep dense (repeatable).")] = None,
+    min_kept: Annotated[float | None, typer.Option("--min-kept", help="Least fraction of parameters every matrix keeps.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Reuse calibration statistics cached here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Calibrate, allocate ranks, factorize, and write a checkpoint with lrc_report.yaml."""
+    from ..pipeline import compress as run_compress
+    from ..report_view import summary_table
+
+    config = CompressionConfig.from_yaml(recipe) if recipe else CompressionConfig()
+    config = config.replace(
+        budget=parse_budget(budget), method=method, allocator=allocator, calib=calib, samples=samples,
+        seq_len=seq_len, seed=seed, device=device, dtype=dtype, sequential=sequential, keep_dense=keep_dense or None,
+        min_kept=min_kept,
+    )
+    config.validate()
+    shown = CommandOutput(json_output, quiet)
+    with progress_display(quiet) as progress:
+        announce(progress, f"compress {model} -> {output}: {config.method} + {config.allocator}, budget {config.budget}, "
+                           f"{config.samples} x {config.seq_len} calibration tokens")
+        result = run_compress(model, config, output, overwrite=overwrite, progress=progress, cache_dir=cache_dir)
+        announce(progress, f"wrote {output}")
+    shown.show(summary_table(result.report))
+    shown.show(f"wrote {output}")
+    shown.emit({"output": str(output), **result.report})

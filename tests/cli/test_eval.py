@@ -1,0 +1,83 @@
+"""`lrc eval --json` and the quality gate: exit 0 within --max-ratio, exit 3 with one line above it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from lrc.cli import main
+from lrc.cli.exit_codes import QUALITY_GATE_FAILED
+
+
+def run(capsys, *args):
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def eval_args(compressed_run):
+    return ["eval", compressed_run.out, "--data", compressed_run.calib, "--seq-len", 64, "--windows", 2,
+            "--baseline", compressed_run.model]
+
+
+@pytest.fixture(scope="module")
+def measured(compressed_run, eval_args, tmp_path_factory):
+    """The --json results of one eval against the baseline, and the -o YAML it wrote."""
+    path = tmp_path_factory.mktemp("eval") / "results.yaml"
+    from ..conftest import run_lrc
+
+    result = run_lrc(*eval_args, "--json", "-o", path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), yaml.safe_load(path.read_text()), result.stderr
+
+
+def test_json_matches_the_yaml_and_the_api(measured, compressed_run):
+    import lrc
+
+    data, written, stderr = measured
+    assert data == written
+    model, baseline = data["results"]
+    assert [model["model"], baseline["model"]] == [str(compressed_run.out), str(compressed_run.model)]
+    assert data["perplexity_ratio"] == model["perplexity"] / baseline["perplexity"]
+    direct = lrc.evaluate(str(compressed_run.out), str(compressed_run.calib), seq_len=64, windows=2)
+    assert model["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6)
+    assert model["params"] == direct["params"] < baseline["params"]
+    assert "gate" not in data
+    assert "perplexity ratio" in stderr  # the table went to stderr
+
+
+def test_gate_passes_within_the_ratio(capsys, measured, eval_args):
+    ratio = measured[0]["perplexity_ratio"]
+    code, out, err = run(capsys, *eval_args, "--max-ratio", ratio * 1.001, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["gate"] == {"max_ratio": pytest.approx(ratio * 1.001), "ratio": pytest.approx(ratio, rel=1e-6),
+                            "passed": True}
+    assert "quality gate passed" in err and "error" not in err
+
+
+def test_gate_fails_above_the_ratio_with_one_line(capsys, measured, eval_args, tmp_path):
+    ratio = measured[0]["perplexity_ratio"]
+    limit = round(ratio * 0.99, 4)
+    path = tmp_path / "gate.yaml"
+    code, out, err = run(capsys, *eval_args, "--max-ratio", limit, "-o", path)
+    assert code == QUALITY_GATE_FAILED == 3
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [err.splitlines()[-1]]
+    assert errors[0].startswith(f"error: quality gate failed: perplexity ratio {ratio:.4f} ")
+    assert f"above --max-ratio {limit:g} by {ratio - limit:.4f} ({ratio / limit - 1:.1%})" in errors[0]
+    assert "perplexity ratio" in out  # the results are still shown ...
+    assert yaml.safe_load(path.read_text())["gate"]["passed"] is False  # ... and written
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--max-ratio", "1.5"], "--max-ratio compares perplexities: it needs --baseline MODEL and --data FILE"),
+    (["--max-ratio", "0", "--baseline", "x"], "--max-ratio must be a positive number, got 0.0"),
+])
+def test_gate_needs_a_baseline_and_a_positive_ratio(capsys, compressed_run, extra, message):
+    code, out, err = run(capsys, "eval", compressed_run.out, "--data", compressed_run.calib, *extra)
+    assert (code, out, err) == (2, "", f"error: {message}\n")

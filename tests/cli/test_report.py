@@ -1,0 +1,99 @@
+"""`lrc report --json` and `--plot`: the report as JSON, and a picture of where the parameters went."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib.image
+import numpy as np
+import pytest
+import yaml
+
+from lrc.cli import main
+from lrc.report_plot import kept_grid
+
+
+def run(capsys, *args):
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_json_is_the_yaml_report(capsys, compressed_run):
+    code, out, err = run(capsys, "report", compressed_run.out, "--json")
+    assert code == 0, err
+    report = yaml.safe_load((compressed_run.out / "lrc_report.yaml").read_text())
+    assert json.loads(out) == json.loads(json.dumps(report))
+    assert "per matrix" in err  # the tables, on stderr
+
+
+def test_plot_writes_a_png(capsys, compressed_run, tmp_path):
+    path = tmp_path / "report.png"
+    code, out, err = run(capsys, "report", compressed_run.out, "--plot", path)
+    assert code == 0, err
+    assert f"wrote {path}" in out
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 500 and image.shape[1] > 800
+    assert image[..., :3].std() > 0.1  # not a blank canvas
+    assert not list(tmp_path.glob(".report.png*"))  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file of the user's
+
+
+def test_heat_map_cells_are_the_kept_fractions(compressed_run):
+    report = yaml.safe_load((compressed_run.out / "lrc_report.yaml").read_text())
+    layers, types, kept, kinds = kept_grid(report)
+    assert layers == [0, 1]
+    assert types == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    for layer in report["layers"]:
+        index = int(layer["name"].split(".")[2])
+        col = types.index(layer["name"].split(".", 3)[3])
+        m, n = layer["shape"]
+        assert kept[index, col] == layer["params"] / (m * n)
+        assert (kinds[index, col] == "dense") == (layer["rank"] == "dense")
+    assert not np.isnan(kept).any()
+
+
+def test_report_carries_the_allocation_curve(compressed_run):
+    report = yaml.safe_load((compressed_run.out / "lrc_report.yaml").read_text())
+    curve = report["allocation_curve"]
+    kept, errors = curve["kept_fraction"], curve["error"]
+    assert kept == [round(0.05 * i, 2) for i in range(1, 21)] and errors[-1] == 0.0
+    finite = [e for e in errors if e is not None]
+    assert finite == sorted(finite, reverse=True)  # more bytes never cost more error
+    chosen = curve["chosen"]
+    assert chosen["kept_fraction"] == pytest.approx(1 - report["params"]["targeted"]["removed_fraction"], abs=1e-4)
+    # the run's allocation is optimal: the least error within fewer bytes is no smaller than the run's, within
+    # more bytes no larger
+    below = [e for k, e in zip(kept, errors) if k < chosen["kept_fraction"] and e is not None]
+    above = [e for k, e in zip(kept, errors) if k >= chosen["kept_fraction"] + 0.01]
+    assert all(e >= chosen["error"] for e in below) and all(e <= chosen["error"] for e in above)
+    assert report["timing_s"]["allocation_curve_s"] >= 0
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("notes.txt", "cannot draw to {path}: unknown image type '.txt' (use .png, .svg or .pdf)"),
+    ("missing/report.png", "cannot write {path}: folder {parent} does not exist"),
+])
+def test_plot_refuses_bad_paths_and_keeps_files(capsys, compressed_run, tmp_path, name, message):
+    path = tmp_path / name
+    (tmp_path / "notes.txt").write_text("my notes")
+    code, out, err = run(capsys, "report", compressed_run.out, "--plot", path)
+    assert code == 2
+    assert err == "error: " + message.format(path=path, parent=path.parent) + "\n"
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
+
+
+def test_plot_without_matplotlib_says_what_to_install(capsys, compressed_run, tmp_path, monkeypatch):
+    import sys
+
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
+    code, out, err = run(capsys, "report", compressed_run.out, "--plot", tmp_path / "r.png")
+    assert (code, err) == (2, "error: --plot needs matplotlib, which is not installed: pip install 'lrc[plot]'\n")
+    assert not (tmp_path / "r.png").exists()
