@@ -40,8 +40,11 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 def check_loading_info(folder: Path, model: Any, info: dict[str, Any]) -> None:
     """Raise ModelLoadError when transformers' load report has missing, unexpected or misshapen tensors."""
+    from .model.adapters import adapter_for
+
+    heads = adapter_for(model).unused_heads  # a task head the loaded class does not build: left out, not filled
     missing = set(info.get("missing_keys") or ())
-    unexpected = set(info.get("unexpected_keys") or ())
+    unexpected = {k for k in info.get("unexpected_keys") or () if not k.startswith(heads)}
     mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])
     if info.get("error_msgs"):
         raise ModelLoadError(f"transformers cannot load {folder}: {'; '.join(info['error_msgs'])}")

@@ -180,6 +180,7 @@ def load_model(
     from transformers import AutoTokenizer
 
     from .io import hf_integration
+    from .io.checkpoint import read_tensor_names
     from .load_check import check_loading_info, one_line
     from .model.adapters import adapter_for
 
@@ -191,7 +192,7 @@ def load_model(
         adapter = adapter_for(transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False))
         model, info = _load_with_report(
             str(folder), adapter.auto_class, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=False,
-            ignore_mismatched_sizes=True,
+            ignore_mismatched_sizes=True, **adapter.build_flags(read_tensor_names(folder)),
         )
     except LrcError:
         raise

@@ -55,6 +55,8 @@ def eval_command(
             raise ConfigError("--max-ratio compares perplexities: it needs --baseline MODEL and --data FILE")
         if not max_ratio > 0:
             raise ConfigError(f"--max-ratio must be a positive number, got {max_ratio}")
+    if output is not None:
+        check_results_path(output)
     task_names = parse_tasks(tasks) if tasks is not None else []
     if task_limit is not None and task_limit < 1:
         raise ConfigError(f"--task-limit must be at least 1, got {task_limit}")
@@ -88,6 +90,19 @@ def eval_command(
     shown.emit(summary)
     if "gate" in summary:
         check_gate(results[0]["perplexity"], results[1]["perplexity"], max_ratio, shown)  # type: ignore[arg-type]
+
+
+def check_results_path(path: Path) -> None:
+    """-o may create a file or replace an earlier `lrc eval -o` file (a YAML mapping with `results`), nothing else."""
+    if not path.exists():
+        return
+    try:
+        earlier = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        earlier = None
+    if not (isinstance(earlier, dict) and "results" in earlier):
+        raise ConfigError(f"-o {path} exists and is not an earlier `lrc eval -o` file; choose another file "
+                          "(lrc replaces only its own results)")
 
 
 def check_gate(model_ppl: float, baseline_ppl: float, max_ratio: float, shown: CommandOutput) -> None:

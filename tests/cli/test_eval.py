@@ -81,3 +81,18 @@ def test_gate_fails_above_the_ratio_with_one_line(capsys, measured, eval_args, t
 def test_gate_needs_a_baseline_and_a_positive_ratio(capsys, compressed_run, extra, message):
     code, out, err = run(capsys, "eval", compressed_run.out, "--data", compressed_run.calib, *extra)
     assert (code, out, err) == (2, "", f"error: {message}\n")
+
+
+def test_output_file_replaces_only_earlier_results(tmp_path, compressed_run, capsys):
+    """-o never overwrites a file lrc did not write (here: the model's own config.json, and a user's notes)."""
+    from ..conftest import file_hashes, run_main
+
+    notes = tmp_path / "notes.yaml"
+    notes.write_text("my: notes\n")
+    for target in (notes, compressed_run.out / "config.json"):
+        root = target.parent
+        before = file_hashes(root)
+        code, _, stderr = run_main(capsys, "eval", compressed_run.out, "--data", compressed_run.calib, "--seq-len", 16,
+                                   "--windows", 1, "-o", target)
+        assert code == 2 and "is not an earlier `lrc eval -o` file" in stderr, stderr
+        assert file_hashes(root) == before

@@ -228,3 +228,25 @@ def test_index_naming_a_missing_shard_is_refused(capsys, tmp_path, calib_file):
     (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     refused(capsys, tmp_path, tiny_compress_args(model, calib_file, tmp_path / "out"),
             "model.safetensors.index.json points at model-00002-of-00002.safetensors, which is missing")
+
+
+def test_encoder_task_head_is_left_out_not_filled(tmp_path, calib_file, capsys):
+    """A BertForMaskedLM checkpoint (as bert-base-uncased ships) compresses: its `cls.*` head is not part of
+    the encoder lrc loads, so it is left out of the output; the encoder's own tensors are still all required."""
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    folder = tmp_path / "bert-mlm"
+    BertForMaskedLM(tiny_config("bert")).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    assert any(k.startswith("cls.") for k in load_file(folder / "model.safetensors"))
+    out = tmp_path / "out"
+    code, _, stderr = run_main(capsys, *tiny_compress_args(folder, calib_file, out, "--samples", 24))
+    assert code == 0, stderr
+    written = load_file(out / "model.safetensors")
+    assert written and not any(k.startswith(("cls.", "pooler.")) for k in written)  # no pooler in, none made up
+    assert not hasattr(lrc.load(str(out)).model, "pooler") or lrc.load(str(out)).model.pooler is None
+
+    edit_tensors(folder, lambda t: t.pop("bert.encoder.layer.1.output.dense.weight"))
+    refused(capsys, tmp_path, tiny_compress_args(folder, calib_file, tmp_path / "out2", "--samples", 24),
+            "encoder.layer.1.output.dense.weight")

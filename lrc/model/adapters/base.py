@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,10 @@ class ModelAdapter:
     projections: fnmatch patterns of layer-relative module names to compress ("*": every nn.Linear/Conv1D).
     shared_inputs: groups of projections reading one tensor (fused projections are one matrix: see the adapters).
     objective: CAUSAL_LM or HIDDEN_STATES (see `loss`). experts: fused mixture-of-experts modules, if any.
+    unused_heads: name prefixes of task heads a checkpoint may carry that `auto_class` does not build (an
+    encoder's masked-LM or classifier head): not loaded, so not written to the output; never filled at random.
+    optional_parts: (name fragment, from_pretrained flag) of parts `auto_class` builds by default that a
+    checkpoint may lack (BERT's pooler in a masked-LM checkpoint): built only when a tensor name has the fragment.
     """
 
     model_types: tuple[str, ...]
@@ -59,6 +64,13 @@ class ModelAdapter:
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     objective: str = CAUSAL_LM
     experts: ExpertLayout | None = None
+    unused_heads: tuple[str, ...] = ()
+    optional_parts: tuple[tuple[str, str], ...] = ()
+
+    def build_flags(self, tensor_names: Iterable[str]) -> dict[str, bool]:
+        """from_pretrained flags that leave out the optional parts the checkpoint has no tensors for."""
+        names = list(tensor_names)
+        return {flag: False for fragment, flag in self.optional_parts if not any(fragment in n for n in names)}
 
     @property
     def name(self) -> str:
