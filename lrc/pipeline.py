@@ -80,11 +80,14 @@ def compress(
         stats = cached_statistics(loaded, config, Path(cache_dir) if cache_dir else None, progress)
         analysis = decompose_all(loaded, config, stats, progress)
     timing.update(analysis.timing)
+    t = time.perf_counter()
+    allocation = allocate_ranks(analysis, config)
+    timing["allocation_s"] = time.perf_counter() - t
     t = time.perf_counter()  # the allocator's error-vs-size curve, for `lrc report --plot`
-    curve = allocation_curve(ALLOCATORS.create(config.allocator, config.allocator_options), *allocate_ranks(analysis, config))
+    curve = allocation_curve(ALLOCATORS.create(config.allocator, config.allocator_options), *allocation)
     timing["allocation_curve_s"] = time.perf_counter() - t
     held_out = HeldOutCheck.measure_dense(loaded, config)  # dense loss on held-out windows, before apply
-    results, apply_timing = apply(loaded, analysis, config, progress)
+    results, apply_timing = apply(loaded, analysis, config, progress, allocation)
     timing.update(apply_timing)
     report = build_report(loaded, config, analysis.stats, results, original_params, resolve_device(config.device))
     report["allocation_curve"] = curve

@@ -191,3 +191,52 @@ def compressed_run(tmp_path_factory, calib_file) -> CompressedRun:
     result = run_lrc(*tiny_compress_args(model, calib_file, out, "--json"), cwd=root)
     assert result.returncode == 0, result.stderr
     return CompressedRun(model, calib_file, out, result)
+
+
+def whole_model_reference(model, windows, targets, batch_size, encoder):
+    """{name: [gram, diag, fisher_rows, tokens]} of the output gradients from one whole-model backward per batch.
+
+    Written independently of lrc.stats.gradients: the model's own objective through the full model (summed
+    next-token cross-entropy; for an encoder the seeded probe Σ ε·h), torch.autograd.grad at every targeted
+    projection's output, products over one batch in float32 summed in float64 (lrc's convention).
+    """
+    from lrc.stats.gradients import PROBE_SEED
+
+    probe = torch.Generator().manual_seed(PROBE_SEED)
+    acc = {n: [0.0, 0.0, 0.0, 0] for n in targets}
+    outs, ins = {}, {}
+
+    def record(name):
+        def hook(module, args, output):
+            outs[name], ins[name] = output, args[0]
+
+        return hook
+
+    hooks = [p.module.register_forward_hook(record(n)) for n, p in targets.items()]
+    hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_(True)))
+    try:
+        for batch in windows.split(batch_size):
+            outs.clear()
+            ins.clear()
+            with torch.enable_grad():
+                if encoder:  # Σ ε·h with ε ~ N(0, I), drawn in batch order
+                    h = model(input_ids=batch).last_hidden_state
+                    loss = (h * torch.randn(h.shape, generator=probe)).sum()
+                else:  # summed next-token cross-entropy: transformers' mean loss times the predicted tokens
+                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss * batch[:, 1:].numel()
+                names = list(outs)
+                grads = torch.autograd.grad(loss, [outs[n] for n in names])
+            for name, g in zip(names, grads):
+                g = g.float()
+                flat = g.reshape(-1, g.shape[-1])
+                x = ins[name].float()
+                per_window = zip(g, x) if g.dim() == 3 else [(g, x)]  # an expert: one flat list per batch
+                a = acc[name]
+                a[0] = a[0] + (flat.T @ flat).double()
+                a[1] = a[1] + flat.square().sum(0).double()
+                a[2] = a[2] + sum((gw.T @ xw).square().sum(1).double() for gw, xw in per_window)
+                a[3] += flat.shape[0]
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return acc

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from ..allocate import DENSE, MatrixCandidates, allocate_ranks
+from ..allocate import DENSE, Choice, MatrixCandidates, allocate_ranks
 from ..config import CompressionConfig
 from ..device import resolve_device
 from ..errors import ConfigError
@@ -47,16 +48,23 @@ class MatrixResult:
 
 
 def apply(
-    loaded: LoadedModel, analysis: Analysis, config: CompressionConfig, progress: Progress = no_progress
+    loaded: LoadedModel,
+    analysis: Analysis,
+    config: CompressionConfig,
+    progress: Progress = no_progress,
+    allocation: tuple[list[MatrixCandidates], Mapping[str, Choice]] | None = None,
 ) -> tuple[list[MatrixResult], dict[str, float]]:
-    """Allocate ranks and swap the chosen linears for their compressed forms, in place (one-shot or sequential).
+    """Swap the allocated linears for their compressed forms, in place (one-shot or sequential).
 
-    Returns the per-matrix results and timings (allocation_s, and sequential_s in sequential mode).
+    allocation: `allocate_ranks(analysis, config)` if the caller already made it, else it is made here.
+    Returns the per-matrix results and timings (allocation_s when allocated here, sequential_s in sequential mode).
     """
     timing = {}
-    t = time.perf_counter()
-    candidates, choices = allocate_ranks(analysis, config)
-    timing["allocation_s"] = time.perf_counter() - t
+    if allocation is None:
+        t = time.perf_counter()
+        allocation = allocate_ranks(analysis, config)
+        timing["allocation_s"] = time.perf_counter() - t
+    candidates, choices = allocation
     targets = target_linears(loaded.model, config.exclude)
     if config.sequential:
         ranks = {name: choice for name, choice in choices.items() if isinstance(choice, int)}

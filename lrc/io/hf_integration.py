@@ -59,27 +59,18 @@ def replace_with_low_rank(model: Any, ranks: dict[str, int], sparse: dict[str, d
         if not isinstance(linear, MATRIX_MODULES):
             raise ModelLoadError(f"the rank map in config.json names {name}, which is not a linear layer of "
                                  f"{type(model).__name__}")
+    for name in set(sparse or {}) & set(ranks):
+        raise ModelLoadError(f"the rank map in config.json gives {name} both a rank and a sparse layer")
     for name, rank in ranks.items():
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ModelLoadError(f"the rank map in config.json gives {name} rank {rank!r}; a rank is a positive integer")
-    for name, spec in (sparse or {}).items():
+    specs = {**(sparse or {}), **{name: {"kind": LowRankLinear.kind, "rank": rank} for name, rank in ranks.items()}}
+    for name, spec in specs.items():
         linear = Projection(model.get_submodule(name))  # an nn.Linear, or a Conv1D seen as W = weight.T
         weight = linear.weight
         replace_module(model, name, skeleton(
             linear.in_features, linear.out_features, spec, linear.bias is not None, weight.device, weight.dtype
         ))
-    for name, rank in ranks.items():
-        linear = Projection(model.get_submodule(name))  # an nn.Linear, or a Conv1D seen as W = weight.T
-        weight = linear.weight
-        layer = LowRankLinear(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            bias=linear.bias is not None,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        replace_module(model, name, layer)
 
 
 def _has_module(model: Any, name: str) -> bool:

@@ -27,11 +27,11 @@ from lrc.model.adapters import GENERIC, adapter_for, registered
 from lrc.model.experts import UnfusedExperts
 from lrc.model.targets import target_linears
 from lrc.sequential import sequential_factorize
-from lrc.stats.gradients import PROBE_SEED, collect_output_stats
+from lrc.stats.gradients import collect_output_stats
 from lrc.stats.inputs import collect_input_stats
 from lrc.stats.walker import LayerWalk
 
-from ..conftest import ARCHITECTURES, ENCODERS, save_tiny_model, tiny_config
+from ..conftest import ARCHITECTURES, ENCODERS, save_tiny_model, tiny_config, whole_model_reference
 
 SAMPLES, SEQ_LEN, BATCH = 24, 24, 2  # 24 tokens > the sliding window of 8; 576 tokens > every input width (gpt2: 256)
 MOE = ["qwen3_moe", "mixtral"]
@@ -134,46 +134,12 @@ def test_output_gradient_stats_equal_autograd(arch, text):
     targets = target_linears(model)
     stats = collect_output_stats(model, windows, targets, full_max=4096, fisher=True, batch_size=1)
 
-    probe = torch.Generator().manual_seed(PROBE_SEED)
-    gram = {n: 0.0 for n in targets}
-    diag = {n: 0.0 for n in targets}
-    fisher = {n: 0.0 for n in targets}
-    tokens = {n: 0 for n in targets}
-    embed = model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_(True))
-    outs, ins = {}, {}
-
-    def record(name):
-        def hook(module, args, output):
-            outs[name], ins[name] = output, args[0]
-
-        return hook
-
-    hooks = [p.module.register_forward_hook(record(n)) for n, p in targets.items()]
-    for window in windows:
-        outs.clear()
-        ins.clear()
-        with torch.enable_grad():
-            if encoder:  # the probe objective: Σ ε·h, ε ~ N(0, I) drawn in window order
-                h = model(input_ids=window[None]).last_hidden_state
-                loss = (h * torch.randn(h.shape, generator=probe)).sum()
-            else:  # transformers' own mean next-token loss, times the number of predicted tokens
-                loss = model(input_ids=window[None], labels=window[None]).loss * (window.numel() - 1)
-            names = list(outs)
-            grads = torch.autograd.grad(loss, [outs[n] for n in names])
-        for n, g in zip(names, grads):
-            g = g.reshape(-1, g.shape[-1]).double()
-            x = ins[n].detach().reshape(-1, ins[n].shape[-1]).double()
-            gram[n] = gram[n] + g.T @ g
-            diag[n] = diag[n] + g.square().sum(0)
-            fisher[n] = fisher[n] + (g.T @ x).square().sum(1)
-            tokens[n] += g.shape[0]
-    embed.remove()
-    for h in hooks:
-        h.remove()
+    reference = whole_model_reference(model, windows, targets, 1, encoder)
     for n in targets:
         s = stats[n]
-        assert s.tokens == tokens[n] > 0
-        for got, want in ((s.gram, gram[n]), (s.diag, diag[n]), (s.fisher_rows, fisher[n])):
+        gram, diag, fisher, tokens = reference[n]
+        assert s.tokens == tokens > 0
+        for got, want in ((s.gram, gram), (s.diag, diag), (s.fisher_rows, fisher)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 

@@ -1,8 +1,8 @@
 """The block-by-block backward sweep gives the statistics of one whole-model backward per batch.
 
-The reference below is written here, independently of lrc.stats.gradients: per batch, the model's own
-objective through the full model, torch.autograd.grad at every targeted projection's output, and the
-same accumulation convention (products over one batch in float32, summed over batches in float64).
+The reference (tests/conftest.py whole_model_reference) is written independently of lrc.stats.gradients:
+per batch, the model's own objective through the full model, torch.autograd.grad at every targeted
+projection's output, and the same accumulation convention (float32 products per batch, summed in float64).
 """
 
 from __future__ import annotations
@@ -13,54 +13,12 @@ import torch
 import lrc
 from lrc.calibration import token_windows
 from lrc.model.targets import target_linears
-from lrc.stats.gradients import PROBE_SEED, collect_output_stats
+from lrc.stats.gradients import collect_output_stats
 
-from ..conftest import ENCODERS, save_tiny_model
+from ..conftest import ENCODERS, save_tiny_model, whole_model_reference
 
 SAMPLES, SEQ_LEN = 4, 24  # 24 tokens > gemma2's sliding window of 8: its two layers see different masks
 FAMILIES = ["llama", "gemma2", "gpt2", "qwen3_moe", "bert"]
-
-
-def whole_model_reference(model, windows, targets, batch_size, encoder):
-    """{name: (gram, diag, fisher_rows, tokens)} from one whole-model backward per batch."""
-    probe = torch.Generator().manual_seed(PROBE_SEED)
-    acc = {n: [0.0, 0.0, 0.0, 0] for n in targets}
-    outs, ins = {}, {}
-
-    def record(name):
-        def hook(module, args, output):
-            outs[name], ins[name] = output, args[0]
-
-        return hook
-
-    hooks = [p.module.register_forward_hook(record(n)) for n, p in targets.items()]
-    hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_(True)))
-    try:
-        for batch in windows.split(batch_size):
-            outs.clear()
-            ins.clear()
-            with torch.enable_grad():
-                if encoder:  # Σ ε·h with ε ~ N(0, I), drawn in batch order
-                    h = model(input_ids=batch).last_hidden_state
-                    loss = (h * torch.randn(h.shape, generator=probe)).sum()
-                else:  # summed next-token cross-entropy: transformers' mean loss times the predicted tokens
-                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss * batch[:, 1:].numel()
-                names = list(outs)
-                grads = torch.autograd.grad(loss, [outs[n] for n in names])
-            for name, g in zip(names, grads):
-                g = g.float()
-                flat = g.reshape(-1, g.shape[-1])
-                x = ins[name].float()
-                per_window = zip(g, x) if g.dim() == 3 else [(g, x)]  # an expert: one flat list per batch
-                a = acc[name]
-                a[0] = a[0] + (flat.T @ flat).double()
-                a[1] = a[1] + flat.square().sum(0).double()
-                a[2] = a[2] + sum((gw.T @ xw).square().sum(1).double() for gw, xw in per_window)
-                a[3] += flat.shape[0]
-    finally:
-        for handle in hooks:
-            handle.remove()
-    return acc
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
