@@ -73,6 +73,24 @@ def replace_with_low_rank(model: Any, ranks: dict[str, int], sparse: dict[str, d
         ))
 
 
+def fuse_shared_inputs(model: Any) -> int:
+    """Fuse the first factors of each group of compressed layers that read one input (the adapter's
+    shared_inputs, per block); returns the number of groups fused."""
+    from ..forms.fused import fuse_down_factors
+    from ..model.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    stack_name, stack = adapter.layer_stack(model)
+    fused = 0
+    for block in stack:
+        for group in adapter.shared_inputs:
+            if any(any(c in name for c in "*?[") for name in group):
+                continue  # per-expert groups: not fused
+            layers = [block.get_submodule(name) for name in group if _has_module(block, name)]
+            fused += fuse_down_factors(layers) is not None
+    return fused
+
+
 def _has_module(model: Any, name: str) -> bool:
     try:
         model.get_submodule(name)
@@ -102,6 +120,12 @@ class LrcHfQuantizer(HfQuantizer):
         if checkpoint_files:
             check_factor_tensors(model, checkpoint_files, [*config.ranks, *config.sparse])
             check_skeleton_against_files(model, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        """Layers reading one input (the adapter's shared_inputs: q/k/v, gate/up) share one matmul for their
+        first factors (see lrc.forms.fused)."""
+        fuse_shared_inputs(model)
         return model
 
     def update_weight_conversions(self, weight_conversions: Any, model: Any) -> Any:
