@@ -13,6 +13,10 @@ own modeling code).
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,6 +83,38 @@ def _clone_views(module: nn.Module, state_dict: dict[str, Any], prefix: str, loc
         state_dict[name] = state_dict[name].clone()
 
 
+MADV_DONTNEED = 4  # Linux
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's memory mappings backed by a file (Linux; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    spans = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            spans.append((start, end))
+    return spans
+
+
+def release_file_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+    """Drop from this process's resident set the whole pages of `tensor` (no longer used) when they lie in a
+    file mapping (a memory-mapped checkpoint): they would otherwise stay resident next to their copy in the
+    stacked factor. The file is unchanged; the pages would be read again if touched. Anything else: no-op."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    first = -(-tensor.data_ptr() // page) * page
+    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if last > first and any(start <= first and last <= end for start, end in mappings):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
 def fuse_down_factors(layers: list[nn.Module]) -> SharedInputProduct | None:
     """Stack the first factors of `layers` (which must read one input) into one matrix; None (nothing done)
     for fewer than two fusable layers or mixed dtypes / devices."""
@@ -90,9 +126,11 @@ def fuse_down_factors(layers: list[nn.Module]) -> SharedInputProduct | None:
         return None
     weight = torch.cat([f.detach() for f in factors])
     shared = SharedInputProduct(weight, layers)
+    mappings = file_mappings()
     for index, layer in enumerate(layers):
         start, end = shared.bounds[index]
         down_factor(layer).weight = nn.Parameter(weight[start:end], requires_grad=False)
+        release_file_pages(factors[index], mappings)
         setattr(layer, "shared_input", (shared, index))  # noqa: B010  (the form's attribute, any FUSABLE)
         if not getattr(layer, "_clones_fused_views", False):
             layer._register_state_dict_hook(_clone_views)
