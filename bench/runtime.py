@@ -222,6 +222,10 @@ def main() -> None:
         models = {("dense" if i == 0 else name): Path(folder) for i, (name, folder) in enumerate(pairs)}
     else:
         models = default_models()
+    for name, folder in models.items():
+        if not (folder / "config.json").is_file():
+            raise SystemExit(f"{name}: no model at {folder} (for the defaults: lrc compress smollm2-135m --budget 0.3 "
+                             "--calib wiki.valid.tokens [--method loss-aware] -o FOLDER)")
     rows = []
     for dtype in args.dtypes:
         width = 4 if dtype == "float32" else 2

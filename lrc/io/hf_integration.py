@@ -91,6 +91,29 @@ def fuse_shared_inputs(model: Any) -> int:
     return fused
 
 
+def copy_indices_out_of_file(model: Any) -> int:
+    """A model loaded at another dtype than its files holds converted copies of the values, but its sparse
+    layers' bitmasks / indices (integers, never converted) still point into the memory-mapped checkpoint,
+    keeping the whole mapping (every page the conversion read) resident. Those are copied out (a few % of
+    the values' bytes) so the mapping is released; returns the number of tensors copied."""
+    from ..forms.fused import file_mappings
+    from ..forms.sparse_matrix import SparseMatrix
+
+    mappings = file_mappings()
+
+    def mapped(t: Any) -> bool:
+        return any(start <= t.data_ptr() < end for start, end in mappings)
+
+    copied = 0
+    for matrix in model.modules():
+        if isinstance(matrix, SparseMatrix) and not mapped(matrix.values):
+            for name, buffer in list(matrix.named_buffers(recurse=False)):
+                if mapped(buffer):
+                    setattr(matrix, name, buffer.clone())
+                    copied += 1
+    return copied
+
+
 def _has_module(model: Any, name: str) -> bool:
     try:
         model.get_submodule(name)
@@ -126,6 +149,7 @@ class LrcHfQuantizer(HfQuantizer):
         """Layers reading one input (the adapter's shared_inputs: q/k/v, gate/up) share one matmul for their
         first factors (see lrc.forms.fused)."""
         fuse_shared_inputs(model)
+        copy_indices_out_of_file(model)
         return model
 
     def update_weight_conversions(self, weight_conversions: Any, model: Any) -> Any:

@@ -133,3 +133,23 @@ def test_loaded_output_holds_its_file_bytes_and_round_trips(sparse_output, tmp_p
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
     torch.testing.assert_close(logits(again, ids), expected, rtol=0, atol=0)
     assert file_bytes(tmp_path / "again") <= 1.01 * file_bytes(sparse_output)
+
+
+def test_loaded_at_another_dtype_keeps_no_pages_of_the_file(sparse_output):
+    """float32 files loaded in bfloat16: the values are converted copies; the bitmasks / indices are copied out
+    of the memory-mapped file too, so no tensor keeps the mapping (and every page it read) resident."""
+    from transformers import AutoModelForCausalLM
+
+    from lrc.forms.fused import file_mappings
+    from lrc.forms.sparse_matrix import SparseMatrix
+
+    model = AutoModelForCausalLM.from_pretrained(sparse_output, dtype=torch.bfloat16)
+    mappings = file_mappings()
+    matrices = [m for m in model.modules() if isinstance(m, SparseMatrix)]
+    assert matrices
+    for matrix in matrices:
+        for t in [matrix.values, *matrix.buffers()]:
+            assert not any(start <= t.data_ptr() < end for start, end in mappings)
+    reference = AutoModelForCausalLM.from_pretrained(sparse_output)
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits(model, ids).float(), logits(reference, ids), rtol=0.1, atol=0.1)
