@@ -8,7 +8,8 @@ budget 0.3), in float32 and bfloat16, each model in its own process, loaded with
 - tensors: bytes held by the model's tensors after loading (parameters, buffers and any tensor a module
   keeps, each storage once), and after the run (caches built on first use included);
 - peak RSS: the process's peak resident set during a 512-token prefill and the decode steps (VmHWM, reset
-  after loading: the model, activations, KV cache and transients, plus the Python / torch runtime);
+  after loading and a warm-up, memory freed while loading handed back to the OS first: the model,
+  activations, KV cache and transients, plus the Python / torch runtime);
 - prefill tok/s (one 512-token forward) and decode tok/s (greedy steps with the KV cache), median of
   `--repeats` runs after a warm-up;
 each also as a ratio to the dense model measured in the same round. Rounds interleave the models, so a
@@ -21,6 +22,8 @@ change in the machine's load touches all of them alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -90,6 +93,12 @@ def proc_status(field: str) -> int:
     raise KeyError(field)
 
 
+def return_freed_memory() -> None:
+    """Hand memory freed while loading back to the OS (glibc malloc_trim), for every model alike."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def reset_peak_rss() -> None:
     """Start VmHWM again from the current RSS (Linux: 5 -> /proc/self/clear_refs)."""
     Path("/proc/self/clear_refs").write_text("5")
@@ -115,6 +124,7 @@ def child(args: argparse.Namespace) -> None:
     ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.seq_len]
     assert ids.shape[1] == args.seq_len, "not enough evaluation text for the prefill"
     gc.collect()
+    return_freed_memory()
     held_after_load = tensor_bytes(model)
     rss_after_load = proc_status("VmRSS")
 
@@ -135,6 +145,7 @@ def child(args: argparse.Namespace) -> None:
     with torch.inference_mode():  # warm-up: first-use work (kernels, caches) out of the timings
         model(ids[:, :16], use_cache=True)
     gc.collect()
+    return_freed_memory()
     reset_peak_rss()
     speeds = [run()]
     peak = proc_status("VmHWM")

@@ -61,6 +61,9 @@ static inline uint32_t chunk_bits(const uint8_t *row, int64_t j, int64_t stride)
 }
 
 #ifdef LRC_AVX512
+static inline __m512 widen_bf16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 static inline __m512 load_bf16(__mmask16 m, const uint16_t *p) {
     __m256i h = _mm256_maskz_loadu_epi16(m, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -80,26 +83,45 @@ static inline __m512 expand_bf16(__mmask16 m, const uint16_t *p) {
 /* One row i of y = x S^T for TN tokens (a compile-time constant after inlining, so the accumulators stay in
    registers), S in the bitmask layout, values from vals + p. */
 static inline __attribute__((always_inline)) void bitmask_row(const int TN, int bf16, const uint8_t *mrow,
-        const void *vals, int64_t p, int64_t rows, int64_t cols, int64_t stride, const void *x, int64_t i, void *y) {
+        const void *vals, int64_t p, int64_t nnz, int64_t rows, int64_t cols, int64_t stride, const void *x, int64_t i,
+        void *y) {
     float sum[TOKEN_BLOCK];
 #ifdef LRC_AVX512
     __m512 acc[TOKEN_BLOCK], acc2[TOKEN_BLOCK];  /* two chains (even / odd chunks): the FMAs overlap */
     for (int k = 0; k < TN; ++k) acc[k] = acc2[k] = _mm512_setzero_ps();
     int64_t j = 0;
-    for (; j + 16 < cols; j += 32) {
-        __mmask16 m = (__mmask16)chunk_bits(mrow, j, stride), m2 = (__mmask16)chunk_bits(mrow, j + 16, stride);
+    /* whole 32-column steps: the mask as one 32-bit word, x read unmasked (zeros of v stand where S is zero,
+       as in a dense product), values read unmasked while 32 of them remain in the buffer */
+    for (; j + 32 <= cols; j += 32) {
+        uint32_t bits;
+        memcpy(&bits, mrow + (j >> 3), 4);
+        __mmask16 m = (__mmask16)(bits & 0xffffu), m2 = (__mmask16)(bits >> 16);
         __m512 v, v2;
-        if (bf16) v = expand_bf16(m, (const uint16_t *)vals + p);
-        else v = expand_f32(m, (const float *)vals + p);
-        p += __builtin_popcount((unsigned)m);
-        if (bf16) v2 = expand_bf16(m2, (const uint16_t *)vals + p);
-        else v2 = expand_f32(m2, (const float *)vals + p);
+        if (p + 32 <= nnz) {
+            if (bf16) {
+                v = widen_bf16(_mm256_maskz_expand_epi16(m, _mm256_loadu_si256((const __m256i *)((const uint16_t *)vals + p))));
+                p += __builtin_popcount((unsigned)m);
+                v2 = widen_bf16(_mm256_maskz_expand_epi16(m2, _mm256_loadu_si256((const __m256i *)((const uint16_t *)vals + p))));
+            } else {
+                v = _mm512_maskz_expand_ps(m, _mm512_loadu_ps((const float *)vals + p));
+                p += __builtin_popcount((unsigned)m);
+                v2 = _mm512_maskz_expand_ps(m2, _mm512_loadu_ps((const float *)vals + p));
+            }
+        } else {
+            v = bf16 ? expand_bf16(m, (const uint16_t *)vals + p) : expand_f32(m, (const float *)vals + p);
+            p += __builtin_popcount((unsigned)m);
+            v2 = bf16 ? expand_bf16(m2, (const uint16_t *)vals + p) : expand_f32(m2, (const float *)vals + p);
+        }
         p += __builtin_popcount((unsigned)m2);
         for (int k = 0; k < TN; ++k) {
-            __m512 xv = bf16 ? load_bf16(m, (const uint16_t *)x + k * cols + j)
-                             : _mm512_maskz_loadu_ps(m, (const float *)x + k * cols + j);
-            __m512 xv2 = bf16 ? load_bf16(m2, (const uint16_t *)x + k * cols + j + 16)
-                              : _mm512_maskz_loadu_ps(m2, (const float *)x + k * cols + j + 16);
+            __m512 xv, xv2;
+            if (bf16) {
+                xv = widen_bf16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + k * cols + j)));
+                xv2 = widen_bf16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + k * cols + j + 16)));
+            } else {
+                xv = _mm512_loadu_ps((const float *)x + k * cols + j);
+                xv2 = _mm512_loadu_ps((const float *)x + k * cols + j + 16);
+            }
             acc[k] = _mm512_fmadd_ps(v, xv, acc[k]);
             acc2[k] = _mm512_fmadd_ps(v2, xv2, acc2[k]);
         }
@@ -136,8 +158,8 @@ static inline __attribute__((always_inline)) void bitmask_row(const int TN, int 
 }
 
 #define ROW_CASE(TN) case TN: \
-    if (bf16) bitmask_row(TN, 1, mrow, vals, offs[i], rows, cols, stride, xb, i, yb); \
-    else bitmask_row(TN, 0, mrow, vals, offs[i], rows, cols, stride, xb, i, yb); break;
+    if (bf16) bitmask_row(TN, 1, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb); \
+    else bitmask_row(TN, 0, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb); break;
 
 /* y (tokens x rows) = x (tokens x cols) S^T, S in the bitmask layout; bf16: values, x, y are bfloat16 */
 static void bitmask_mm(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
