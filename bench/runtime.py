@@ -183,7 +183,9 @@ def default_models() -> dict[str, Path]:
 
 def span(values: list[float], fmt: str) -> str:
     lo, hi = min(values), max(values)
-    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{format(lo, fmt)}-{format(hi, fmt)}"
+    if format(lo, fmt) == format(hi, fmt):
+        return format(lo, fmt)
+    return f"{format(lo, fmt)}{' to ' if lo < 0 else '-'}{format(hi, fmt)}"
 
 
 def table(rows: list[dict[str, Any]], models: list[str], dtypes: list[str]) -> list[str]:
