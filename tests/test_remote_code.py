@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,53 +15,14 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import lrc
-from lrc.cli import main
 from lrc.forms import LAYER_FORMS
 from lrc.io.remote_code import FORM_FILE_PREFIX, MODELING_FILE, form_module_files
-from tests.conftest import ENCODERS, save_tiny_model, tiny_compress_args
-
-# family, extra compress options: low rank (llama), Conv1D with a sparse residual (gpt2), routed experts with
-# a sparse dictionary (mixtral), an encoder (bert)
-CASES = {
-    "llama": (),
-    "gpt2": ("--method", "low-rank-sparse", "--samples", 18),
-    "mixtral": ("--method", "sparse-dictionary", "--samples", 24),
-    "bert": (),
-}
+from tests.conftest import auto_class, lrc_output, probe_input_ids
 
 
-@pytest.fixture(scope="module")
-def outputs(tmp_path_factory, calib_file) -> dict[str, Path]:
-    """{family: an lrc output folder} compressed once for this module."""
-    root = tmp_path_factory.mktemp("remote")
-    made = {}
-    for family, extra in CASES.items():
-        model = save_tiny_model(root / f"{family}-model", family)
-        out = root / f"{family}-out"
-        assert main(tiny_compress_args(model, calib_file, out, *extra)) == 0
-        made[family] = out
-    return made
-
-
-def auto_class(family: str) -> str:
-    return "AutoModel" if family in ENCODERS else "AutoModelForCausalLM"
-
-
-def input_ids() -> torch.Tensor:
-    return (torch.arange(48).reshape(2, 24) * 7) % 250
-
-
-def lrc_output(folder: Path) -> torch.Tensor:
-    """Logits (or the encoder's last hidden state) of lrc.load(folder) on input_ids()."""
-    model = lrc.load(str(folder), need_tokenizer=False).model
-    with torch.no_grad():
-        out = model(input_ids=input_ids())
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def test_output_names_its_modeling_code(outputs):
+def test_output_names_its_modeling_code(compressed_outputs):
     """config.json maps the auto class to the class in modeling_lrc.py; the layer map is still lrc's."""
-    for family, out in outputs.items():
+    for family, out in compressed_outputs.items():
         config = json.loads((out / "config.json").read_text())
         model_class = type(lrc.load(str(out)).model).__name__
         assert config["auto_map"] == {auto_class(family): f"modeling_lrc.Lrc{model_class}"}
@@ -70,20 +30,20 @@ def test_output_names_its_modeling_code(outputs):
         assert (out / MODELING_FILE).is_file()
 
 
-def test_layer_code_is_lrc_source(outputs):
+def test_layer_code_is_lrc_source(compressed_outputs):
     """The folder's layer modules are lrc/forms' files, only their sibling imports renamed; every form is there."""
     files = form_module_files()
     assert {LAYER_FORMS.get(kind).__module__.rpartition(".")[2] for kind in LAYER_FORMS.names()} <= set(files)
     for name, path in files.items():
-        copied = (outputs["llama"] / f"{FORM_FILE_PREFIX}{name}.py").read_text()
+        copied = (compressed_outputs["llama"] / f"{FORM_FILE_PREFIX}{name}.py").read_text()
         for sibling in files:
             copied = copied.replace(f"from .{FORM_FILE_PREFIX}{sibling} import", f"from .{sibling} import")
         assert copied == path.read_text()
 
 
-def test_fresh_venv_without_lrc_loads_outputs(outputs, tmp_path):
-    """A virtual environment that cannot import lrc loads every output with trust_remote_code=True and
-    computes the same logits as lrc.load here.
+def test_fresh_venv_without_lrc_loads_outputs(compressed_outputs, tmp_path):
+    """A virtual environment that cannot import lrc loads every output with trust_remote_code=True (and a
+    dense export without it) and computes the same logits as lrc.load here.
 
     The venv is made with --system-site-packages so that torch and transformers come from this
     interpreter's site-packages without a download; those site-packages also hold lrc's editable install
@@ -119,47 +79,50 @@ def test_fresh_venv_without_lrc_loads_outputs(outputs, tmp_path):
         else:
             raise SystemExit(f"lrc is importable here: {lrc.__file__}")
         cases, ids = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2]))
-        for out, auto, saved in cases:
-            model = getattr(transformers, auto).from_pretrained(out, trust_remote_code=True)
+        for out, auto, saved, remote in cases:
+            model = getattr(transformers, auto).from_pretrained(out, trust_remote_code=remote)
             with torch.no_grad():
                 result = model(input_ids=ids)
             torch.save(getattr(result, "logits", None) if auto != "AutoModel" else result.last_hidden_state, saved)
         leaked = sorted(m for m in sys.modules if m == "lrc" or m.startswith("lrc."))
         raise SystemExit(f"lrc modules imported: {leaked}" if leaked else 0)
     """)
-    cases = [[str(out), auto_class(family), str(tmp_path / f"{family}.pt")] for family, out in outputs.items()]
+    cases = [[str(out), auto_class(family), str(tmp_path / f"{family}.pt"), True] for family, out in compressed_outputs.items()]
+    dense = lrc.export_dense(str(compressed_outputs["llama"]), tmp_path / "llama-dense")  # plain transformers
+    cases.append([str(dense), "AutoModelForCausalLM", str(tmp_path / "dense.pt"), False])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env |= {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", script, json.dumps(cases), json.dumps(input_ids().tolist())],
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", script, json.dumps(cases), json.dumps(probe_input_ids().tolist())],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    for family, out in outputs.items():
+    for family, out in compressed_outputs.items():
         remote = torch.load(tmp_path / f"{family}.pt")
         torch.testing.assert_close(remote, lrc_output(out), rtol=0, atol=1e-6, msg=family)
+    torch.testing.assert_close(torch.load(tmp_path / "dense.pt"), lrc_output(compressed_outputs["llama"]), rtol=0, atol=1e-5)
 
 
-def test_remote_code_with_lrc_imported(outputs, tmp_path, monkeypatch):
+def test_remote_code_with_lrc_imported(compressed_outputs, tmp_path, monkeypatch):
     """With lrc imported, trust_remote_code=True still builds the layers once (lrc's quantizer is not run on
     top), gives lrc.load's outputs, and keeps the layer map on the config, so save_pretrained writes an
     output that lrc loads again."""
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     for family in ("llama", "mixtral"):
-        model = getattr(transformers, auto_class(family)).from_pretrained(str(outputs[family]), trust_remote_code=True)
+        model = getattr(transformers, auto_class(family)).from_pretrained(str(compressed_outputs[family]), trust_remote_code=True)
         assert type(model).__name__.startswith("Lrc")
         with torch.no_grad():
-            logits = model(input_ids=input_ids()).logits
-        torch.testing.assert_close(logits, lrc_output(outputs[family]), rtol=0, atol=1e-6)
+            logits = model(input_ids=probe_input_ids()).logits
+        torch.testing.assert_close(logits, lrc_output(compressed_outputs[family]), rtol=0, atol=1e-6)
         model.save_pretrained(tmp_path / f"{family}-saved")
         torch.testing.assert_close(lrc_output(tmp_path / f"{family}-saved"), logits, rtol=0, atol=1e-6)
 
 
-def test_remote_code_refuses_a_missing_factor(outputs, tmp_path, monkeypatch):
+def test_remote_code_refuses_a_missing_factor(compressed_outputs, tmp_path, monkeypatch):
     """A factor tensor deleted from the files is an error naming it, not a layer filled at random."""
     import shutil
 
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     folder = tmp_path / "damaged"
-    shutil.copytree(outputs["llama"], folder)
+    shutil.copytree(compressed_outputs["llama"], folder)
     tensors = load_file(folder / "model.safetensors")
     victim = next(name for name in tensors if name.endswith(".down.weight"))
     del tensors[victim]
