@@ -12,6 +12,7 @@ The file is as large as the original model's (at the output's dtype).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from .io.output import atomic_directory, check_output_path, protected_places
 from .progress import Progress, no_progress
 
 
-def dense_module(layer: nn.Module, original: nn.Module) -> nn.Module:
+def dense_module(layer: Any, original: nn.Module) -> nn.Module:
     """A module of `original`'s class (nn.Linear or Conv1D) computing what the compressed `layer` does:
     weight W = layer.dense_weight() (Conv1D stores Wᵀ), bias b = layer(0) when the original had one."""
     from transformers.pytorch_utils import Conv1D
@@ -51,10 +52,11 @@ def densify(model: nn.Module) -> list[str]:
     from .model.adapters import adapter_for
     from .model.targets import replace_module
 
+    model_class: Any = type(model)
     forms = tuple(LAYER_FORMS.get(kind) for kind in LAYER_FORMS.names())
     names = [name for name, module in model.named_modules() if isinstance(module, forms)]
     with torch.device("meta"):  # the original modules, to know each one's class and bias
-        original = type(model)._from_config(model.config)
+        original = model_class._from_config(model.config)
     adapter_for(original).prepare(original)
     for name in names:
         replace_module(model, name, dense_module(model.get_submodule(name), original.get_submodule(name)))

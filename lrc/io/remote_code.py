@@ -32,6 +32,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -95,10 +96,11 @@ def expert_layout(model: nn.Module) -> dict[str, tuple[str, str, str]]:
     """{module name: (gate, up, down) names} of the experts lrc holds unfused in `model`."""
     from ..model.experts import UnfusedExperts
 
-    layout = {}
+    layout: dict[str, tuple[str, str, str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, UnfusedExperts) and len(module) > 0:
-            layout[name] = module[0].names
+            first: Any = module[0]
+            layout[name] = tuple(first.names)
     return layout
 
 
@@ -111,7 +113,7 @@ def modeling_source(model_class: type, auto_class: str, experts: dict[str, tuple
     forms = ",\n    ".join(f"{kind!r}: {cls}" for kind, (_, cls) in form_classes().items())
     expert_code = ""
     if experts:
-        parts = [experts_module.ExpertMLP, experts_module.UnfusedExperts, experts_module.is_fused_experts,
+        parts: list[Any] = [experts_module.ExpertMLP, experts_module.UnfusedExperts, experts_module.is_fused_experts,
                  experts_module.unfuse_experts]
         expert_code = ("\n\nclass ModelLoadError(ValueError):\n    \"\"\"The checkpoint does not fit the model.\"\"\"\n\n\n"
                        + "\n\n".join(inspect.getsource(part) for part in parts))
