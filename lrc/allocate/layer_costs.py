@@ -3,7 +3,7 @@
 `LayerCostTable.seconds(entry)` is the time of one forward pass of `tokens` tokens through one layer: a
 dense nn.Linear (m x n), a LowRankLinear of rank r, or a sparse layer with k atoms / rank r and nnz stored
 entries, built with random values (a sparse factor's entries at random places). Each is timed after one
-warm-up call as the least of 5 rounds, each round long enough to last at least 2 ms (the least is the
+warm-up call as the least of 5 rounds, each round long enough to last at least 10 ms (the least is the
 time with the least interference from other processes). `resident_bytes(entry)` is what the layer
 holds after that forward: every tensor reachable from the module (parameters, buffers, and caches such
 as a sparse layer's kernel copy), each storage counted once.
@@ -33,7 +33,7 @@ from ..io.atomic_file import atomic_file
 DENSE_KIND = "dense"
 NNZ_STEPS = 64
 ROUNDS = 5
-MIN_ROUND_S = 0.002
+MIN_ROUND_S = 0.01
 
 
 @dataclass(frozen=True)
