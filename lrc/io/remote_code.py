@@ -66,6 +66,12 @@ def form_module_files() -> dict[str, Path]:
                     _check_package(node.module or "", path)
                 elif node.level == 1 and node.module:
                     visit(node.module, (*seen, name))
+                elif node.level == 1:  # from . import sibling
+                    for alias in node.names:
+                        if not (package / f"{alias.name}.py").is_file():
+                            raise LrcError(f"layer form module {path.name} imports {alias.name} from lrc.forms' "
+                                           "__init__: the output's modeling code could not run without lrc")
+                        visit(alias.name, (*seen, name))
                 else:
                     raise LrcError(f"layer form module {path.name} imports {'.' * node.level}{node.module or ''}, "
                                    "outside lrc/forms: the output's modeling code could not run without lrc")
@@ -82,6 +88,54 @@ def _check_package(module: str, path: Path) -> None:
     if top not in ALLOWED_PACKAGES and top not in sys.stdlib_module_names:
         raise LrcError(f"layer form module {path.name} imports {module}: the output's modeling code may import "
                        "only torch, transformers and the standard library")
+
+
+def copied_source(path: Path) -> str:
+    """A form module's source as written into the output: its sibling imports renamed to the lrc_ copies
+    (`from .x import` -> `from .lrc_x import`, `from . import x` -> `from . import lrc_x as x`)."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module is None:
+            if node.end_lineno != node.lineno:
+                raise LrcError(f"layer form module {path.name}: write `from . import` on one line")
+            line = lines[node.lineno - 1]
+            indent = line[: len(line) - len(line.lstrip())]
+            names = ", ".join(f"{FORM_FILE_PREFIX}{a.name} as {a.asname or a.name}" for a in node.names)
+            lines[node.lineno - 1] = f"{indent}from . import {names}\n"
+    return SIBLING_IMPORT.sub(rf"\1.{FORM_FILE_PREFIX}\2\3", "".join(lines))
+
+
+def fused_groups(model: nn.Module) -> list[list[str]]:
+    """Full names of the compressed layers that read one input (the adapter's shared_inputs, per block),
+    for lrc.forms.fused when this lrc has it; [] otherwise."""
+    import importlib.util
+
+    from ..model.adapters import adapter_for
+
+    if importlib.util.find_spec(f"{__package__.rpartition('.')[0]}.forms.fused") is None:
+        return []
+    from ..forms import LAYER_FORMS
+
+    forms = tuple(LAYER_FORMS.get(kind) for kind in LAYER_FORMS.names())
+    adapter = adapter_for(model)
+    stack_name, stack = adapter.layer_stack(model)
+    groups = []
+    for index, block in enumerate(stack):
+        for group in adapter.shared_inputs:
+            if any(any(c in name for c in "*?[") for name in group):
+                continue  # per-expert groups are not fused
+            names = [name for name in group if isinstance(_submodule(block, name), forms)]
+            if len(names) > 1:
+                groups.append([f"{stack_name}.{index}.{name}" for name in names])
+    return groups
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def form_classes() -> dict[str, tuple[str, str]]:
@@ -104,12 +158,20 @@ def expert_layout(model: nn.Module) -> dict[str, tuple[str, str, str]]:
     return layout
 
 
-def modeling_source(model_class: type, auto_class: str, experts: dict[str, tuple[str, str, str]]) -> str:
+def modeling_source(model_class: type, auto_class: str, experts: dict[str, tuple[str, str, str]],
+                    fused: list[list[str]] | None = None) -> str:
     """The text of modeling_lrc.py for a model of `model_class` (a transformers class) loaded by `auto_class`."""
     from .. import __version__
     from ..model import experts as experts_module
 
-    imports = "\n".join(f"from .{FORM_FILE_PREFIX}{module} import {cls}" for module, cls in form_classes().values())
+    # every copied module imported by name, so that transformers copies each one next to this file
+    imports = "\n".join(f"from .{FORM_FILE_PREFIX}{module} import __name__ as _{module}  # noqa: F401"
+                        for module in form_module_files())
+    imports += "\n" + "\n".join(f"from .{FORM_FILE_PREFIX}{module} import {cls}" for module, cls in form_classes().values())
+    fuse = ""
+    if fused:
+        imports += f"\nfrom .{FORM_FILE_PREFIX}fused import fuse_down_factors"
+        fuse = "\n        for group in FUSED_GROUPS:\n            fuse_down_factors([model.get_submodule(name) for name in group])"
     forms = ",\n    ".join(f"{kind!r}: {cls}" for kind, (_, cls) in form_classes().items())
     expert_code = ""
     if experts:
@@ -120,6 +182,7 @@ def modeling_source(model_class: type, auto_class: str, experts: dict[str, tuple
     return _WRAPPER.format(
         version=__version__, auto_class=auto_class, base=model_class.__name__, imports=imports, forms=forms,
         experts=json.dumps({k: list(v) for k, v in experts.items()}, indent=4), expert_code=expert_code,
+        fused=json.dumps(fused or [], indent=4), fuse=fuse,
     )
 
 
@@ -137,11 +200,11 @@ def write_remote_code(model: nn.Module, folder: Path) -> list[Path]:
     written = []
     for name, path in form_module_files().items():
         target = folder / f"{FORM_FILE_PREFIX}{name}.py"
-        target.write_text(SIBLING_IMPORT.sub(rf"\1.{FORM_FILE_PREFIX}\2\3", path.read_text(encoding="utf-8")),
-                          encoding="utf-8")
+        target.write_text(copied_source(path), encoding="utf-8")
         written.append(target)
     modeling = folder / MODELING_FILE
-    modeling.write_text(modeling_source(model_class, auto_class, expert_layout(model)), encoding="utf-8")
+    modeling.write_text(modeling_source(model_class, auto_class, expert_layout(model), fused_groups(model)),
+                        encoding="utf-8")
     written.append(modeling)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -172,7 +235,9 @@ LAYER_FORMS = {{
     {forms},
 }}
 # {{experts module name: its (gate, up, down) projection names}}: fused experts lrc stores one matrix each
-UNFUSED_EXPERTS: dict[str, list[str]] = {experts}{expert_code}
+UNFUSED_EXPERTS: dict[str, list[str]] = {experts}
+# layers reading one input whose first factors share one matmul after loading (lrc's forms/fused.py)
+FUSED_GROUPS: list[list[str]] = {fused}{expert_code}
 
 
 def layer_map(config: Any) -> dict[str, dict[str, Any]]:
@@ -241,7 +306,7 @@ class LrcCompressed:
             raise ValueError(f"{{pretrained_model_name_or_path}} does not match its lrc layer map ({{'; '.join(problems)}})")
         if stored is not None:
             del model.config.lrc_layer_map
-            model.config.quantization_config = stored
+            model.config.quantization_config = stored{fuse}
         return (model, info) if wants_info else model
 
 
