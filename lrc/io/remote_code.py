@@ -223,6 +223,7 @@ linears named in config.json's quantization_config (the layer map) for those lay
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import transformers
