@@ -44,9 +44,10 @@ ALLOWED_PACKAGES = {"torch", "transformers"}
 SIBLING_IMPORT = re.compile(r"^(\s*from\s+)\.(\w+)(\s+import)", flags=re.MULTILINE)
 
 
-def form_module_files() -> dict[str, Path]:
-    """{module name in lrc.forms: source file} of every module a registered layer form needs, in import order
-    (a module after the siblings it imports). Raises LrcError for an import the output could not satisfy."""
+def form_module_files(extra: tuple[str, ...] = ()) -> dict[str, Path]:
+    """{module name in lrc.forms: source file} of every module a registered layer form (or an `extra` module
+    of lrc.forms) needs, in import order (a module after the siblings it imports). Raises LrcError for an
+    import the output could not satisfy."""
     from .. import forms
 
     package = Path(forms.__file__).parent
@@ -80,6 +81,8 @@ def form_module_files() -> dict[str, Path]:
     for kind in forms.LAYER_FORMS.names():
         module = sys.modules[forms.LAYER_FORMS.get(kind).__module__]
         visit(module.__name__.rpartition(".")[2], ())
+    for name in extra:
+        visit(name, ())
     return ordered
 
 
@@ -166,7 +169,7 @@ def modeling_source(model_class: type, auto_class: str, experts: dict[str, tuple
 
     # every copied module imported by name, so that transformers copies each one next to this file
     imports = "\n".join(f"from .{FORM_FILE_PREFIX}{module} import __name__ as _{module}  # noqa: F401"
-                        for module in form_module_files())
+                        for module in form_module_files(("fused",) if fused else ()))
     imports += "\n" + "\n".join(f"from .{FORM_FILE_PREFIX}{module} import {cls}" for module, cls in form_classes().values())
     fuse = ""
     if fused:
@@ -198,13 +201,13 @@ def write_remote_code(model: nn.Module, folder: Path) -> list[Path]:
                        "lrc cannot write modeling code that loads this output without lrc")
     auto_class = adapter_for(model).auto_class
     written = []
-    for name, path in form_module_files().items():
+    fused = fused_groups(model)
+    for name, path in form_module_files(("fused",) if fused else ()).items():
         target = folder / f"{FORM_FILE_PREFIX}{name}.py"
         target.write_text(copied_source(path), encoding="utf-8")
         written.append(target)
     modeling = folder / MODELING_FILE
-    modeling.write_text(modeling_source(model_class, auto_class, expert_layout(model), fused_groups(model)),
-                        encoding="utf-8")
+    modeling.write_text(modeling_source(model_class, auto_class, expert_layout(model), fused), encoding="utf-8")
     written.append(modeling)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
