@@ -3,10 +3,14 @@
 `LayerCostTable.seconds(entry)` is the time of one forward pass of `tokens` tokens through one layer: a
 dense nn.Linear (m x n), a LowRankLinear of rank r, or a sparse layer with k atoms / rank r and nnz stored
 entries, built with random values (a sparse factor's entries at random places). Each is timed after one
-warm-up call as the least of 5 rounds, each round long enough to last at least 10 ms (the least is the
+warm-up call as the least of 7 rounds, each round long enough to last at least 10 ms (the least is the
 time with the least interference from other processes). `resident_bytes(entry)` is what the layer
 holds after that forward: every tensor reachable from the module (parameters, buffers, and caches such
 as a sparse layer's kernel copy), each storage counted once.
+
+A low-rank layer's time is priced by the isotonic (non-decreasing in rank, least squares) fit of its
+shape's measured ranks: more rank is never less work, and on a shared machine single measurements
+are noisy enough (±50% seen) that the knapsack would otherwise pick ranks that measured fast by chance.
 
 Measured once per device and cached as JSON under the lrc cache dir (`latency/<key hash>.json`), keyed
 by the device (CPU model or GPU name), torch version, thread count, dtype and token count; later runs
@@ -32,7 +36,7 @@ from ..io.atomic_file import atomic_file
 
 DENSE_KIND = "dense"
 NNZ_STEPS = 64
-ROUNDS = 5
+ROUNDS = 7
 MIN_ROUND_S = 0.01
 
 
@@ -171,6 +175,17 @@ def measure(layer: nn.Module, tokens: int, in_features: int, dtype: torch.dtype,
     return best
 
 
+def isotonic(values: list[float]) -> list[float]:
+    """The non-decreasing sequence nearest to `values` in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            mean, count = blocks.pop()
+            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + mean * count) / (blocks[-1][1] + count), blocks[-1][1] + count]
+    return [mean for mean, count in blocks for _ in range(int(count))]
+
+
 class LayerCostTable:
     """Forward seconds and resident bytes of layer forms at given shapes, measured once and cached on disk."""
 
@@ -187,6 +202,7 @@ class LayerCostTable:
         self.path = (cache_dir or default_cache_dir()) / "latency" / f"{digest}.json"
         self.entries: dict[str, dict[str, float]] = {}
         self.measured = 0  # entries measured by this object (the rest came from the cache)
+        self._fits: dict[tuple[int, int], dict[int, float]] = {}  # low-rank series: rank -> fitted seconds
         if self.path.is_file():
             try:
                 stored = json.loads(self.path.read_text())
@@ -196,7 +212,20 @@ class LayerCostTable:
                 self.entries = dict(stored.get("entries", {}))
 
     def seconds(self, shape: LayerShape) -> float:
-        return self._entry(shape)["seconds"]
+        """The measured time; for a low-rank layer, its shape's isotonic fit over the ranks measured."""
+        from ..forms import LowRankLinear
+
+        entry = self._entry(shape)["seconds"]
+        if shape.kind != LowRankLinear.kind:
+            return entry
+        series = (shape.out_features, shape.in_features)
+        if series not in self._fits:
+            prefix = f"{shape.kind}:{shape.out_features}x{shape.in_features}:r"
+            measured = sorted((int(key[len(prefix):].split(":")[0]), value["seconds"])
+                              for key, value in self.entries.items() if key.startswith(prefix))
+            fitted = isotonic([t for _, t in measured])
+            self._fits[series] = {rank: t for (rank, _), t in zip(measured, fitted)}
+        return self._fits[series][shape.rank]
 
     def resident_bytes(self, shape: LayerShape) -> float:
         return self._entry(shape)["resident_bytes"]
@@ -210,6 +239,7 @@ class LayerCostTable:
             self.entries[key] = {"seconds": seconds, "resident_bytes": float(held_bytes(layer))}
             self.measured += 1
         if missing:
+            self._fits.clear()
             self.save()
 
     def save(self) -> None:
