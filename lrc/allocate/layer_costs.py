@@ -226,7 +226,8 @@ class LayerCostTable:
             measured = sorted((int(key[len(prefix):].split(":")[0]), value["seconds"])
                               for key, value in self.entries.items() if key.startswith(prefix))
             fitted = linear_fit([float(rank) for rank, _ in measured], [t for _, t in measured])
-            self._fits[series] = {rank: t for (rank, _), t in zip(measured, fitted)}
+            floor = min(t for _, t in measured)  # the line may cross zero below the ranks measured
+            self._fits[series] = {rank: max(t, floor) for (rank, _), t in zip(measured, fitted)}
         return self._fits[series][shape.rank]
 
     def resident_bytes(self, shape: LayerShape) -> float:

@@ -148,3 +148,7 @@ def test_low_rank_times_are_priced_by_a_line_in_rank(tmp_path):
     # mean rank 20, mean time 2.5, slope Σ(dx dy) / Σ dx² = 32 / 320
     assert [table.seconds(LayerShape("low-rank", 48, 32, r)) for r in measured] == pytest.approx([1.3, 2.1, 2.9, 3.7])
     assert table.seconds(LayerShape("dense", 48, 32)) == 0.5
+    # a line crossing zero at the low ranks is held at the least time measured, never priced at or below zero
+    for rank, seconds in {8: 0.01, 16: 0.02, 24: 2.0, 32: 4.0}.items():
+        table.entries[LayerShape("low-rank", 64, 32, rank).key()] = {"seconds": seconds, "resident_bytes": 0.0}
+    assert table.seconds(LayerShape("low-rank", 64, 32, 8)) == 0.01
