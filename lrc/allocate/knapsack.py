@@ -116,6 +116,8 @@ class KnapsackAllocator(Allocator):
             allowed_price = (1.0 - budget) * sum(price(m, DENSE) for m in matrices)
             unit = allowed_price / self.max_units
             capacity = self.max_units
+            if any(c < 0 for item in items for c in item.costs):
+                raise ValueError("an option of the knapsack is priced below zero")
             least = sum(min(item.costs) for item in items) / sum(price(m, DENSE) for m in matrices)
             if least > 1.0 - budget:
                 raise ConfigError(f"budget {budget} cannot be met by measured cost: the cheapest option of every "
