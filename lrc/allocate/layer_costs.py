@@ -11,8 +11,8 @@ as a sparse layer's kernel copy), each storage counted once.
 A low-rank layer's time is priced by the least-squares line t(r) = a + b r (b >= 0) through its shape's
 measured ranks: its work is two products of r (m + n) tokens multiply-adds plus a fixed cost per call,
 and on a shared machine single measurements are noisy enough (±50% seen) that a knapsack pricing each
-rank by its own measurement picks the ranks that measured fast by chance (measured on SmolLM2-135M: the
-targeted layers then ran at 0.94 of dense where the table promised 0.70; see the README).
+rank by its own measurement picks the ranks that measured fast by chance. Load that drifts between the
+measurements of one shape still misleads it (see the README's figures).
 
 Measured once per device and cached as JSON under the lrc cache dir (`latency/<key hash>.json`), keyed
 by the device (CPU model or GPU name), torch version, thread count, dtype and token count; later runs
