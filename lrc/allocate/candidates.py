@@ -54,7 +54,13 @@ def build_candidates(analysis: Analysis, config: CompressionConfig) -> list[Matr
 
 
 def allocate_ranks(analysis: Analysis, config: CompressionConfig) -> tuple[list[MatrixCandidates], Mapping[str, Choice]]:
-    """The allocator's choice of a rank, DENSE or a sparse option for every targeted matrix under config.budget."""
+    """The allocator's choice of a rank, DENSE or a sparse option for every targeted matrix under config.budget,
+    the options priced by config.objective (see lrc.allocate.objective)."""
+    from .knapsack import KnapsackAllocator
+    from .objective import price_for
+
     allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
     candidates = build_candidates(analysis, config)
+    if isinstance(allocator, KnapsackAllocator):  # the other allocators count parameters (config.validate)
+        allocator.price = price_for(config, candidates, allocator.rank_step)
     return candidates, allocator.allocate(candidates, config.budget)
