@@ -202,7 +202,6 @@ def whole_model_reference(model, windows, targets, batch_size, encoder):
     """
     from lrc.stats.gradients import PROBE_SEED
 
-    probe = torch.Generator().manual_seed(PROBE_SEED)
     acc = {n: [0.0, 0.0, 0.0, 0] for n in targets}
     outs, ins = {}, {}
 
@@ -215,12 +214,13 @@ def whole_model_reference(model, windows, targets, batch_size, encoder):
     hooks = [p.module.register_forward_hook(record(n)) for n, p in targets.items()]
     hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_(True)))
     try:
-        for batch in windows.split(batch_size):
+        for index, batch in enumerate(windows.split(batch_size)):
             outs.clear()
             ins.clear()
             with torch.enable_grad():
-                if encoder:  # Σ ε·h with ε ~ N(0, I), drawn in batch order
+                if encoder:  # Σ ε·h with ε ~ N(0, I), batch `index` drawn from a generator seeded PROBE_SEED + index
                     h = model(input_ids=batch).last_hidden_state
+                    probe = torch.Generator().manual_seed(PROBE_SEED + index)
                     loss = (h * torch.randn(h.shape, generator=probe)).sum()
                 else:  # summed next-token cross-entropy: transformers' mean loss times the predicted tokens
                     loss = model(input_ids=batch, labels=batch, use_cache=False).loss * batch[:, 1:].numel()
