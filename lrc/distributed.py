@@ -107,10 +107,10 @@ def check_peers(error: BaseException | None = None) -> None:
         return
     errors: list[Any] = [None] * size
     dist.all_gather_object(errors, None if error is None else _portable(error, rank))
-    if error is not None:
-        raise error
-    first = next(e for e in errors if e is not None)
-    raise first
+    _settle()
+    raised = error if error is not None else next(e for e in errors if e is not None)
+    raised.shared_by_ranks = True  # type: ignore[union-attr]  # every rank knows: no exchange again
+    raise raised
 
 
 def _portable(error: BaseException, rank: int) -> BaseException:
@@ -129,10 +129,19 @@ def shared_errors() -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        if world()[1] > 1:
+        if world()[1] > 1 and not getattr(exc, "shared_by_ranks", False):
             check_peers(exc)
         raise
     check_peers()
+    _settle()
+
+
+def _settle() -> None:
+    """A last barrier before the ranks part: a rank that leaves while a peer is still reading the previous
+    exchange resets its connection (gloo: "Connection reset by peer"). The outcome is known by now, so a
+    peer that is already gone is no error here."""
+    with contextlib.suppress(RuntimeError):
+        dist.barrier()
 
 
 # --- batches and their ordered reduction ------------------------------------------------------------------
