@@ -107,6 +107,28 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
+         "they you were her she there one all we their been has more when will would who so no time year people "
+         "river city music film game war team world house water light history school number church station").split()
+
+
+def synthetic_text(chars: int, seed: int = 0) -> str:
+    """Sentences of common English words, Zipf-weighted, seeded: calibration text where no data files exist
+    (the GPU check's machine has only the checkout)."""
+    import random
+
+    rng = random.Random(seed)
+    weights = [1 / (rank + 1) for rank in range(len(WORDS))]
+    parts: list[str] = []
+    size = 0
+    while size < chars:
+        words = rng.choices(WORDS, weights, k=rng.randint(5, 16))
+        sentence = " ".join(words).capitalize() + rng.choice([".", ".", ",", "?"]) + " "
+        parts.append(sentence)
+        size += len(sentence)
+    return "".join(parts)[:chars]
+
+
 def save_trained_tiny_model(folder: Path, text: str, steps: int = 40, seed: int = 0) -> Path:
     """A tiny llama trained for a few Adam steps on `text` (byte tokens; loss 5.6 -> 2.9 nats, seconds):
     unlike a random model it predicts the text, so a harmful compression shows as a loss increase."""

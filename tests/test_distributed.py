@@ -142,7 +142,7 @@ def brute_force_makespan(costs: list[float], bins: int) -> float:
 
 def test_bin_packing_is_a_deterministic_partition_within_four_thirds_of_the_best():
     rng = random.Random(0)
-    for trial in range(30):
+    for _ in range(30):
         bins = rng.choice([2, 3])
         jobs = [(f"job{i}", float(rng.randint(1, 50))) for i in range(rng.randint(1, 7))]
         packed = pack_jobs(jobs, bins)
