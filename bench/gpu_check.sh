@@ -37,7 +37,7 @@ SUMMARY="$RESULTS/summary.md"
 START=$(date +%s)
 
 if [ "$QUICK" = 1 ]; then  # dry-run sizes: seconds per step
-    LAYERS=2; SAMPLES=8; SEQ=128; CHARS=60000; SHAPES=(test-tiny); SCALE_ARGS=(--samples 2 --seq-len 64)
+    LAYERS=2; SAMPLES=16; SEQ=128; CHARS=60000; SHAPES=(test-tiny); SCALE_ARGS=(--samples 2 --seq-len 64)
     LIMIT_TESTS=300; LIMIT_RUN=300; LIMIT_SCALE=(300)
 else  # SmolLM2-135M's widths with 10 of its 30 layers and 64 of the default 128 x 512 windows: the cpu run
       # (about 1/8 of the full run's work) fits its limit on 16 cores

@@ -4,8 +4,8 @@ For each shape, one LlamaForCausalLM layer is built from its config (random weig
 vocabulary, which only sizes the embeddings and head, outside the layer) and lrc's own stages run on it:
 
 - statistics: the input-statistics pass and the output-gradient sweep of `lrc.stats.collect` on random
-  token windows (synthetic activations), `--samples` x `--seq-len` tokens; the time per token is scaled
-  to the default calibration (128 x 512 tokens).
+  token windows (synthetic activations), on half of `--samples` x `--seq-len` tokens and on all: the
+  difference gives the time per token, scaled to the default calibration (128 x 512 tokens).
 - decomposition: every job of the layer (q/k/v, o, gate/up, down) through `lrc.engine.jobs.run_job` with
   the default method, on Grams from those tokens plus a ridge of 1% of their mean diagonal (few tokens
   leave them singular; real calibration does not). Jobs run cheapest first until `--job-budget-s` is
@@ -138,11 +138,20 @@ def measure_shape(label: str, args: argparse.Namespace, device: torch.device) ->
     result: dict[str, Any] = {"shape": label, "hidden": hidden, "mlp": mlp, "heads": heads, "kv_heads": kv,
                               "layers": layers, "tokens_measured": tokens}
 
+    # twice, on half the windows and on all of them: time = fixed + per_token x tokens (the fixed part, the
+    # walker's set-up and the Gram allocations, would dominate a per-token rate from few tokens)
+    half = windows[: max(1, args.samples // 2)]
+    t = time.perf_counter()
+    collect_statistics(loaded, config.replace(samples=half.shape[0]), windows=half)
+    half_s = time.perf_counter() - t
     t = time.perf_counter()
     with PeakMemory(device) as peak:
         stats = collect_statistics(loaded, config, windows=windows)
     stats_s = time.perf_counter() - t
-    result["statistics"] = {"seconds": round(stats_s, 3), "per_token_s": stats_s / tokens, "peak_bytes": peak.peak,
+    per_token = (stats_s - half_s) / (tokens - half.numel()) if tokens > half.numel() else stats_s / tokens
+    per_token = max(per_token, stats_s / tokens / 10)  # timing noise must not make it vanish
+    result["statistics"] = {"seconds": round(stats_s, 3), "seconds_half": round(half_s, 3), "per_token_s": per_token,
+                            "fixed_s": max(0.0, stats_s - per_token * tokens), "peak_bytes": peak.peak,
                             **{k: round(v, 3) for k, v in stats.timing.items()}}
     ridged(stats)
 
@@ -236,7 +245,7 @@ def project(result: dict[str, Any], costs: list[JobCost], args: argparse.Namespa
     layers, hidden, mlp = result["layers"], result["hidden"], result["mlp"]
     kv_width = hidden // result["heads"] * result["kv_heads"]
     layer_params = 2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * mlp
-    stats_layer = result["statistics"]["per_token_s"] * DEFAULT_TOKENS
+    stats_layer = result["statistics"]["per_token_s"] * DEFAULT_TOKENS + result["statistics"].get("fixed_s", 0.0)
     matrices_per_layer = 7
     alloc = result["allocation"]["seconds"] / max(result["allocation"]["matrices"], 1) * matrices_per_layer * layers
     model_bytes = 2 * layers * layer_params * (1 - args.budget) + 2 * 2 * 128256 * hidden  # bf16, embeddings + head
