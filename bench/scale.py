@@ -63,6 +63,21 @@ DEFAULT_TOKENS = 128 * 512
 GIB = 1024**3
 
 
+class Clock:
+    """Seconds of a phase. On CUDA the wall clock (after a synchronize). On the CPU the process's CPU time
+    divided by torch's thread count: the wall time on an idle machine with that many cores, which a shared
+    machine's wall clock (other jobs running) overstates."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+        return time.process_time() / torch.get_num_threads()
+
+
 class PeakMemory:
     """The peak of device memory over a `with` block: CUDA's allocator peak, or the sampled resident set on CPU."""
 
@@ -140,14 +155,15 @@ def measure_shape(label: str, args: argparse.Namespace, device: torch.device) ->
 
     # twice, on half the windows and on all of them: time = fixed + per_token x tokens (the fixed part, the
     # walker's set-up and the Gram allocations, would dominate a per-token rate from few tokens)
+    clock = Clock(device)
     half = windows[: max(1, args.samples // 2)]
-    t = time.perf_counter()
+    t = clock.now()
     collect_statistics(loaded, config.replace(samples=half.shape[0]), windows=half)
-    half_s = time.perf_counter() - t
-    t = time.perf_counter()
+    half_s = clock.now() - t
+    t = clock.now()
     with PeakMemory(device) as peak:
         stats = collect_statistics(loaded, config, windows=windows)
-    stats_s = time.perf_counter() - t
+    stats_s = clock.now() - t
     per_token = (stats_s - half_s) / (tokens - half.numel()) if tokens > half.numel() else stats_s / tokens
     per_token = max(per_token, stats_s / tokens / 10)  # timing noise must not make it vanish
     result["statistics"] = {"seconds": round(stats_s, 3), "seconds_half": round(half_s, 3), "per_token_s": per_token,
@@ -166,10 +182,10 @@ def measure_shape(label: str, args: argparse.Namespace, device: torch.device) ->
         if spent >= args.job_budget_s or short in args.skip_jobs:
             costs.append(JobCost(job.name, short, job.cost(), float("nan"), False, 0))
             continue
-        t = time.perf_counter()
+        t = clock.now()
         with PeakMemory(device) as peak:
             out = run_job(job, targets, stats, method, config, device, lambda name: None)
-        seconds = time.perf_counter() - t
+        seconds = clock.now() - t
         spent += seconds
         costs.append(JobCost(job.name, short, job.cost(), seconds, True, peak.peak))
         for name, analysis in out.items():
@@ -185,19 +201,19 @@ def measure_shape(label: str, args: argparse.Namespace, device: torch.device) ->
                        "peak_bytes": c.peak_bytes} for c in costs]
     result["seconds_per_cost_unit"] = rate
 
-    t = time.perf_counter()
     from lrc.allocate import allocate_ranks
 
+    t = clock.now()
     analysis = Analysis(stats, decompositions, output_errors, method.errors_comparable, {})
     allocate_ranks(analysis, config)
-    result["allocation"] = {"seconds": round(time.perf_counter() - t, 4), "matrices": len(decompositions)}
+    result["allocation"] = {"seconds": round(clock.now() - t, 4), "matrices": len(decompositions)}
 
     from safetensors.torch import save_file
 
     layer_state = {k: v.detach().to(torch.bfloat16).contiguous()
                    for k, v in loaded.model.model.layers[0].state_dict().items()}
     path = Path(args.scratch) / f"scale-{label}.safetensors"
-    t = time.perf_counter()
+    t = time.perf_counter()  # writing waits on the disk: wall clock
     save_file(layer_state, str(path))
     write_s = time.perf_counter() - t
     nbytes = path.stat().st_size
@@ -270,7 +286,10 @@ def project(result: dict[str, Any], costs: list[JobCost], args: argparse.Namespa
 
 
 def table(results: list[dict[str, Any]], device_name: str, label: str) -> list[str]:
-    lines = [f"# Cost at scale: one decoder layer measured on {device_name}, whole model projected ({label})", ""]
+    clock = ("wall clock" if "CPU" not in device_name else
+             "CPU time / threads, the wall time of an idle machine with that many cores")
+    lines = [f"# Cost at scale: one decoder layer measured on {device_name}, whole model projected ({label})", "",
+             f"Seconds are {clock}.", ""]
     lines += ["Per layer (measured unless marked *projected by the flop model*):", "",
               "| shape | statistics, tokens | statistics s/token | peak (stats) | job | flop-model cost | s | peak |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
