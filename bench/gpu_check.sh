@@ -8,7 +8,7 @@
 # Steps, each under its own time limit (a step that runs out is recorded as such, the others still run):
 #   1. pytest -m gpu: CUDA statistics and decompositions against the float64 CPU path (tests/test_gpu.py)
 #   2. the default compression (sparse-dictionary + knapsack) of a config-built model with SmolLM2-135M's
-#      widths, 10 layers (random weights, byte tokenizer, generated text), 64 x 512 windows, on cuda, then
+#      widths, 6 layers (random weights, byte tokenizer, generated text), 64 x 512 windows, on cuda, then
 #      the same on cpu; compared by
 #      bench/gpu_check.py compare (times per phase, held-out perplexities, tensors)
 #   3. bench/scale.py on cuda: one Llama-3-8B and one Llama-3-70B layer, projected to the whole models
@@ -36,14 +36,15 @@ trap 'rm -rf "$WORK"' EXIT
 SUMMARY="$RESULTS/summary.md"
 START=$(date +%s)
 
-if [ "$QUICK" = 1 ]; then  # dry-run sizes: seconds per step
-    LAYERS=2; SAMPLES=16; SEQ=128; CHARS=60000; SHAPES=(test-tiny); SCALE_ARGS=(--samples 2 --seq-len 64)
-    LIMIT_TESTS=300; LIMIT_RUN=300; LIMIT_SCALE=(300)
-else  # SmolLM2-135M's widths with 10 of its 30 layers and 64 of the default 128 x 512 windows: the cpu run
-      # (about 1/8 of the full run's work) fits its limit on 16 cores
-    LAYERS=10; SAMPLES=64; SEQ=512; CHARS=400000; SHAPES=(llama3-8b llama3-70b)
-    SCALE_ARGS=(--samples 8 --seq-len 512 --job-budget-s 40); LIMIT_TESTS=60; LIMIT_RUN=110; LIMIT_SCALE=(60 90)
+if [ "$QUICK" = 1 ]; then  # dry-run sizes: every step in seconds to a few minutes on a small CPU
+    LAYERS=2; SAMPLES=16; SEQ=128; CHARS=60000; METHOD=(--method loss-aware); SHAPES=(test-tiny)
+    SCALE_ARGS=(--samples 2 --seq-len 64); LIMIT_TESTS=300; LIMIT_RUN=300; LIMIT_SCALE=(300)
+else  # SmolLM2-135M's widths with 6 of its 30 layers and 64 of the default 128 x 512 windows: the cpu run
+      # (about 1/10 of the full run's work) fits its limit on 16 cores
+    LAYERS=6; SAMPLES=64; SEQ=512; CHARS=400000; METHOD=(); SHAPES=(llama3-8b llama3-70b)
+    SCALE_ARGS=(--samples 8 --seq-len 512 --job-budget-s 40); LIMIT_TESTS=60; LIMIT_RUN=(60 150); LIMIT_SCALE=(60 90)
 fi
+[ "${#LIMIT_RUN[@]}" = 2 ] || LIMIT_RUN=("${LIMIT_RUN[0]}" "${LIMIT_RUN[0]}")
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $RESULTS/NAME.log, record the outcome
@@ -92,9 +93,9 @@ fi
 
 # 2. the default compression on the device, then on the cpu
 step build 120 python bench/gpu_check.py build "$WORK" --layers "$LAYERS" --chars "$CHARS"
-RUN_ARGS=("$WORK/model" --calib "$WORK/calib.txt" --samples "$SAMPLES" --seq-len "$SEQ" --quiet)
-step compress_device "$LIMIT_RUN" python -m lrc compress "${RUN_ARGS[@]}" --device "$DEVICE" -o "$WORK/out_device"
-step compress_cpu "$LIMIT_RUN" python -m lrc compress "${RUN_ARGS[@]}" --device cpu -o "$WORK/out_cpu"
+RUN_ARGS=("$WORK/model" --calib "$WORK/calib.txt" --samples "$SAMPLES" --seq-len "$SEQ" "${METHOD[@]}" --quiet)
+step compress_device "${LIMIT_RUN[0]}" python -m lrc compress "${RUN_ARGS[@]}" --device "$DEVICE" -o "$WORK/out_device"
+step compress_cpu "${LIMIT_RUN[1]}" python -m lrc compress "${RUN_ARGS[@]}" --device cpu -o "$WORK/out_cpu"
 if [ -f "$WORK/out_device/lrc_report.yaml" ] && [ -f "$WORK/out_cpu/lrc_report.yaml" ]; then
     python bench/gpu_check.py compare "$WORK/out_device" "$WORK/out_cpu" "$RESULTS/compare.md" \
         >"$RESULTS/compare.log" 2>&1 && note "- comparison: $RESULTS/compare.md"
