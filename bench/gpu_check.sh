@@ -38,13 +38,12 @@ START=$(date +%s)
 
 if [ "$QUICK" = 1 ]; then  # dry-run sizes: every step in seconds to a few minutes on a small CPU
     LAYERS=2; SAMPLES=16; SEQ=128; CHARS=60000; METHOD=(--method loss-aware); SHAPES=(test-tiny)
-    SCALE_ARGS=(--samples 2 --seq-len 64); LIMIT_TESTS=300; LIMIT_RUN=300; LIMIT_SCALE=(300)
+    SCALE_ARGS=(--samples 2 --seq-len 64); LIMIT_TESTS=300; LIMIT_RUN=(300 300); LIMIT_SCALE=(300)
 else  # SmolLM2-135M's widths with 6 of its 30 layers and 64 of the default 128 x 512 windows: the cpu run
       # (about 1/10 of the full run's work) fits its limit on 16 cores
     LAYERS=6; SAMPLES=64; SEQ=512; CHARS=400000; METHOD=(); SHAPES=(llama3-8b llama3-70b)
     SCALE_ARGS=(--samples 8 --seq-len 512 --job-budget-s 40); LIMIT_TESTS=60; LIMIT_RUN=(60 150); LIMIT_SCALE=(60 90)
 fi
-[ "${#LIMIT_RUN[@]}" = 2 ] || LIMIT_RUN=("${LIMIT_RUN[0]}" "${LIMIT_RUN[0]}")
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $RESULTS/NAME.log, record the outcome
