@@ -52,13 +52,13 @@ def compare(cuda_out: Path, cpu_out: Path, md: Path, log: Path | None) -> None:
     lines = [f"# {reports['cuda']['environment']['device']} against {reports['cpu']['environment']['device']}", ""]
     if log is not None and log.is_file():
         lines += ["```", log.read_text().strip(), "```", ""]
-    lines += ["| phase | cuda s | cpu s | cpu / cuda |", "| --- | --- | --- | --- |"]
+    lines += ["| phase | device s | cpu s | cpu / device |", "| --- | --- | --- | --- |"]
     for key in reports["cpu"]["timing_s"]:
         c, g = reports["cpu"]["timing_s"][key], reports["cuda"]["timing_s"].get(key)
         ratio = f"{c / g:.1f}x" if g else "-"
         lines.append(f"| {key} | {g} | {c} | {ratio} |")
     held = {k: r.get("held_out", {}) for k, r in reports.items()}
-    lines += ["", "| held-out | cuda | cpu | relative difference |", "| --- | --- | --- | --- |"]
+    lines += ["", "| held-out | device | cpu | relative difference |", "| --- | --- | --- | --- |"]
     for key in ("dense_perplexity", "compressed_perplexity", "perplexity_ratio"):
         g, c = held["cuda"].get(key), held["cpu"].get(key)
         diff = f"{abs(g - c) / abs(c):.2e}" if isinstance(g, (int, float)) and isinstance(c, (int, float)) and c else "-"
@@ -66,11 +66,11 @@ def compare(cuda_out: Path, cpu_out: Path, md: Path, log: Path | None) -> None:
     a, b = load_file(str(cuda_out / "model.safetensors")), load_file(str(cpu_out / "model.safetensors"))
     same_shape = [k for k in b if k in a and a[k].shape == b[k].shape]
     diffs = sorted(((relative(a[k], b[k]), k) for k in same_shape), reverse=True)
-    lines += ["", f"Tensors: {len(b)} in the cpu output, {len(a)} in the cuda output, {len(same_shape)} with the same "
+    lines += ["", f"Tensors: {len(b)} in the cpu output, {len(a)} in the device output, {len(same_shape)} with the same "
               f"name and shape; {len(set(a) ^ set(b))} names in one only (a different rank or form chosen).", ""]
     if diffs:
         values = [d for d, _ in diffs]
-        lines += [f"Relative difference ||cuda - cpu|| / ||cpu|| over same-shaped tensors: max {values[0]:.2e} "
+        lines += [f"Relative difference ||device - cpu|| / ||cpu|| over same-shaped tensors: max {values[0]:.2e} "
                   f"({diffs[0][1]}), median {values[len(values) // 2]:.2e}.", ""]
     md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
