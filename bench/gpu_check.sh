@@ -91,7 +91,7 @@ else
 fi
 
 # 2. the default compression on the device, then on the cpu
-step build 120 python bench/gpu_check.py build "$WORK" --layers "$LAYERS" --chars "$CHARS"
+step build 60 python bench/gpu_check.py build "$WORK" --layers "$LAYERS" --chars "$CHARS"
 RUN_ARGS=("$WORK/model" --calib "$WORK/calib.txt" --samples "$SAMPLES" --seq-len "$SEQ" "${METHOD[@]}" --quiet)
 step compress_device "${LIMIT_RUN[0]}" python -m lrc compress "${RUN_ARGS[@]}" --device "$DEVICE" -o "$WORK/out_device"
 step compress_cpu "${LIMIT_RUN[1]}" python -m lrc compress "${RUN_ARGS[@]}" --device cpu -o "$WORK/out_cpu"
