@@ -38,11 +38,11 @@ START=$(date +%s)
 
 if [ "$QUICK" = 1 ]; then  # dry-run sizes: every step in seconds to a few minutes on a small CPU
     LAYERS=2; SAMPLES=16; SEQ=128; CHARS=60000; METHOD=(--method loss-aware); SHAPES=(test-tiny)
-    SCALE_ARGS=(--samples 2 --seq-len 64); LIMIT_TESTS=300; LIMIT_RUN=(300 300); LIMIT_SCALE=(300)
+    SCALE_ARGS=(--samples 2 --seq-len 64); LIMIT_TESTS=300; LIMIT_BUILD=300; LIMIT_RUN=(300 300); LIMIT_SCALE=(300)
 else  # SmolLM2-135M's widths with 6 of its 30 layers and 64 of the default 128 x 512 windows: the cpu run
       # (about 1/10 of the full run's work) fits its limit on 16 cores
     LAYERS=6; SAMPLES=64; SEQ=512; CHARS=400000; METHOD=(); SHAPES=(llama3-8b llama3-70b)
-    SCALE_ARGS=(--samples 8 --seq-len 512 --job-budget-s 40); LIMIT_TESTS=60; LIMIT_RUN=(60 150); LIMIT_SCALE=(60 90)
+    SCALE_ARGS=(--samples 8 --seq-len 512 --job-budget-s 40); LIMIT_TESTS=60; LIMIT_BUILD=60; LIMIT_RUN=(60 150); LIMIT_SCALE=(60 90)
 fi
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
@@ -91,7 +91,7 @@ else
 fi
 
 # 2. the default compression on the device, then on the cpu
-step build 60 python bench/gpu_check.py build "$WORK" --layers "$LAYERS" --chars "$CHARS"
+step build "$LIMIT_BUILD" python bench/gpu_check.py build "$WORK" --layers "$LAYERS" --chars "$CHARS"
 RUN_ARGS=("$WORK/model" --calib "$WORK/calib.txt" --samples "$SAMPLES" --seq-len "$SEQ" "${METHOD[@]}" --quiet)
 step compress_device "${LIMIT_RUN[0]}" python -m lrc compress "${RUN_ARGS[@]}" --device "$DEVICE" -o "$WORK/out_device"
 step compress_cpu "${LIMIT_RUN[1]}" python -m lrc compress "${RUN_ARGS[@]}" --device cpu -o "$WORK/out_cpu"
