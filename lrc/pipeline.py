@@ -17,6 +17,7 @@ from .allocate import ALLOCATORS, allocate_ranks, compile_patterns
 from .allocate.curve import allocation_curve
 from .config import CompressionConfig
 from .device import resolve_device
+from .distributed import is_main
 from .engine import Analysis, decompose_all
 from .engine.build import MatrixResult, apply
 from .errors import ConfigError
@@ -68,7 +69,7 @@ def compress(
     check_method_allocator(config)
     compile_patterns(config.keep_dense, "keep_dense")
     compile_patterns(config.exclude, "exclude")
-    out_path = Path(output) if output is not None else None
+    out_path = Path(output) if output is not None and is_main() else None  # over torch.distributed rank 0 writes
     if out_path is not None and isinstance(model, str):  # _claim: a lock on the output, held until it is written
         _claim = check_output_path(out_path, overwrite, run_places(model, config.calib, cache_dir))
     loaded = load_model(model, progress=progress) if isinstance(model, str) else model

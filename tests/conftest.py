@@ -107,6 +107,26 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
+WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they", "you", "were", "her", "she", "there", "one", "all", "we", "their", "been", "has", "more", "when", "will", "would", "who", "so", "no", "time", "year", "people", "river", "city", "music", "film", "game", "war", "team", "world", "house", "water", "light", "history", "school", "number", "church", "station"]
+
+
+def synthetic_text(chars: int, seed: int = 0) -> str:
+    """Sentences of common English words, Zipf-weighted, seeded: calibration text where no data files exist
+    (the GPU check's machine has only the checkout)."""
+    import random
+
+    rng = random.Random(seed)
+    weights = [1 / (rank + 1) for rank in range(len(WORDS))]
+    parts: list[str] = []
+    size = 0
+    while size < chars:
+        words = rng.choices(WORDS, weights, k=rng.randint(5, 16))
+        sentence = " ".join(words).capitalize() + rng.choice([".", ".", ",", "?"]) + " "
+        parts.append(sentence)
+        size += len(sentence)
+    return "".join(parts)[:chars]
+
+
 def save_trained_tiny_model(folder: Path, text: str, steps: int = 40, seed: int = 0) -> Path:
     """A tiny llama trained for a few Adam steps on `text` (byte tokens; loss 5.6 -> 2.9 nats, seconds):
     unlike a random model it predicts the text, so a harmful compression shows as a loss increase."""
@@ -202,7 +222,6 @@ def whole_model_reference(model, windows, targets, batch_size, encoder):
     """
     from lrc.stats.gradients import PROBE_SEED
 
-    probe = torch.Generator().manual_seed(PROBE_SEED)
     acc = {n: [0.0, 0.0, 0.0, 0] for n in targets}
     outs, ins = {}, {}
 
@@ -215,12 +234,13 @@ def whole_model_reference(model, windows, targets, batch_size, encoder):
     hooks = [p.module.register_forward_hook(record(n)) for n, p in targets.items()]
     hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_(True)))
     try:
-        for batch in windows.split(batch_size):
+        for index, batch in enumerate(windows.split(batch_size)):
             outs.clear()
             ins.clear()
             with torch.enable_grad():
-                if encoder:  # Σ ε·h with ε ~ N(0, I), drawn in batch order
+                if encoder:  # Σ ε·h with ε ~ N(0, I), batch `index` drawn from a generator seeded PROBE_SEED + index
                     h = model(input_ids=batch).last_hidden_state
+                    probe = torch.Generator().manual_seed(PROBE_SEED + index)
                     loss = (h * torch.randn(h.shape, generator=probe)).sum()
                 else:  # summed next-token cross-entropy: transformers' mean loss times the predicted tokens
                     loss = model(input_ids=batch, labels=batch, use_cache=False).loss * batch[:, 1:].numel()

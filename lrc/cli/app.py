@@ -7,12 +7,13 @@ One module per command (compress, eval, report, methods), shared option types in
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
+from ..distributed import launched_rank
 from .compress import compress
 from .eval import eval_command
 from .exit_codes import OK, exit_rule, handle_signals, one_line
@@ -31,7 +32,7 @@ app.command("eval")(eval_command)
 app.command()(report)
 app.command()(methods)
 app.command()(export)
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "argv": []}
 
 
 @app.callback()
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (see lrc.cli.exit_codes: 0 ok, 1 unexpected, 2 bad input or usage,
     3 quality gate failed, 130 SIGINT, 143 SIGTERM)."""
     args = sys.argv[1:] if argv is None else list(argv)
+    _state["argv"] = args
     command = typer.main.get_command(app)
     errors = Console(stderr=True, soft_wrap=True, highlight=False)
     try:
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if rule is None or (rule.debug_raises and _state["debug"]):
             raise
         message = rule.message(exc)
-        if message is not None:
+        if message is not None and launched_rank() == 0:  # over torch.distributed every rank has the error: one prints
             errors.print(Text.assemble(("error:", "bold red"), " ", one_line(message)))
         return rule.code(exc)
     finally:
@@ -70,6 +72,11 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     huggingface_hub.utils.disable_progress_bars()
+
+
+def current_argv() -> list[str]:
+    """The arguments `main` was called with (`lrc compress --nproc` launches the same command again)."""
+    return list(_state["argv"])
 
 
 def console_main() -> None:

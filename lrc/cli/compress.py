@@ -8,9 +8,11 @@ from typing import Annotated
 import typer
 
 from ..config import CompressionConfig
+from ..distributed import launched, launched_rank, process_group, world
 from ..errors import ConfigError
 from ..sources import DEFAULT_MODEL
 from .command_output import CommandOutput
+from .launch import launch_ranks
 from .options import JsonOpt, ModelArg, QuietOpt
 from .progress_display import announce, progress_display
 
@@ -44,6 +46,8 @@ def compress(
     latency_tokens: Annotated[int | None, typer.Option("--latency-tokens", help="Tokens per timed forward for --objective latency.")] = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Reuse calibration statistics cached here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    nproc: Annotated[int | None, typer.Option("--nproc", help="Run as N torch.distributed processes on this machine "
+                                              "(torchrun; one GPU each with --device cuda).")] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -59,12 +63,23 @@ def compress(
     )
     config = config.replace(objective=objective, latency_tokens=latency_tokens)
     config.validate()
+    if nproc is not None and not launched():
+        from .app import current_argv
+
+        raise typer.Exit(launch_ranks(nproc, current_argv()))
+    if launched_rank() != 0:  # over torch.distributed rank 0 alone shows progress and results
+        json_output, quiet = False, True
     shown = CommandOutput(json_output, quiet)
-    with progress_display(quiet) as progress:
+    with progress_display(quiet) as progress, process_group(config.device):
         announce(progress, f"compress {model} -> {output}: {config.method} + {config.allocator}, budget {config.budget}, "
-                           f"{config.samples} x {config.seq_len} calibration tokens")
+                           f"{config.samples} x {config.seq_len} calibration tokens{ranks_note()}")
         result = run_compress(model, config, output, overwrite=overwrite, progress=progress, cache_dir=cache_dir)
         announce(progress, f"wrote {output}")
     shown.show(summary_table(result.report))
     shown.show(f"wrote {output}")
     shown.emit({"output": str(output), **result.report})
+
+
+def ranks_note() -> str:
+    size = world()[1]
+    return f", {size} processes" if size > 1 else ""

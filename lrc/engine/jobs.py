@@ -26,7 +26,7 @@ from ..model.targets import target_linears
 from ..progress import Progress, no_progress
 from ..sources import LoadedModel
 from ..stats.types import CalibrationStats
-from .executors import EXECUTORS
+from .executors import EXECUTORS, default_executor
 
 
 @dataclass
@@ -36,6 +36,10 @@ class DecompositionJob:
     owner: str
     names: list[str]
     shapes: list[tuple[int, int]]
+
+    @property
+    def name(self) -> str:
+        return self.owner
 
     def cost(self) -> float:
         """Estimated flops: an n³ input weighting, then about m n min(m, n) per matrix (its weighted SVD)."""
@@ -111,9 +115,12 @@ def decompose_all(
     config: CompressionConfig,
     stats: CalibrationStats,
     progress: Progress = no_progress,
-    executor: str = "serial",
+    executor: str | None = None,
 ) -> Analysis:
-    """Decompose every targeted matrix with the configured method, from already collected statistics."""
+    """Decompose every targeted matrix with the configured method, from already collected statistics.
+
+    executor: a name in EXECUTORS; None picks one from the run (lrc.engine.executors.default_executor).
+    """
     check_sufficiency(stats.inputs, int(stats.windows.shape[0]), int(stats.windows.shape[1]))
     device = resolve_device(config.device)
     method = METHODS.create(config.method, config.method_options)
@@ -128,7 +135,9 @@ def decompose_all(
         progress("decompose", len(finished), len(targets))
 
     jobs = decomposition_jobs(targets, stats)
-    results = EXECUTORS.create(executor).run(
+    executor = executor or default_executor(device)
+    options = {"local": "device" if device.type == "cuda" else "serial"} if executor == "distributed" else None
+    results = EXECUTORS.create(executor, options).run(
         jobs, lambda job: run_job(job, targets, stats, method, config, device, done)
     )
     decompositions = {name: results[name].decomposition for name in targets}

@@ -11,6 +11,7 @@ from torch import nn
 from ..calibration import SELF_SAMPLED, read_text, sample_windows, token_windows
 from ..config import CompressionConfig
 from ..device import resolve_device
+from ..distributed import is_main
 from ..errors import ConfigError
 from ..factorize import METHODS, InputStats, OutputStats
 from ..model.targets import decoder_layers, target_linears
@@ -98,5 +99,6 @@ def cached_statistics(
     stats = load_stats(cache_dir, key)
     if stats is None:
         stats = collect_statistics(loaded, config, progress)
-        save_stats(stats, cache_dir, key)
+        if is_main():  # over torch.distributed every rank holds the same statistics: rank 0 stores them
+            save_stats(stats, cache_dir, key)
     return stats

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import ordered_partials, shard_batches
 from ..factorize import OutputStats
 from ..model.adapters import adapter_for
 from ..model.projection import Projection
@@ -33,7 +34,12 @@ from .inputs import check_reached
 from .walker import LayerWalk
 
 PROBE_SEED = 0
-"""Seed of the encoder objective's Gaussian probe (drawn in batch order)."""
+"""Seed of the encoder objective's Gaussian probe: global batch b draws from a generator seeded PROBE_SEED + b."""
+
+
+def probe_generator(batch: int) -> torch.Generator:
+    """The encoder probe's generator for global batch `batch`: its draws depend on nothing else (world size)."""
+    return torch.Generator().manual_seed(PROBE_SEED + batch)
 
 
 def collect_output_stats(
@@ -63,10 +69,13 @@ def collect_output_stats(
             fisher_rows=torch.zeros(m, dtype=torch.float64, device=device),
             tokens=0,
         )
-    probe = torch.Generator().manual_seed(PROBE_SEED)
-    groups = windows.split(batch_size * sweep_batches)
-    for g, group in enumerate(groups):
-        walk = LayerWalk(model, group, batch_size, device)
+    batches, indices, steps = shard_batches(windows, batch_size)  # this rank's share (all of them in one process)
+    groups = -(-steps // sweep_batches)
+    for g in range(groups):
+        first = g * sweep_batches
+        group_steps = min(sweep_batches, steps - first)  # every rank takes these steps, with or without a batch
+        mine = batches[first:first + group_steps]
+        walk = LayerWalk(model, torch.cat(mine) if mine else windows[:0], batch_size, device)
         blocks = len(walk)
         hidden = [walk.inputs]  # hidden[i][b]: block i's input on batch b; hidden[L]: the last block's output
         with torch.no_grad():
@@ -74,10 +83,10 @@ def collect_output_stats(
                 with walk.placed(index):
                     hidden.append([walk.run(index, b, h) for b, h in enumerate(hidden[-1])])
         grads = []  # ∂loss/∂(current block's output), per batch
-        for b, batch in enumerate(group.split(batch_size)):
+        for b, batch in enumerate(mine):
             last = hidden[blocks][b].detach().to(home).requires_grad_(True)
             with walk.blocks_bypassed(last), torch.enable_grad():
-                loss = adapter.loss(model, batch.to(home), probe)
+                loss = adapter.loss(model, batch.to(home), probe_generator(indices[first + b]))
             grads.append(torch.autograd.grad(loss, last)[0].to(device))
         del hidden[blocks]
         for index in reversed(range(blocks)):
@@ -85,40 +94,63 @@ def collect_output_stats(
             with walk.placed(index):
                 hooks = _GradientHooks(projections, stats, fisher)
                 try:
-                    for b, h in enumerate(hidden[index]):
-                        h = h.detach().requires_grad_(True)
-                        with torch.enable_grad():
-                            out = walk.run(index, b, h)
-                            grads[b] = torch.autograd.grad(out, h, grads[b])[0]
-                        hooks.inputs.clear()
+                    for b in range(group_steps):
+                        if b < len(mine):
+                            h = hidden[index][b].detach().requires_grad_(True)
+                            with torch.enable_grad():
+                                out = walk.run(index, b, h)
+                                grads[b] = torch.autograd.grad(out, h, grads[b])[0]
+                            hooks.inputs.clear()
+                        for partials in ordered_partials(hooks.batch if b < len(mine) else None, device):
+                            for name, partial in partials.items():
+                                _add(stats[name], partial)
+                        hooks.batch = {}
                 finally:
                     hooks.remove()
             del hidden[index]
             if progress is not None:
-                progress(g * blocks + blocks - index, len(groups) * blocks)
+                progress(g * blocks + blocks - index, groups * blocks)
     check_reached(targets, {name for name, s in stats.items() if s.tokens > 0}, "the output-gradient pass")
     return {name: s.to("cpu") for name, s in stats.items()}
 
 
 class _GradientHooks:
-    """Hooks on the given projections: each output's gradient, with the input that produced it, into `stats`."""
+    """Hooks on the given projections: each output's gradient, with the input that produced it, into `batch`
+    (this batch's sums per projection, added to the running sums in global batch order after the batch)."""
 
-    def __init__(self, projections: dict[str, Projection], stats: dict[str, OutputStats], fisher: bool) -> None:
+    def __init__(self, projections: dict[str, Projection], totals: dict[str, OutputStats], fisher: bool) -> None:
         self.inputs: dict[str, torch.Tensor] = {}
-        self._handles = [p.module.register_forward_hook(self._hook(name, stats[name], fisher))
-                         for name, p in projections.items()]
+        self.batch: dict[str, OutputStats] = {}
+        self._totals = totals
+        self._handles = [p.module.register_forward_hook(self._hook(name, fisher)) for name, p in projections.items()]
 
-    def _hook(self, name: str, stats: OutputStats, fisher: bool) -> Callable[..., None]:
+    def _hook(self, name: str, fisher: bool) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             self.inputs[name] = args[0].detach()
             if output.requires_grad:
-                output.register_hook(lambda grad: _accumulate(stats, grad, self.inputs.pop(name), fisher))
+                output.register_hook(lambda grad: _accumulate(self._partial(name), grad, self.inputs.pop(name), fisher))
 
         return hook
+
+    def _partial(self, name: str) -> OutputStats:
+        """This batch's sums for `name`, started at zero, shaped like its running sums."""
+        if name not in self.batch:
+            total = self._totals[name]
+            gram = None if total.gram is None else torch.zeros_like(total.gram)
+            self.batch[name] = OutputStats(gram, torch.zeros_like(total.diag), torch.zeros_like(total.fisher_rows), 0)
+        return self.batch[name]
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def _add(total: OutputStats, part: OutputStats) -> None:
+    if total.gram is not None and part.gram is not None:
+        total.gram += part.gram
+    total.diag += part.diag
+    total.fisher_rows += part.fisher_rows
+    total.tokens += part.tokens
 
 
 def _accumulate(stats: OutputStats, grad: torch.Tensor, x: torch.Tensor, fisher: bool) -> None:

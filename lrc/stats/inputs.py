@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import merged_over_ranks, ordered_partials, shard_batches
 from ..errors import CalibrationError
 from ..factorize import InputStats
 from ..model.projection import Projection
@@ -29,8 +30,10 @@ LayerCallback = Callable[[int, nn.Module, dict[str, InputStats], dict[str, str]]
 class _StatsHooks:
     """Forward hooks accumulating input statistics of the given projections of one block."""
 
-    def __init__(self, projections: dict[str, Projection]) -> None:
+    def __init__(self, projections: dict[str, Projection], device: torch.device | str) -> None:
         self.stats: dict[str, InputStats] = {}
+        self._batch: dict[str, InputStats] = {}  # this batch's sums, added to `stats` at end_batch
+        self._device = device
         self.shares: dict[str, str] = {}
         self._seen: list[tuple[torch.Tensor, str]] = []
         self._handles = [p.module.register_forward_hook(self._hook(name)) for name, p in projections.items()]
@@ -46,22 +49,34 @@ class _StatsHooks:
             flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
             gram = flat.T @ flat
             abs_sum = flat.abs().sum(0)
-            if name in self.stats:
-                s = self.stats[name]
-                s.gram += gram
-                s.abs_sum += abs_sum
-                s.tokens += flat.shape[0]
+            if name in self._batch:
+                _add(self._batch[name], InputStats(gram, abs_sum, flat.shape[0]))
             else:
-                self.stats[name] = InputStats(gram, abs_sum, flat.shape[0])
+                self._batch[name] = InputStats(gram, abs_sum, flat.shape[0])
 
         return hook
 
-    def end_batch(self) -> None:
+    def end_batch(self, ran: bool = True) -> None:
+        """Add this batch's sums to the running sums; over torch.distributed every rank's batch of this step,
+        in global batch order (lrc.distributed.ordered_partials). ran: whether this rank ran a batch."""
         self._seen.clear()
+        for partials in ordered_partials(self._batch if ran else None, self._device):
+            for name, partial in partials.items():
+                if name in self.stats:
+                    _add(self.stats[name], partial)
+                else:
+                    self.stats[name] = partial
+        self._batch = {}
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def _add(total: InputStats, part: InputStats) -> None:
+    total.gram += part.gram
+    total.abs_sum += part.abs_sum
+    total.tokens += part.tokens
 
 
 def collect_input_stats(
@@ -72,21 +87,29 @@ def collect_input_stats(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
 ) -> None:
-    """Run the block-by-block statistics pass, calling `callback` once per block with its statistics."""
-    walk = LayerWalk(model, windows, batch_size, device)
+    """Run the block-by-block statistics pass, calling `callback` once per block with its statistics.
+
+    Over torch.distributed each rank runs its share of the batches (lrc.distributed.shard_batches); the
+    statistics handed to `callback` are the sums over all windows, the same bytes on every rank.
+    """
+    batches, _, steps = shard_batches(windows, batch_size)
+    walk = LayerWalk(model, torch.cat(batches) if batches else windows[:0], batch_size, device)
     hidden = walk.inputs
     for index in range(len(walk)):
         projections = {name: p for name, p in targets.items() if name.startswith(walk.prefix(index))}
         with walk.placed(index) as layer:
-            hooks = _StatsHooks(projections)
+            hooks = _StatsHooks(projections, device)
             outputs = []
             with torch.no_grad():
                 for batch, h in enumerate(hidden):
                     outputs.append(walk.run(index, batch, h))
                     hooks.end_batch()
+            for _ in range(steps - len(hidden)):  # other ranks' last batches
+                hooks.end_batch(ran=False)
             hooks.remove()
-            check_reached(projections, set(hooks.stats) | set(hooks.shares), "the statistics pass")
-            callback(index, layer, hooks.stats, hooks.shares)
+            shares = merged_over_ranks(hooks.shares)
+            check_reached(projections, set(hooks.stats) | set(shares), "the statistics pass")
+            callback(index, layer, hooks.stats, shares)
         hidden = outputs
 
 

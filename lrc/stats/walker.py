@@ -47,7 +47,7 @@ class LayerWalk:
         self.inputs: list[torch.Tensor] = []
         self._calls: list[list[_Call]] = [[] for _ in self.layers]  # [layer][batch]
         memo: dict[int, Any] = {}
-        for batch in windows.split(batch_size):
+        for batch in windows.split(batch_size) if windows.shape[0] else ():  # no windows: no batch
             hidden, calls = _record_batch(model, self.stack_name, self.layers, adapter.forward_inputs(batch))
             self.inputs.append(hidden.to(self.device))
             for per_layer, call in zip(self._calls, calls):

@@ -156,7 +156,7 @@ class ModelAdapter:
 
         CAUSAL_LM: Σ_t cross-entropy of token t+1 given tokens ≤ t, through the model's own LM head.
         HIDDEN_STATES (an encoder with no task head): Σ_t εᵀ_t h_t, h_t the final hidden state (float32),
-        ε_t ~ N(0, I) drawn from `probe` (on the CPU, in batch order). At a projection's output y this gives
+        ε_t ~ N(0, I) drawn from `probe` (on the CPU, one generator per global batch). At a projection's output y this gives
         g = Jᵀ ε with J = ∂h/∂y, so E[g gᵀ] = Jᵀ J: the Gauss-Newton matrix of the squared distance
         ½ Σ_t ||h_t − h_t(dense)||² to the dense model's hidden states, i.e. the Fisher of h ~ N(h_dense, I).
         (The squared distance itself has zero gradient at the dense model, which is where statistics are taken.)

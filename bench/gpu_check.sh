@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The GPU check: one command, under 8 minutes on one GPU, needing only this checkout and torch,
+# transformers, typer, rich, safetensors, pyyaml (and pytest for step 1; skipped, and said so, without it).
+#
+#   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU
+#   bash bench/gpu_check.sh --device cpu --quick   # a dry run of every step on the CPU (tiny sizes)
+#
+# Steps, each under its own time limit (a step that runs out is recorded as such, the others still run):
+#   1. pytest -m gpu: CUDA statistics and decompositions against the float64 CPU path (tests/test_gpu.py)
+#   2. the default compression (sparse-dictionary + knapsack) of a config-built model with SmolLM2-135M's
+#      widths, 6 layers (random weights, byte tokenizer, generated text), 64 x 512 windows, on cuda, then
+#      the same on cpu; compared by
+#      bench/gpu_check.py compare (times per phase, held-out perplexities, tensors)
+#   3. bench/scale.py on cuda: one Llama-3-8B and one Llama-3-70B layer, projected to the whole models
+# Results: bench/results/gpu_check/ (logs, summary.md, compare.md, the scale tables scale_SHAPE_cuda.md/.yaml).
+set -u -o pipefail
+
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+DEVICE=cuda
+QUICK=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) DEVICE="$2"; shift 2 ;;
+        --quick) QUICK=1; shift ;;
+        *) echo "usage: bash bench/gpu_check.sh [--device cuda|cpu] [--quick]" >&2; exit 2 ;;
+    esac
+done
+
+RESULTS=bench/results/gpu_check
+mkdir -p "$RESULTS"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/lrc-gpu-check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+SUMMARY="$RESULTS/summary.md"
+START=$(date +%s)
+
+if [ "$QUICK" = 1 ]; then  # dry-run sizes: every step in seconds to a few minutes on a small CPU
+    LAYERS=2; SAMPLES=16; SEQ=128; CHARS=60000; METHOD=(--method loss-aware); SHAPES=(test-tiny)
+    SCALE_ARGS=(--samples 2 --seq-len 64); LIMIT_TESTS=300; LIMIT_BUILD=300; LIMIT_RUN=(300 300); LIMIT_SCALE=(300)
+else  # SmolLM2-135M's widths with 6 of its 30 layers and 64 of the default 128 x 512 windows: the cpu run
+      # (about 1/10 of the full run's work) fits its limit on 16 cores
+    LAYERS=6; SAMPLES=64; SEQ=512; CHARS=400000; METHOD=(); SHAPES=(llama3-8b llama3-70b)
+    SCALE_ARGS=(--samples 8 --seq-len 512 --job-budget-s 40); LIMIT_TESTS=60; LIMIT_BUILD=60; LIMIT_RUN=(60 150); LIMIT_SCALE=(60 90)
+fi
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $RESULTS/NAME.log, record the outcome
+    local name=$1 limit=$2
+    shift 2
+    local t0 rc
+    t0=$(date +%s)
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$RESULTS/$name.log" 2>&1
+    rc=$?
+    local took=$(( $(date +%s) - t0 ))
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        note "- $name: STOPPED at its ${limit} s limit (log: $RESULTS/$name.log)"
+    else
+        note "- $name: exit $rc in ${took} s (log: $RESULTS/$name.log)"
+    fi
+    return "$rc"
+}
+
+: >"$SUMMARY"
+note "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
+note ""
+python - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import platform, torch
+print(f"- torch {torch.__version__}, python {platform.python_version()}, cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"- device: {p.name}, {p.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} visible")
+EOF
+if [ "$DEVICE" != cpu ] && ! python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    note "- no CUDA GPU visible to torch: nothing to check (bash bench/gpu_check.sh --device cpu --quick for a dry run)"
+    exit 2
+fi
+if [ "$DEVICE" = cpu ]; then
+    export LRC_TEST_GPU_DEVICE=cpu
+    note "- DRY RUN on the CPU: the 'cuda' runs below ran on the CPU; no GPU figures here"
+fi
+note ""
+
+# 1. the gpu-marked tests
+if python -c 'import pytest' 2>/dev/null; then
+    step tests "$LIMIT_TESTS" python -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider
+    tail -n 3 "$RESULTS/tests.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+else
+    note "- tests: SKIPPED, pytest is not installed here"
+fi
+
+# 2. the default compression on the device, then on the cpu
+step build "$LIMIT_BUILD" python bench/gpu_check.py build "$WORK" --layers "$LAYERS" --chars "$CHARS"
+RUN_ARGS=("$WORK/model" --calib "$WORK/calib.txt" --samples "$SAMPLES" --seq-len "$SEQ" "${METHOD[@]}" --quiet)
+step compress_device "${LIMIT_RUN[0]}" python -m lrc compress "${RUN_ARGS[@]}" --device "$DEVICE" -o "$WORK/out_device"
+step compress_cpu "${LIMIT_RUN[1]}" python -m lrc compress "${RUN_ARGS[@]}" --device cpu -o "$WORK/out_cpu"
+if [ -f "$WORK/out_device/lrc_report.yaml" ] && [ -f "$WORK/out_cpu/lrc_report.yaml" ]; then
+    python bench/gpu_check.py compare "$WORK/out_device" "$WORK/out_cpu" "$RESULTS/compare.md" \
+        >"$RESULTS/compare.log" 2>&1 && note "- comparison: $RESULTS/compare.md"
+    cp "$WORK/out_device/lrc_report.yaml" "$RESULTS/report_device.yaml"
+    cp "$WORK/out_cpu/lrc_report.yaml" "$RESULTS/report_cpu.yaml"
+else
+    note "- comparison: not made (a run did not finish)"
+fi
+
+# 3. per-layer cost at 8B / 70B shapes on the device, projected (one shape per step: the first lands alone)
+for i in "${!SHAPES[@]}"; do
+    step "scale_${SHAPES[$i]}" "${LIMIT_SCALE[$i]}" python bench/scale.py --device "$DEVICE" --shapes "${SHAPES[$i]}" \
+        "${SCALE_ARGS[@]}" --scratch "$WORK" --out "$RESULTS/scale_${SHAPES[$i]}_$DEVICE"
+done
+
+note ""
+note "total: $(( $(date +%s) - START )) s"

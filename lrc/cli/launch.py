@@ -1,0 +1,71 @@
+"""`lrc compress --nproc N`: the same command again as N torch.distributed processes on this machine.
+
+What `torchrun --standalone --nproc-per-node N -m lrc compress ...` does, through torch's elastic launcher
+in this process, so that the exit code is the run's own (rank 0's; every rank ends with the same error,
+see lrc.distributed) and a failure prints lrc's one-line error rather than the launcher's traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+
+from ..errors import ConfigError
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """`argv` with its `--nproc N` / `--nproc=N` removed (the launched ranks must not launch again)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def threads_per_rank(nproc: int) -> int:
+    """OMP_NUM_THREADS for each rank: the caller's setting if any, else the CPU cores shared out (at least 1).
+
+    Per-batch results are the same bytes across world sizes only at the same thread count per process."""
+    given = os.environ.get("OMP_NUM_THREADS")
+    if given:
+        return int(given)
+    return max(1, (os.cpu_count() or 1) // nproc)
+
+
+@contextlib.contextmanager
+def _launcher_logs_quiet() -> Iterator[None]:
+    logger = logging.getLogger("torch.distributed.elastic")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def launch_ranks(nproc: int, argv: list[str]) -> int:
+    """Run `python -m lrc ARGV` (minus --nproc) as `nproc` ranks of one job; their exit code (0 when all succeed)."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(nproc))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"lrc-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    try:
+        with _launcher_logs_quiet():
+            elastic_launch(config, sys.executable)("-m", "lrc", *without_nproc(argv))
+    except ChildFailedError as exc:
+        codes = [failure.exitcode for _, failure in sorted(exc.failures.items())]
+        return next((code for code in codes if code > 0), 1)  # a rank stopped by a signal: the others' code
+    return 0
