@@ -21,17 +21,20 @@ for about the same errors).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import ConfigError
 from ..forms.sparse_matrix import best_layout
-from .base import SparseOption, WeightedProblem, apply_left, apply_right, best_per_ratio, sparse_option
+from .base import SparseOption, WeightedProblem, apply_left, apply_right, sparse_option
 from .loss_aware import LossAwareSVD
 from .registry import METHODS
 
 KIND = "sparse-dictionary"
+
+Fit = tuple[torch.Tensor, torch.Tensor, float]
+"""(S, Z, error): the mixing S (m x k), the weighted atoms Z (k x n), ||W̃ - P_out S Z||_F²."""
 
 
 def default_ratios() -> list[float]:
@@ -72,15 +75,24 @@ class SparseDictionary(LossAwareSVD):
             return []
         coefficients = self._coefficients(problem, max(k for pairs in shapes.values() for k, _ in pairs))
         total = float(problem.weighted.square().sum())
-        fitted: dict[tuple[int, int], SparseOption] = {}
-        for k, s in sorted({pair for pairs in shapes.values() for pair in pairs}):
-            _, _, error = self._select_and_refit(problem, coefficients[:, :k], coefficients[:, :k], s, total)
-            fitted[(k, s)] = sparse_option(KIND, k, m * s, k * n * value_bytes, (m, k), value_bytes, error)
-        offered = best_per_ratio(shapes, fitted)  # the sparsity level is chosen before the rounds (step 4)
-        if not self.reselect:
-            return offered
-        data = input_weighted(problem)
-        return [replace(o, error=self._fit(problem, coefficients[:, : o.rank], o.nnz // m, total, data)[2]) for o in offered]
+        data = input_weighted(problem) if self.reselect else None
+        errors: dict[tuple[int, int], float] = {}
+        offered: dict[tuple[int, int], SparseOption] = {}
+        for pairs in shapes.values():  # per ratio, the level with the least error (step 3), then the rounds (step 4)
+            fits = {}
+            for k, s in pairs:
+                if (k, s) not in errors:
+                    fits[(k, s)] = self._select_and_refit(problem, coefficients[:, :k], coefficients[:, :k], s, total)
+                    errors[(k, s)] = fits[(k, s)][2]
+            k, s = min(pairs, key=errors.__getitem__)  # the first of equal errors
+            if (k, s) in offered:
+                continue
+            error = errors[(k, s)]
+            if data is not None:
+                start = fits.get((k, s)) or self._select_and_refit(problem, coefficients[:, :k], coefficients[:, :k], s, total)
+                error = self._rounds(problem, start, s, total, data)[2]
+            offered[(k, s)] = sparse_option(KIND, k, m * s, k * n * value_bytes, (m, k), value_bytes, error)
+        return list(offered.values())
 
     def sparse_layer(self, problem: WeightedProblem, option: SparseOption) -> dict[str, torch.Tensor]:
         """{"mixing": S (m x k, zeros off the support), "atoms": U (k x n)} in the original space."""
@@ -97,9 +109,13 @@ class SparseDictionary(LossAwareSVD):
 
     def _fit(
         self, problem: WeightedProblem, coefficients: torch.Tensor, s: int, total: float, data: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    ) -> Fit:
         """(S, Z, ||W̃ - P_out S Z||_F²): steps 2-3, then the `reselect` rounds of step 4 (data = W P_in)."""
-        best = self._select_and_refit(problem, coefficients, coefficients, s, total)
+        return self._rounds(problem, self._select_and_refit(problem, coefficients, coefficients, s, total), s, total, data)
+
+    def _rounds(self, problem: WeightedProblem, start: Fit, s: int, total: float, data: torch.Tensor) -> Fit:
+        """Step 4 from the fit `start`: at most `reselect` rounds, stopping at the first that does not lower the error."""
+        best = start
         for _ in range(self.reselect):
             z = best[1]
             c = ridge_solve(z @ z.T, z @ data.T, self.ridge).T  # C = W P_in Zᵀ (Z Zᵀ + μ I)⁻¹ (m x k)
@@ -111,11 +127,9 @@ class SparseDictionary(LossAwareSVD):
 
     def _select_and_refit(
         self, problem: WeightedProblem, values: torch.Tensor, importance: torch.Tensor, s: int, total: float
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    ) -> Fit:
         """(S, Z, error): S keeps `values` (m x k) at the s largest |importance| of each row; Z the ridge refit."""
-        k = values.shape[1]
-        keep = importance.abs().topk(min(s, k), dim=1).indices
-        mixing = torch.zeros_like(values).scatter_(1, keep, values.gather(1, keep))
+        mixing = torch.where(row_top_mask(importance, s), values, torch.zeros((), dtype=values.dtype))
         weighted_mixing = apply_left(problem.out_weights[0], mixing)  # S̃ = P_out S
         gram = weighted_mixing.T @ weighted_mixing
         rhs = weighted_mixing.T @ problem.weighted
@@ -123,6 +137,24 @@ class SparseDictionary(LossAwareSVD):
         # ||W̃ - S̃ Z||² = ||W̃||² - 2 <Z, S̃ᵀW̃> + <Z, S̃ᵀS̃ Z>
         error = total - 2 * float((z * rhs).sum()) + float((z * (gram @ z)).sum())
         return mixing, z, max(error, 0.0)
+
+
+def row_top_mask(importance: torch.Tensor, s: int) -> torch.Tensor:
+    """Boolean mask (m x k) of the s largest |importance| of each row: the entries `topk` would pick.
+
+    The s-th largest value of a row (kthvalue, about half topk's time here) is a threshold that keeps
+    exactly s entries unless the row has ties at it; such rows (rare in float64) take topk's choice.
+    """
+    a = importance.abs()
+    k = a.shape[1]
+    if s >= k:
+        return torch.ones_like(a, dtype=torch.bool)
+    mask = a >= a.kthvalue(k - s + 1, dim=1, keepdim=True).values
+    tied = (mask.sum(dim=1) != s).nonzero().flatten()
+    if tied.numel():
+        rows = torch.zeros((tied.numel(), k), dtype=torch.bool, device=a.device)
+        mask[tied] = rows.scatter_(1, a[tied].topk(s, dim=1).indices, True)
+    return mask
 
 
 def input_weighted(problem: WeightedProblem) -> torch.Tensor:
