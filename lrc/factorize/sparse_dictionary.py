@@ -21,7 +21,7 @@ for about the same errors).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -51,6 +51,7 @@ class SparseDictionary(LossAwareSVD):
     sparsity_levels: list[float] = field(default_factory=lambda: [1.5, 1.75, 2.0, 2.5])
     ridge: float = 1e-6
     reselect: int = 8
+    reselect_options: str = "near-choice"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +63,8 @@ class SparseDictionary(LossAwareSVD):
             raise ConfigError(f"{KIND} ridge must be >= 0")
         if self.reselect < 0:
             raise ConfigError(f"{KIND} reselect (rounds) must be >= 0")
+        if self.reselect_options not in ("near-choice", "all"):
+            raise ConfigError(f"{KIND} reselect_options must be 'near-choice' or 'all', got {self.reselect_options!r}")
 
     def sparse_options(self, problem: WeightedProblem, value_bytes: int) -> list[SparseOption]:
         m, n = problem.weight.shape
@@ -87,12 +90,27 @@ class SparseDictionary(LossAwareSVD):
             k, s = min(pairs, key=errors.__getitem__)  # the first of equal errors
             if (k, s) in offered:
                 continue
-            error = errors[(k, s)]
-            if data is not None:
+            option = sparse_option(KIND, k, m * s, k * n * value_bytes, (m, k), value_bytes, errors[(k, s)])
+            if data is not None and self.reselect_options == "near-choice":
+                option = replace(option, refined=False)  # the rounds run if the allocator's choice comes near
+            elif data is not None:
                 start = fits.get((k, s)) or self._select_and_refit(problem, coefficients[:, :k], coefficients[:, :k], s, total)
-                error = self._rounds(problem, start, s, total, data)[2]
-            offered[(k, s)] = sparse_option(KIND, k, m * s, k * n * value_bytes, (m, k), value_bytes, error)
+                option = replace(option, error=self._rounds(problem, start, s, total, data)[2])
+            offered[(k, s)] = option
         return list(offered.values())
+
+    def refine_options(self, problem: WeightedProblem, options: list[SparseOption]) -> list[SparseOption]:
+        """The options with the error after the rounds (step 4): the fit `sparse_layer` builds, refined=True."""
+        if not self.reselect or not options:
+            return [replace(o, refined=True) for o in options]
+        m = problem.weight.shape[0]
+        total = float(problem.weighted.square().sum())
+        coefficients = self._coefficients(problem, max(o.rank for o in options))
+        data = input_weighted(problem)
+        return [
+            replace(o, error=self._fit(problem, coefficients[:, : o.rank], o.nnz // m, total, data)[2], refined=True)
+            for o in options
+        ]
 
     def sparse_layer(self, problem: WeightedProblem, option: SparseOption) -> dict[str, torch.Tensor]:
         """{"mixing": S (m x k, zeros off the support), "atoms": U (k x n)} in the original space."""
