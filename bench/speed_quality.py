@@ -15,6 +15,7 @@ by the budgets.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -63,6 +64,17 @@ def layer_stats(path: str, names: list[str]) -> CalibrationStats:
     return CalibrationStats(windows, meta["calib_source"], inputs, shares, outputs, {})
 
 
+def code_version() -> str:
+    """The lrc checkout this ran (`git describe` of the folder lrc was imported from), for the table."""
+    import subprocess
+
+    import lrc
+
+    folder = os.path.dirname(os.path.dirname(lrc.__file__))
+    done = subprocess.run(["git", "-C", folder, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return f"{folder} @ {done.stdout.strip() or 'unknown'}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stats", required=True, help="a cache entry KEY.safetensors (default recipe's statistics)")
@@ -96,7 +108,9 @@ def main() -> None:
         for index, budget in enumerate(args.budgets):  # the first budget's refinement counts in the time
             config = CompressionConfig(budget=budget, method_options=options)
             start = time.process_time()
-            candidates, choices = allocate_ranks(analysis, config, loaded.model)
+            # with the model, options near the choices are refined; an lrc without refinement takes no model
+            refining = "model" in inspect.signature(allocate_ranks).parameters
+            candidates, choices = allocate_ranks(analysis, config, *([loaded.model] if refining else []))
             if index == 0:
                 seconds += time.process_time() - start
             errors[budget] = sum(
@@ -113,7 +127,8 @@ def main() -> None:
     lines = [
         f"Sparse-dictionary settings on {args.model} layers {' '.join(map(str, args.layers))} ({len(targets)} matrices), "
         f"statistics {os.path.basename(args.stats)[:12]} ({int(stats.windows.shape[0])} windows x "
-        f"{int(stats.windows.shape[1])} tokens), cpu, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}.",
+        f"{int(stats.windows.shape[1])} tokens), cpu, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"lrc {code_version()}.",
         "Time: CPU seconds of the decomposition and the refinement at the first budget (this process). Error: summed loss-scale error of the knapsack's "
         "allocation over these matrices at each budget, relative to the first row.",
         "",
@@ -123,7 +138,7 @@ def main() -> None:
     for row in rows:
         rel = " | ".join(f"{row['errors'][b] / base['errors'][b]:.4f}" for b in args.budgets)
         lines.append(f"| {row['setting']} | {row['cpu_s']:.1f} | {row['cpu_s'] / base['cpu_s']:.2f} | {rel} |")
-    write_results(args.out, lines, {"model": args.model, "layers": args.layers, "stats": args.stats,
+    write_results(args.out, lines, {"code": code_version(), "model": args.model, "layers": args.layers, "stats": args.stats,
                                     "windows": int(stats.windows.shape[0]), "seq_len": int(stats.windows.shape[1]),
                                     "device": "cpu", "threads": torch.get_num_threads(), "rows": rows})
 

@@ -4,7 +4,8 @@ A method may offer sparse options with the error of a first fit (`SparseOption.r
 bound on the error of its final fit, which costs several times more (sparse-dictionary's reselect rounds;
 the layer built for a chosen option is always the final fit). After an allocation, each matrix's
 unrefined options next to its choice are refined: by cost, the chosen option and its neighbours on either
-side, or for a plain rank or dense the options just below and just above the choice's cost. Their errors
+side (the method's `refine_neighbours`, 1 or 0), or for a plain rank or dense the options just below
+and just above the choice's cost. Their errors
 are replaced in the analysis (kept for later budgets) and the allocation is made again, until every
 choice lands among refined options (at most `passes` times).
 """
@@ -30,12 +31,12 @@ if TYPE_CHECKING:
 Allocation = tuple[list[MatrixCandidates], Mapping[str, Choice]]
 
 
-def near_choice(candidate: MatrixCandidates, choice: Choice) -> list[SparseOption]:
+def near_choice(candidate: MatrixCandidates, choice: Choice, neighbours: int = 1) -> list[SparseOption]:
     """The unrefined sparse options next to `choice` by cost (see the module docstring)."""
     options = sorted(candidate.sparse, key=lambda o: (o.cost, o.rank))
     if isinstance(choice, SparseOption):
         at = next(i for i, o in enumerate(options) if (o.rank, o.nnz) == (choice.rank, choice.nnz))
-        near = options[max(0, at - 1) : at + 2]
+        near = options[max(0, at - neighbours) : at + neighbours + 1]
     else:
         above = bisect.bisect_right([o.cost for o in options], candidate.params(choice))
         near = options[max(0, above - 1) : above + 1]
@@ -48,7 +49,7 @@ def refine_near_choices(
     config: CompressionConfig,
     allocator: Allocator,
     allocation: Allocation,
-    passes: int = 4,
+    passes: int = 6,
 ) -> Allocation:
     """Refine the options next to every choice (in `analysis`, in place) and allocate again, up to `passes` times.
 
@@ -63,7 +64,7 @@ def refine_near_choices(
     stats = analysis.stats
     for _ in range(passes):
         candidates, choices = allocation
-        todo = {c.name: near for c in candidates if (near := near_choice(c, choices[c.name]))}
+        todo = {c.name: near for c in candidates if (near := near_choice(c, choices[c.name], method.refine_neighbours))}
         if not todo:
             break
         in_weights = {}

@@ -20,8 +20,10 @@ rounds. The levels default to 1.75 and 2.0: on SmolLM2-135M (layers 3 and 10) on
 average (2.5% at most), at half the fits.
 `reselect_options`: "all" runs the rounds for every option (14 per matrix); "near-choice" (default) offers
 the options with their one-shot error (an upper bound, `refined` False) and leaves the rounds to
-`refine_options`, which lrc.allocate.refine calls only for the options next to the allocator's choices: the
-same final fits where the allocation lands, for about a quarter of the rounds.
+`refine_options`, which lrc.allocate.refine calls only for the options next to the allocator's choices
+(the chosen one and one on either side by cost): the same final fits where the allocation lands, for
+about a quarter of the rounds; "chosen" refines only the chosen option (for a plain rank or dense, the
+options just below and above its cost), allocating again until the choices stand still.
 """
 
 from __future__ import annotations
@@ -68,8 +70,13 @@ class SparseDictionary(LossAwareSVD):
             raise ConfigError(f"{KIND} ridge must be >= 0")
         if self.reselect < 0:
             raise ConfigError(f"{KIND} reselect (rounds) must be >= 0")
-        if self.reselect_options not in ("near-choice", "all"):
-            raise ConfigError(f"{KIND} reselect_options must be 'near-choice' or 'all', got {self.reselect_options!r}")
+        if self.reselect_options not in ("chosen", "near-choice", "all"):
+            raise ConfigError(f"{KIND} reselect_options must be 'chosen', 'near-choice' or 'all', got {self.reselect_options!r}")
+
+    @property
+    def refine_neighbours(self) -> int:
+        """Options refined on either side of the allocator's choice (see lrc.allocate.refine)."""
+        return 0 if self.reselect_options == "chosen" else 1
 
     def sparse_options(self, problem: WeightedProblem, value_bytes: int) -> list[SparseOption]:
         m, n = problem.weight.shape
@@ -96,7 +103,7 @@ class SparseDictionary(LossAwareSVD):
             if (k, s) in offered:
                 continue
             option = sparse_option(KIND, k, m * s, k * n * value_bytes, (m, k), value_bytes, errors[(k, s)])
-            if data is not None and self.reselect_options == "near-choice":
+            if data is not None and self.reselect_options != "all":
                 option = replace(option, refined=False)  # the rounds run if the allocator's choice comes near
             elif data is not None:
                 start = fits.get((k, s)) or self._select_and_refit(problem, coefficients[:, :k], coefficients[:, :k], s, total)

@@ -19,8 +19,9 @@ def decomposed(llama_dir, calib_file, reselect_options):
     return loaded, config, decompose_all(loaded, config, collect_statistics(loaded, config))
 
 
-def test_choices_land_on_refined_options_with_the_errors_of_refining_all(llama_dir, calib_file):
-    loaded, config, analysis = decomposed(llama_dir, calib_file, "near-choice")
+@pytest.mark.parametrize("scope", ["near-choice", "chosen"])
+def test_choices_land_on_refined_options_with_the_errors_of_refining_all(llama_dir, calib_file, scope):
+    loaded, config, analysis = decomposed(llama_dir, calib_file, scope)
     first = {name: list(dec.sparse_options) for name, dec in analysis.decompositions.items()}
     assert not any(o.refined for options in first.values() for o in options)
     candidates, choices = allocate_ranks(analysis, config)  # without the model: nothing refined
