@@ -210,8 +210,10 @@ class FactorizationMethod:
         """Options beyond plain ranks (sparse-plus-low-rank methods override this); none by default."""
         return []
 
-    refine_neighbours: int = 1
-    """Unrefined options on either side of the allocator's choice that lrc.allocate.refine refines."""
+    @property
+    def refine_neighbours(self) -> int:
+        """Unrefined options on either side of the allocator's choice that lrc.allocate.refine refines."""
+        return 1
 
     def refine_options(self, problem: WeightedProblem, options: list[SparseOption]) -> list[SparseOption]:
         """The options (of this problem's matrix) with their final errors, refined=True; as given by default."""
