@@ -42,7 +42,7 @@ bench: install
 		--rows sparse-dictionary:knapsack loss-aware:knapsack svd-llm:uniform sparse-dictionary:knapsack::reselect=0 \
 		low-rank-sparse:knapsack
 	$(PYTHON) bench/quality.py --data $(DATA)
-	$(PYTHON) bench/speed.py
+	$(PYTHON) bench/runtime.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -39,6 +39,9 @@ class CompressionConfig:
     exclude: regexes of linear layers not to target at all (the default skips `lm_head`).
     heldout_windows: calibration-text windows kept out of the statistics, on which the compressed model's
         loss is compared with the dense model's (see lrc.quality_check); 0 skips the check.
+    objective: what the budget counts (see lrc.allocate.objective): `disk` (stored bytes), `memory` (bytes
+        held in memory when running) or `latency` (forward time measured on the device); knapsack only.
+    latency_tokens: tokens per forward pass the `latency` objective times (512: prefill; 1: decoding).
     heldout_max_ratio: the run fails when the compressed model's held-out perplexity exceeds this many
         times the dense model's.
     """
@@ -62,6 +65,8 @@ class CompressionConfig:
     exclude: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$"])
     heldout_windows: int = 4
     heldout_max_ratio: float = 100.0
+    objective: str = "disk"
+    latency_tokens: int = 512
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,7 +77,7 @@ class CompressionConfig:
         check_fields(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         if not (math.isfinite(self.budget) and 0.0 < self.budget < 1.0):
             raise ConfigError(f"budget must be in (0, 1) (fraction of parameters removed), got {self.budget}")
-        for name in ("samples", "seq_len", "batch_size"):
+        for name in ("samples", "seq_len", "batch_size", "latency_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.grad_samples is not None and self.grad_samples < 1:
@@ -83,6 +88,11 @@ class CompressionConfig:
             raise ConfigError(f"heldout_max_ratio must be a number above 1, got {self.heldout_max_ratio}")
         if not 0 <= self.min_kept < 1:
             raise ConfigError(f"min_kept must be a fraction in [0, 1), got {self.min_kept!r}")
+        from .allocate.objective import check_objective  # the objectives live with the allocator
+
+        check_objective(self.objective)
+        if self.objective != "disk" and self.allocator != "knapsack":
+            raise ConfigError(f"objective {self.objective!r} prices the knapsack's options; allocator {self.allocator!r} counts parameters")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -240,3 +240,69 @@ def whole_model_reference(model, windows, targets, batch_size, encoder):
         for handle in hooks:
             handle.remove()
     return acc
+
+
+def held_tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every storage a model's modules hold: parameters, buffers, and tensors kept as attributes
+    (or inside tuples / lists / dicts of them), each storage once."""
+    seen: dict[int, int] = {}
+
+    def visit(value: object) -> None:
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name != "_modules":
+                visit(value)
+    return sum(seen.values())
+
+
+# family, extra compress options: low rank (llama), Conv1D with a sparse residual (gpt2), routed experts with
+# a sparse dictionary (mixtral), an encoder (bert)
+COMPRESSED_CASES = {
+    "llama": (),
+    "gpt2": ("--method", "low-rank-sparse", "--samples", 18),
+    "mixtral": ("--method", "sparse-dictionary", "--samples", 24),
+    "bert": (),
+}
+
+
+@pytest.fixture(scope="session")
+def compressed_outputs(tmp_path_factory, calib_file) -> dict[str, Path]:
+    """{family: an lrc output folder} compressed once per session (the tests only read them)."""
+    from lrc.cli import main
+
+    root = tmp_path_factory.mktemp("remote")
+    made = {}
+    for family, extra in COMPRESSED_CASES.items():
+        model = save_tiny_model(root / f"{family}-model", family)
+        out = root / f"{family}-out"
+        assert main(tiny_compress_args(model, calib_file, out, *extra)) == 0
+        made[family] = out
+    return made
+
+
+def auto_class(family: str) -> str:
+    """The transformers auto class lrc loads a tiny model of `family` with."""
+    return "AutoModel" if family in ENCODERS else "AutoModelForCausalLM"
+
+
+def probe_input_ids() -> torch.Tensor:
+    """2 x 24 token ids of the tiny models' vocabulary, the same in every process."""
+    return (torch.arange(48).reshape(2, 24) * 7) % 250
+
+
+def lrc_output(folder: Path) -> torch.Tensor:
+    """Logits (or the encoder's last hidden state) of lrc.load(folder) on probe_input_ids()."""
+    model = lrc.load(str(folder), need_tokenizer=False).model
+    with torch.no_grad():
+        out = model(input_ids=probe_input_ids())
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state

@@ -13,22 +13,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import reduce
+from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
 from .base import ALLOCATORS, DENSE, Allocator, Choice, MatrixCandidates, allowed_params
+from .objective import Price
 
 
 @dataclass
 class _Item:
     members: list[MatrixCandidates]
     choices: list[Choice]  # ranks (DENSE = 0 for dense) and sparse options
-    costs: list[int]  # parameters of each option, summed over members
+    costs: list[Any]  # price of each option summed over members: parameters (int), or the objective's measure
     errors: list[float]
 
 
-def _options(members: list[MatrixCandidates], step: int) -> _Item:
+def _options(members: list[MatrixCandidates], step: int, price: Price | None = None) -> _Item:
     if any(m.keep_dense for m in members):
         ranks = [DENSE]
     else:
@@ -42,7 +44,7 @@ def _options(members: list[MatrixCandidates], step: int) -> _Item:
         sparse = [o for o in members[0].sparse if o.cost < members[0].dense_params]
         choices += sparse
         errors += [o.error for o in sparse]
-    costs = [sum(m.params(c) for m in members) for c in choices]
+    costs = [sum(m.params(c) if price is None else price(m, c) for m in members) for c in choices]
     return _Item(members, choices, costs, errors)
 
 
@@ -87,7 +89,9 @@ class KnapsackAllocator(Allocator):
     rank_step: int = 8
     max_units: int = 100_000
     same_rank_per_type: bool = False
-    last_unit: int = field(default=0, init=False, repr=False)
+    last_unit: float = field(default=0, init=False, repr=False)
+    # the price of an option (see lrc.allocate.objective); None: parameters, the bytes on disk
+    price: Price | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.rank_step < 1 or self.max_units < 100:
@@ -98,16 +102,31 @@ class KnapsackAllocator(Allocator):
         for m in matrices:
             key = m.group if self.same_rank_per_type else m.name
             groups.setdefault(key, []).append(m)
-        return [_options(members, self.rank_step) for members in groups.values()]
+        return [_options(members, self.rank_step, self.price) for members in groups.values()]
 
     def allocate(self, matrices: list[MatrixCandidates], budget: float) -> dict[str, Choice]:
         items = self._items(matrices)
-        allowed = allowed_params(matrices, budget)
-        gcd = reduce(math.gcd, (c for item in items for c in item.costs))
-        unit = max(gcd, math.ceil(allowed / self.max_units))
+        if self.price is None:
+            allowed = allowed_params(matrices, budget)
+            gcd = reduce(math.gcd, (c for item in items for c in item.costs))
+            unit: float = max(gcd, math.ceil(allowed / self.max_units))
+            capacity = allowed // int(unit)
+        else:  # measured prices: the allowed total in max_units units, every price rounded up
+            price = self.price
+            allowed_price = (1.0 - budget) * sum(price(m, DENSE) for m in matrices)
+            unit = allowed_price / self.max_units
+            capacity = self.max_units
+            if any(c < 0 for item in items for c in item.costs):
+                raise ValueError("an option of the knapsack is priced below zero")
+            least = sum(min(item.costs) for item in items) / sum(price(m, DENSE) for m in matrices)
+            if least > 1.0 - budget:
+                raise ConfigError(f"budget {budget} cannot be met by measured cost: the cheapest option of every "
+                                  f"matrix together still costs {least:.3f} of the dense matrices' (budget at most "
+                                  f"{1 - least:.3f})")
         self.last_unit = unit
-        costs = [[math.ceil(c / unit) for c in item.costs] for item in items]
-        chosen, _ = solve_mckp(costs, [item.errors for item in items], allowed // unit)
+        costs = [[-(-c // unit) if isinstance(c, int) and isinstance(unit, int) else math.ceil(c / unit)
+                  for c in item.costs] for item in items]
+        chosen, _ = solve_mckp(costs, [item.errors for item in items], capacity)
         picked: dict[str, Choice] = {}
         for item, index in zip(items, chosen):
             for m in item.members:

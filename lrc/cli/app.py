@@ -16,6 +16,7 @@ from rich.text import Text
 from .compress import compress
 from .eval import eval_command
 from .exit_codes import OK, exit_rule, handle_signals, one_line
+from .export import export
 from .methods import methods
 from .report import report
 
@@ -29,6 +30,7 @@ app.command()(compress)
 app.command("eval")(eval_command)
 app.command()(report)
 app.command()(methods)
+app.command()(export)
 _state = {"debug": False}
 
 

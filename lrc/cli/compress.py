@@ -40,6 +40,8 @@ def compress(
     sequential: Annotated[bool | None, typer.Option("--sequential/--one-shot", help="Refit each layer on the compressed layers' outputs.")] = None,
     keep_dense: Annotated[list[str] | None, typer.Option("--keep-dense", help="Regex of linears to keep dense (repeatable).")] = None,
     min_kept: Annotated[float | None, typer.Option("--min-kept", help="Least fraction of parameters every matrix keeps.")] = None,
+    objective: Annotated[str | None, typer.Option(help="What the budget counts: disk, memory or latency (measured).")] = None,
+    latency_tokens: Annotated[int | None, typer.Option("--latency-tokens", help="Tokens per timed forward for --objective latency.")] = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Reuse calibration statistics cached here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     json_output: JsonOpt = False,
@@ -55,6 +57,7 @@ def compress(
         seq_len=seq_len, seed=seed, device=device, dtype=dtype, sequential=sequential, keep_dense=keep_dense or None,
         min_kept=min_kept,
     )
+    config = config.replace(objective=objective, latency_tokens=latency_tokens)
     config.validate()
     shown = CommandOutput(json_output, quiet)
     with progress_display(quiet) as progress:

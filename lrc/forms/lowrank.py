@@ -8,6 +8,14 @@ import torch
 from torch import nn
 
 
+def first_product(layer: nn.Module, factor: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """factor(x), taken from the group's one stacked product when the layer is fused (see fused.py)."""
+    shared = getattr(layer, "shared_input", None)
+    if shared is not None and shared[0].is_view_of_weight(factor.weight, shared[1]):
+        return shared[0].share(x, shared[1])
+    return factor(x)
+
+
 class LowRankLinear(nn.Module):
     """A linear layer stored as two factors: W ≈ up.weight @ down.weight.
 
@@ -16,6 +24,7 @@ class LowRankLinear(nn.Module):
     """
 
     kind = "low-rank"
+    shared_input: tuple[Any, int] | None = None  # (SharedInputProduct, index) once fused (see fused.py)
 
     def __init__(
         self,
@@ -67,7 +76,7 @@ class LowRankLinear(nn.Module):
         return self.rank * (self.in_features + self.out_features) * value_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        return self.up(first_product(self, self.down, x))
 
     def dense_weight(self) -> torch.Tensor:
         """The product up @ down (out x in), for checks against a dense reference."""

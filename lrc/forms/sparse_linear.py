@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .lowrank import first_product
 from .sparse_matrix import SparseMatrix, layout_bytes
 
 
@@ -67,6 +68,7 @@ class SparseDictionaryLinear(_SparseFactorLinear):
     """y = mixing(atoms(x)) + bias;  atoms.weight: k x in (dense),  mixing: out x k sparse."""
 
     kind = "sparse-dictionary"
+    shared_input: tuple[Any, int] | None = None  # (SharedInputProduct, index) once fused (see fused.py)
 
     def __init__(
         self,
@@ -111,7 +113,7 @@ class SparseDictionaryLinear(_SparseFactorLinear):
         return cls.from_factors(factors["mixing"].cpu(), factors["atoms"].cpu(), bias, dtype, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.mixing(self.atoms(x))
+        y = self.mixing(first_product(self, self.atoms, x))
         return y if self.bias is None else y + self.bias
 
     def dense_weight(self) -> torch.Tensor:

@@ -13,15 +13,17 @@ non-zero. Every tensor is in the state dict, so the checkpoint holds exactly wha
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
 
+from . import sparse_kernels
+
 LAYOUTS = ("csr", "bitmask")
-# Above this many tokens per call a dense matmul on the densified matrix beats torch's CSR kernel
-# (measured on SmolLM2-135M's shapes, 2 CPU threads: the crossover lies between 128 and 512 tokens).
-SPARSE_KERNEL_MAX_TOKENS = 256
+# Up to this many tokens per call (decoding) the C kernel multiplies from the stored layout; above (prefill)
+# the matrix is densified for the call and one dense matmul runs (measured on SmolLM2-135M's mixing shapes,
+# 2 CPU threads: see bench/runtime.py and notes in docs/design.md).
+KERNEL_MAX_TOKENS = 16
 
 
 def index_dtype(cols: int) -> torch.dtype:
@@ -58,23 +60,15 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
 
 
-def csr_to_dense(csr: torch.Tensor) -> torch.Tensor:
-    """A torch CSR matrix as a dense one; a flat scatter, several times faster than torch's to_dense on CPU."""
-    rows, cols = csr.shape
-    crow = csr.crow_indices()
-    row_ids = torch.repeat_interleave(torch.arange(rows, device=crow.device), (crow[1:] - crow[:-1]).long())
-    flat = torch.zeros(rows * cols, dtype=csr.dtype, device=csr.device)
-    return flat.index_put_((row_ids * cols + csr.col_indices(),), csr.values()).view(rows, cols)
-
-
 class SparseMatrix(nn.Module):
     """A rows x cols matrix with `nnz` stored entries, in the "csr" or "bitmask" layout (see module doc).
 
-    `to_dense()` rebuilds the matrix (zeros included); `forward(h)` = h @ Sᵀ, h (..., cols) -> (..., rows),
-    runs a sparse matmul on a torch CSR copy of the stored entries (int32 indices, built on first use and
-    rebuilt whenever the stored tensors change or move) for up to SPARSE_KERNEL_MAX_TOKENS tokens, and a
-    dense matmul on the densified matrix for more tokens or where torch has no sparse kernel (half
-    precision on CPU).
+    `to_dense()` rebuilds the matrix (zeros included); `forward(h)` = h @ Sᵀ, h (..., cols) -> (..., rows).
+    In memory the matrix holds its stored tensors only (plus, for the bitmask, the start of each row's
+    values: 8 bytes per row). On CPU in float32 / bfloat16 the C kernels of `sparse_kernels` multiply from
+    the stored layout for up to KERNEL_MAX_TOKENS tokens, and densify the matrix for the call (one pass)
+    before a dense matmul above that; elsewhere (other devices or dtypes, no C compiler) it is densified
+    with torch on every call.
     """
 
     col_indices: torch.Tensor
@@ -100,7 +94,7 @@ class SparseMatrix(nn.Module):
             self.register_buffer("row_offsets", torch.zeros(rows + 1, dtype=torch.int32, device=device))
         else:
             self.register_buffer("bitmask", torch.zeros(rows, math.ceil(cols / 8), dtype=torch.uint8, device=device))
-        self._csr: tuple[tuple[object, ...], torch.Tensor] | None = None  # (state key, CSR copy), not saved
+        self._checked: tuple[tuple[object, ...], torch.Tensor | None] | None = None  # (state key, bitmask row starts)
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, mask: torch.Tensor, layout: str | None = None) -> SparseMatrix:
@@ -143,38 +137,56 @@ class SparseMatrix(nn.Module):
         """Bytes of every tensor this matrix stores (values, indices or bitmask, offsets)."""
         return sum(t.numel() * t.element_size() for t in [self.values, *self.buffers()])
 
-    def to_torch_csr(self) -> torch.Tensor:
-        """The stored entries as a torch sparse CSR tensor (rows x cols, int32 indices)."""
-        if self.layout == "csr":
-            crow, col = self.row_offsets.to(torch.int32), self.col_indices.to(torch.int32)
-        else:
-            mask = unpack_bits(self.bitmask, self.cols)
-            crow = torch.zeros(self.rows + 1, dtype=torch.int32, device=mask.device)
-            crow[1:] = mask.sum(1).cumsum(0)
-            col = mask.nonzero()[:, 1].to(torch.int32)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(crow, col, self.values.detach(), size=(self.rows, self.cols), check_invariants=False)
-
-    def has_sparse_kernel(self) -> bool:
-        return self.values.device.type != "cpu" or self.values.dtype in (torch.float32, torch.float64)
-
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.has_sparse_kernel():
-            return nn.functional.linear(h, self.to_dense())
-        csr = self.cached_csr()
         tokens = h.numel() // self.cols
-        if tokens > SPARSE_KERNEL_MAX_TOKENS:  # compute bound: densify once, one dense matmul
-            return nn.functional.linear(h, csr_to_dense(csr))
-        out = csr @ h.reshape(tokens, self.cols).T  # (rows, tokens)
-        return out.T.reshape(*h.shape[:-1], self.rows)
+        x = h.reshape(tokens, self.cols)
+        starts = self.kernel_row_starts()
+        if starts is None or x.dtype != self.values.dtype or x.device.type != "cpu":
+            y = nn.functional.linear(x, self.to_dense())
+        elif tokens > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
+            y = nn.functional.linear(x, self.kernel_dense(starts))
+        elif self.layout == "bitmask":  # memory bound: read the stored layout once
+            y = sparse_kernels.bitmask_matmul(self.values, self.bitmask, starts, self.cols, x)
+        else:
+            y = sparse_kernels.csr_matmul(self.values, self.col_indices, self.row_offsets, self.cols, x)
+        return y.reshape(*h.shape[:-1], self.rows)
 
-    def cached_csr(self) -> torch.Tensor:
-        """`to_torch_csr()`, kept until the stored tensors change (in place, by load or by a move)."""
-        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in [self.values, *self.buffers()])
-        if self._csr is None or self._csr[0] != key:
-            self._csr = (key, self.to_torch_csr())
-        return self._csr[1]
+    def kernel_dense(self, starts: torch.Tensor) -> torch.Tensor:
+        """to_dense() through the C kernel (one pass over the stored layout); `starts` from kernel_row_starts."""
+        if self.layout == "bitmask":
+            return sparse_kernels.bitmask_dense(self.values, self.bitmask, starts, self.cols)
+        return sparse_kernels.csr_dense(self.values, self.col_indices, self.row_offsets, self.cols)
+
+    def _stored(self) -> list[torch.Tensor]:
+        return [self.values, self.bitmask] if self.layout == "bitmask" else [self.values, self.col_indices, self.row_offsets]
+
+    def kernel_row_starts(self) -> torch.Tensor | None:
+        """None where the C kernels do not run (not CPU, not float32 / bfloat16, int32 indices, no compiler);
+        else the start of each row's values ((rows + 1,) int64 for the bitmask, the row offsets for csr).
+        Checked once per state of the stored tensors (changed in place, reloaded or moved): what the kernels
+        read must be consistent (ValueError otherwise)."""
+        stored = self._stored()
+        key = tuple((t.data_ptr(), t._version) for t in stored)
+        if self._checked is None or self._checked[0] != key:
+            starts = None
+            narrow = self.layout == "bitmask" or self.col_indices.dtype == torch.int16
+            if narrow and all(t.is_contiguous() for t in stored) and sparse_kernels.available(self.values):
+                if self.values.numel() != self.nnz:
+                    raise ValueError(f"sparse matrix holds {self.values.numel()} values for {self.nnz} entries")
+                if self.layout == "bitmask":
+                    starts = sparse_kernels.bitmask_row_starts(self.bitmask, self.cols, self.nnz)
+                else:
+                    self._check_csr()
+                    starts = self.row_offsets
+            self._checked = (key, starts)
+        return self._checked[1]
+
+    def _check_csr(self) -> None:
+        offsets, cols = self.row_offsets, self.col_indices
+        ok = int(offsets[0]) == 0 and int(offsets[-1]) == self.nnz and bool((offsets[1:] >= offsets[:-1]).all())
+        ok = ok and cols.numel() == self.nnz and (self.nnz == 0 or (int(cols.min()) >= 0 and int(cols.max()) < self.cols))
+        if not ok:
+            raise ValueError("sparse matrix in the csr layout has row offsets or column indices out of range")
 
     def extra_repr(self) -> str:
         return f"rows={self.rows}, cols={self.cols}, nnz={self.nnz}, layout={self.layout}"

@@ -73,6 +73,47 @@ def replace_with_low_rank(model: Any, ranks: dict[str, int], sparse: dict[str, d
         ))
 
 
+def fuse_shared_inputs(model: Any) -> int:
+    """Fuse the first factors of each group of compressed layers that read one input (the adapter's
+    shared_inputs, per block); returns the number of groups fused."""
+    from ..forms.fused import fuse_down_factors
+    from ..model.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    stack_name, stack = adapter.layer_stack(model)
+    fused = 0
+    for block in stack:
+        for group in adapter.shared_inputs:
+            if any(any(c in name for c in "*?[") for name in group):
+                continue  # per-expert groups: not fused
+            layers = [block.get_submodule(name) for name in group if _has_module(block, name)]
+            fused += fuse_down_factors(layers) is not None
+    return fused
+
+
+def copy_indices_out_of_file(model: Any) -> int:
+    """A model loaded at another dtype than its files holds converted copies of the values, but its sparse
+    layers' bitmasks / indices (integers, never converted) still point into the memory-mapped checkpoint,
+    keeping the whole mapping (every page the conversion read) resident. Those are copied out (a few % of
+    the values' bytes) so the mapping is released; returns the number of tensors copied."""
+    from ..forms.fused import file_mappings
+    from ..forms.sparse_matrix import SparseMatrix
+
+    mappings = file_mappings()
+
+    def mapped(t: Any) -> bool:
+        return any(start <= t.data_ptr() < end for start, end in mappings)
+
+    copied = 0
+    for matrix in model.modules():
+        if isinstance(matrix, SparseMatrix) and not mapped(matrix.values):
+            for name, buffer in list(matrix.named_buffers(recurse=False)):
+                if mapped(buffer):
+                    setattr(matrix, name, buffer.clone())
+                    copied += 1
+    return copied
+
+
 def _has_module(model: Any, name: str) -> bool:
     try:
         model.get_submodule(name)
@@ -102,6 +143,13 @@ class LrcHfQuantizer(HfQuantizer):
         if checkpoint_files:
             check_factor_tensors(model, checkpoint_files, [*config.ranks, *config.sparse])
             check_skeleton_against_files(model, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        """Layers reading one input (the adapter's shared_inputs: q/k/v, gate/up) share one matmul for their
+        first factors (see lrc.forms.fused)."""
+        fuse_shared_inputs(model)
+        copy_indices_out_of_file(model)
         return model
 
     def update_weight_conversions(self, weight_conversions: Any, model: Any) -> Any:

@@ -31,7 +31,8 @@ LRC_FILES = re.compile(
     r"(config\.json|generation_config\.json|lrc_report\.yaml|model(-\d{5}-of-\d{5})?\.safetensors"
     r"|model\.safetensors\.index\.json|tokenizer[\w.-]*|special_tokens_map\.json|added_tokens\.json"
     r"|chat_template\.(jinja|json)|vocab\.(json|txt)|merges\.txt|(spiece|sentencepiece\.bpe)\.model"
-    r"|additional_chat_templates(/[\w.-]+\.jinja)?)"
+    r"|additional_chat_templates(/[\w.-]+\.jinja)?"
+    r"|modeling_lrc\.py|lrc_\w+\.py)"  # the modeling code (io.remote_code)
 )
 
 

@@ -46,6 +46,7 @@ def build_report(
         "method": config.method,
         "allocator": config.allocator,
         "budget": config.budget,
+        "objective": config.objective,  # what the budget counts (lrc.allocate.objective)
         "seed": config.seed,
         "calibration": {
             "source": stats.calib_source,

@@ -12,6 +12,7 @@ from ..forms import LowRankLinear, skeleton
 from ..peak_memory import peak_memory
 from .checkpoint import DTYPES, check_finite_files, read_tensor_names, tensor_bytes, write_checkpoint
 from .output import atomic_directory
+from .remote_code import write_remote_code
 from .report import REPORT_NAME, write_report
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ def write_output(
     start = time.perf_counter()
     with atomic_directory(out) as tmp:
         write_checkpoint(loaded.model, tmp, loaded.tokenizer, ranks, dtype, sparse)
+        write_remote_code(loaded.model, tmp)  # modeling code: the output loads without lrc
         names = read_tensor_names(tmp)
         for key, shape in expected_tensors(results).items():
             if key not in names or names[key][1] != shape:

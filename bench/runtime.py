@@ -1,0 +1,269 @@
+"""What a compressed model costs where it runs: bytes in memory and tokens per second, against dense.
+
+For the dense model and lrc outputs (by default SmolLM2-135M, the default recipe and pure low rank at
+budget 0.3), in float32 and bfloat16, each model in its own process, loaded with plain transformers after
+`import lrc` (`AutoModelForCausalLM.from_pretrained(folder, dtype=...)`):
+- file: the safetensors bytes at that dtype (the files on disk for the dtype they were written in; for
+  another dtype, the same tensors with floating values at its width: what `--dtype` would write);
+- tensors: bytes held by the model's tensors after loading (parameters, buffers and any tensor a module
+  keeps, each storage once), and after the run (caches built on first use included);
+- peak RSS: the process's peak resident set during a 512-token prefill and the decode steps (VmHWM, reset
+  after loading and a warm-up, memory freed while loading handed back to the OS first: the model,
+  activations, KV cache and transients, plus the Python / torch runtime);
+- prefill tok/s (one 512-token forward) and decode tok/s (greedy steps with the KV cache), median of
+  `--repeats` runs after a warm-up;
+each also as a ratio to the dense model measured in the same round. Rounds interleave the models, so a
+change in the machine's load touches all of them alike.
+
+    python bench/runtime.py --rounds 2                   # writes bench/results/runtime.md and .yaml
+    python bench/runtime.py --models dense=FOLDER mine=OUT --dtypes float32 --rounds 1 --out /tmp/rt
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKI_TEST = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.test.raw"
+MIB = 1024**2
+FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def file_bytes(folder: Path, dtype_bytes: int) -> tuple[int, int]:
+    """(bytes of the safetensors files on disk, bytes with every floating tensor at `dtype_bytes` per value)."""
+    on_disk = at_dtype = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        on_disk += path.stat().st_size
+        at_dtype += 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            width = FLOAT_DTYPES.get(info["dtype"])
+            at_dtype += end - start if width is None else (end - start) // width * dtype_bytes
+    return on_disk, at_dtype
+
+
+def tensor_bytes(model: Any) -> int:
+    """Bytes of every storage the model's modules hold (parameters, buffers, tensors kept as attributes or
+    in tuples / lists / dicts of them), each storage once."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "meta":
+                storage = value.untyped_storage()
+                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ("_modules",):
+                visit(value)
+    return sum(seen.values())
+
+
+def proc_status(field: str) -> int:
+    """A field of /proc/self/status in bytes (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed while loading back to the OS (glibc malloc_trim), for every model alike."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS (Linux: 5 -> /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def child(args: argparse.Namespace) -> None:
+    """One model in this process: load, measure, print one JSON line."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    import lrc  # noqa: F401  (registers the lrc loader with transformers)
+
+    dtype = getattr(torch, args.dtype)
+    folder = Path(args.child)
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.eval()
+    load_s = time.perf_counter() - start
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    text = WIKI_TEST.read_text()[:20000]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.seq_len]
+    assert ids.shape[1] == args.seq_len, "not enough evaluation text for the prefill"
+    gc.collect()
+    return_freed_memory()
+    held_after_load = tensor_bytes(model)
+    rss_after_load = proc_status("VmRSS")
+
+    def run() -> tuple[float, float]:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True)
+            t1 = time.perf_counter()
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            del out
+            t2 = time.perf_counter()
+            for _ in range(args.decode):
+                step = model(token, past_key_values=cache, use_cache=True)
+                cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+            t3 = time.perf_counter()
+        return args.seq_len / (t1 - t0), args.decode / (t3 - t2)
+
+    with torch.inference_mode():  # warm-up: first-use work (kernels, caches) out of the timings
+        model(ids[:, :16], use_cache=True)
+    gc.collect()
+    return_freed_memory()
+    reset_peak_rss()
+    speeds = [run()]
+    peak = proc_status("VmHWM")
+    speeds += [run() for _ in range(args.repeats - 1)]
+    print(json.dumps({
+        "load_s": load_s,
+        "tensors_after_load": held_after_load,
+        "tensors_after_run": tensor_bytes(model),
+        "rss_after_load": rss_after_load,
+        "peak_rss": peak,
+        "prefill_tok_s": statistics.median(s[0] for s in speeds),
+        "decode_tok_s": statistics.median(s[1] for s in speeds),
+    }))
+
+
+def measure(folder: Path, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", str(folder), "--dtypes", dtype, "--threads", str(args.threads),
+           "--seq-len", str(args.seq_len), "--decode", str(args.decode), "--repeats", str(args.repeats)]
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{folder} ({dtype}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def default_models() -> dict[str, Path]:
+    from lrc.sources import local_folder, resolve_model
+
+    return {
+        "dense": local_folder(resolve_model("smollm2-135m")),
+        "default recipe, 0.3": ROOT.parent / "out" / "smol-default-0.3",
+        "loss-aware, 0.3": ROOT.parent / "out" / "smol-lossaware-0.3",
+    }
+
+
+def span(values: list[float], fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    if format(lo, fmt) == format(hi, fmt):
+        return format(lo, fmt)
+    return f"{format(lo, fmt)}{' to ' if lo < 0 else '-'}{format(hi, fmt)}"
+
+
+def table(rows: list[dict[str, Any]], models: list[str], dtypes: list[str]) -> list[str]:
+    lines = ["| model | dtype | file MiB | tensors MiB (x file) | peak RSS MiB (x dense) | dense - RSS, share of file saving "
+             "| prefill tok/s (x dense) | decode tok/s (x dense) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for dtype in dtypes:
+        for name in models:
+            mine = [r for r in rows if r["model"] == name and r["dtype"] == dtype]
+            dense = {r["round"]: r for r in rows if r["model"] == "dense" and r["dtype"] == dtype}
+            file = mine[0]["file_bytes"] / MIB
+            held = [r["tensors_after_run"] / r["file_bytes"] for r in mine]
+            rss = [r["peak_rss"] / MIB for r in mine]
+            rss_x = [r["peak_rss"] / dense[r["round"]]["peak_rss"] for r in mine]
+            saving = [(dense[r["round"]]["peak_rss"] - r["peak_rss"]) / (dense[r["round"]]["file_bytes"] - r["file_bytes"])
+                      for r in mine if name != "dense"]
+            pre = [r["prefill_tok_s"] for r in mine]
+            pre_x = [r["prefill_tok_s"] / dense[r["round"]]["prefill_tok_s"] for r in mine]
+            dec = [r["decode_tok_s"] for r in mine]
+            dec_x = [r["decode_tok_s"] / dense[r["round"]]["decode_tok_s"] for r in mine]
+            lines.append(
+                f"| {name} | {dtype} | {file:.0f} | {span([r['tensors_after_run'] / MIB for r in mine], '.0f')} "
+                f"({span(held, '.3f')}) | {span(rss, '.0f')} ({span(rss_x, '.2f')}) | "
+                f"{span(saving, '.0%') if saving else '-'} | {span(pre, '.0f')} ({span(pre_x, '.2f')}) | "
+                f"{span(dec, '.1f')} ({span(dec_x, '.2f')}) |"
+            )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", help="NAME=FOLDER ...; the first is the dense baseline (named dense)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="bench/results/runtime")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.dtype = args.dtypes[0]
+        return child(args)
+    if args.models:
+        pairs = [m.split("=", 1) for m in args.models]
+        models = {("dense" if i == 0 else name): Path(folder) for i, (name, folder) in enumerate(pairs)}
+    else:
+        models = default_models()
+    for name, folder in models.items():
+        if not (folder / "config.json").is_file():
+            raise SystemExit(f"{name}: no model at {folder} (for the defaults: lrc compress smollm2-135m --budget 0.3 "
+                             "--calib wiki.valid.tokens [--method loss-aware] -o FOLDER)")
+    rows = []
+    for dtype in args.dtypes:
+        width = 4 if dtype == "float32" else 2
+        for rnd in range(args.rounds):
+            for name, folder in models.items():
+                result = measure(folder, dtype, args)
+                on_disk, at_dtype = file_bytes(folder, width)
+                rows.append({"model": name, "dtype": dtype, "round": rnd, "folder": str(folder),
+                             "file_bytes_on_disk": on_disk, "file_bytes": at_dtype, **result})
+                print(json.dumps(rows[-1]), flush=True)
+    import torch
+
+    lines = [
+        f"SmolLM2-135M and lrc outputs of it at budget 0.3, loaded with transformers after `import lrc`, one process "
+        f"per model and dtype, {args.rounds} rounds (ranges shown); {platform.machine()} CPU, {args.threads} threads, "
+        f"torch {torch.__version__}; prefill = 1 x {args.seq_len} tokens, decode = {args.decode} greedy steps after "
+        f"it, median of {args.repeats} runs. file: safetensors bytes at that dtype; tensors: bytes held by the "
+        f"model's tensors after the run; peak RSS: the process during prefill and decode; 'dense - RSS' is the "
+        f"peak-memory saving against dense as a share of the file-size saving.", "",
+        *table(rows, list(models), args.dtypes),
+    ]
+    from results_files import write_results
+
+    write_results(args.out, lines, {"threads": args.threads, "seq_len": args.seq_len, "decode": args.decode, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Measured costs of the layer forms on this device: forward time and resident bytes per (form, shape, size).
+
+`LayerCostTable.seconds(entry)` is the time of one forward pass of `tokens` tokens through one layer: a
+dense nn.Linear (m x n), a LowRankLinear of rank r, or a sparse layer with k atoms / rank r and nnz stored
+entries, built with random values (a sparse factor's entries at random places). Each is timed after one
+warm-up call as the least of 7 rounds, each round long enough to last at least 10 ms, and of 2 passes
+over all the entries to measure (the least is the time with the least interference from other processes). `resident_bytes(entry)` is what the layer
+holds after that forward: every tensor reachable from the module (parameters, buffers, and caches such
+as a sparse layer's kernel copy), each storage counted once.
+
+A low-rank layer's time is priced by the least-squares line t(r) = a + b r (b >= 0) through its shape's
+measured ranks: its work is two products of r (m + n) tokens multiply-adds plus a fixed cost per call,
+and on a shared machine single measurements are noisy enough (±50% seen) that a knapsack pricing each
+rank by its own measurement picks the ranks that measured fast by chance. Load that drifts between the
+measurements of one shape still misleads it (see the README's figures).
+
+Measured once per device and cached as JSON under the lrc cache dir (`latency/<key hash>.json`), keyed
+by the device (CPU model or GPU name), torch version, thread count, dtype and token count; later runs
+measure only the entries they lack. A sparse entry's nnz is rounded to 1/64 of its factor's slots
+(up, never to 0), so the options of many matrices share measurements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..io.atomic_file import atomic_file
+
+DENSE_KIND = "dense"
+NNZ_STEPS = 64
+ROUNDS = 7
+PASSES = 2
+MIN_ROUND_S = 0.01
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One layer to measure: its form, out x in shape, rank (atoms) and sparse entries (0 if none)."""
+
+    kind: str
+    out_features: int
+    in_features: int
+    rank: int = 0
+    nnz: int = 0
+    layout: str = ""
+
+    def key(self) -> str:
+        return f"{self.kind}:{self.out_features}x{self.in_features}:r{self.rank}:nnz{self.nnz}:{self.layout}"
+
+
+def device_name(device: torch.device) -> str:
+    """The CPU model (from /proc/cpuinfo, else the platform) or the GPU's name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sparse_slots(shape: LayerShape) -> int:
+    """Slots of the sparse factor: out x k for a sparse dictionary, out x in for a sparse residual."""
+    return shape.out_features * (shape.rank if shape.kind == "sparse-dictionary" else shape.in_features)
+
+
+def rounded(shape: LayerShape) -> LayerShape:
+    """The entry that stands for `shape` in the table: nnz rounded up to a multiple of slots / NNZ_STEPS."""
+    if not shape.nnz:
+        return shape
+    slots = sparse_slots(shape)
+    step = max(1, slots // NNZ_STEPS)
+    nnz = min(slots, math.ceil(shape.nnz / step) * step)
+    return LayerShape(shape.kind, shape.out_features, shape.in_features, shape.rank, nnz, shape.layout)
+
+
+def random_sparse(rows: int, cols: int, nnz: int, generator: torch.Generator) -> torch.Tensor:
+    """A rows x cols matrix with exactly nnz non-zero N(0, 1) entries at random places."""
+    flat = torch.zeros(rows * cols)
+    where = torch.randperm(rows * cols, generator=generator)[:nnz]
+    flat[where] = torch.randn(nnz, generator=generator).abs() + 0.1
+    return flat.view(rows, cols)
+
+
+def build_layer(shape: LayerShape, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A layer of `shape`'s form with random values (see module doc)."""
+    from ..forms import LowRankLinear, LowRankSparseLinear, SparseDictionaryLinear
+
+    g = torch.Generator().manual_seed(0)
+    m, n, r = shape.out_features, shape.in_features, shape.rank
+    layer: nn.Module
+    if shape.kind == DENSE_KIND:
+        layer = nn.Linear(n, m, bias=False, dtype=dtype)
+    elif shape.kind == LowRankLinear.kind:
+        layer = LowRankLinear.from_factors(torch.randn(m, r, generator=g), torch.randn(r, n, generator=g), dtype=dtype)
+    elif shape.kind == SparseDictionaryLinear.kind:
+        layer = SparseDictionaryLinear.from_factors(
+            random_sparse(m, r, shape.nnz, g), torch.randn(r, n, generator=g), dtype=dtype, layout=shape.layout
+        )
+    elif shape.kind == LowRankSparseLinear.kind:
+        layer = LowRankSparseLinear.from_factors(
+            torch.randn(m, r, generator=g), torch.randn(r, n, generator=g), random_sparse(m, n, shape.nnz, g),
+            dtype=dtype, layout=shape.layout,
+        )
+    else:
+        raise ValueError(f"no latency measurement for layer form {shape.kind!r}")
+    return layer.to(device).requires_grad_(False)
+
+
+def held_bytes(module: nn.Module) -> int:
+    """Bytes of every tensor reachable from the module's attributes (parameters, buffers, caches), each
+    storage once."""
+    seen: set[int] = set()
+    total = 0
+
+    def visit(value: Any, depth: int = 0) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            tensors = [value]
+            if value.layout == torch.sparse_csr:
+                tensors = [value.values(), value.crow_indices(), value.col_indices()]
+            for t in tensors:
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        elif isinstance(value, (tuple, list)) and depth < 4:
+            for item in value:
+                visit(item, depth + 1)
+        elif isinstance(value, dict) and depth < 4:
+            for item in value.values():
+                visit(item, depth + 1)
+
+    for sub in module.modules():
+        for name, value in vars(sub).items():
+            if name in ("_parameters", "_buffers"):
+                visit(list(value.values()))
+            elif not name.startswith("_modules"):
+                visit(value)
+    return total
+
+
+def measure(layer: nn.Module, tokens: int, in_features: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Seconds of one forward of `tokens` tokens: the least of ROUNDS rounds after a warm-up call."""
+    x = torch.randn(1, tokens, in_features, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad():
+        layer(x)
+        sync()
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < MIN_ROUND_S or calls < 1:
+            layer(x)
+            calls += 1
+        sync()
+        best = math.inf
+        for _ in range(ROUNDS):
+            start = time.perf_counter()
+            for _ in range(calls):
+                layer(x)
+            sync()
+            best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def linear_fit(x: list[float], y: list[float]) -> list[float]:
+    """The least-squares line a + b x through (x, y) with b >= 0 (a flat line at the mean if the best slope is
+    negative), evaluated at x."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((v - mx) ** 2 for v in x)
+    slope = max(0.0, sum((u - mx) * (v - my) for u, v in zip(x, y)) / sxx) if sxx > 0 else 0.0
+    return [my + slope * (v - mx) for v in x]
+
+
+class LayerCostTable:
+    """Forward seconds and resident bytes of layer forms at given shapes, measured once and cached on disk."""
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, tokens: int = 512,
+                 cache_dir: Path | None = None) -> None:
+        from ..sources import cache_dir as default_cache_dir
+
+        self.device, self.dtype, self.tokens = torch.device(device), dtype, tokens
+        self.identity = {
+            "device": device_name(self.device), "torch": str(torch.__version__), "threads": torch.get_num_threads(),
+            "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
+        }
+        digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = (cache_dir or default_cache_dir()) / "latency" / f"{digest}.json"
+        self.entries: dict[str, dict[str, float]] = {}
+        self.measured = 0  # entries measured by this object (the rest came from the cache)
+        self._fits: dict[tuple[int, int], dict[int, float]] = {}  # low-rank series: rank -> fitted seconds
+        if self.path.is_file():
+            try:
+                stored = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                stored = {}
+            if stored.get("identity") == self.identity:
+                self.entries = dict(stored.get("entries", {}))
+
+    def seconds(self, shape: LayerShape) -> float:
+        """The measured time; for a low-rank layer, its shape's line fitted over the ranks measured."""
+        from ..forms import LowRankLinear
+
+        entry = self._entry(shape)["seconds"]
+        if shape.kind != LowRankLinear.kind:
+            return entry
+        series = (shape.out_features, shape.in_features)
+        if series not in self._fits:
+            prefix = f"{shape.kind}:{shape.out_features}x{shape.in_features}:r"
+            measured = sorted((int(key[len(prefix):].split(":")[0]), value["seconds"])
+                              for key, value in self.entries.items() if key.startswith(prefix))
+            fitted = linear_fit([float(rank) for rank, _ in measured], [t for _, t in measured])
+            floor = min(t for _, t in measured)  # the line may cross zero below the ranks measured
+            self._fits[series] = {rank: max(t, floor) for (rank, _), t in zip(measured, fitted)}
+        return self._fits[series][shape.rank]
+
+    def resident_bytes(self, shape: LayerShape) -> float:
+        return self._entry(shape)["resident_bytes"]
+
+    def fill(self, shapes: list[LayerShape]) -> None:
+        """Measure every shape not in the table yet, then save the table (once)."""
+        missing = {rounded(s).key(): rounded(s) for s in shapes if rounded(s).key() not in self.entries}
+        measured: dict[str, dict[str, float]] = {}
+        for _ in range(PASSES):  # passes apart in time: a burst of load elsewhere spoils one, not all
+            for key, shape in missing.items():
+                layer = build_layer(shape, self.dtype, self.device)
+                seconds = measure(layer, self.tokens, shape.in_features, self.dtype, self.device)
+                best = min(seconds, measured[key]["seconds"]) if key in measured else seconds
+                measured[key] = {"seconds": best, "resident_bytes": float(held_bytes(layer))}
+        self.entries.update(measured)
+        self.measured += len(measured)
+        if missing:
+            self._fits.clear()
+            self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps({"identity": self.identity, "entries": self.entries}, indent=1, sort_keys=True))
+
+    def _entry(self, shape: LayerShape) -> dict[str, float]:
+        key = rounded(shape).key()
+        if key not in self.entries:
+            self.fill([shape])
+        return self.entries[key]

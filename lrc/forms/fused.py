@@ -1,0 +1,145 @@
+"""One matmul for the first factors of layers that read the same input (q/k/v, gate/up).
+
+Layers reading one tensor x each start with a dense product x D_iᵀ (LowRankLinear: down, r_i x n;
+SparseDictionaryLinear: atoms, k_i x n). `fuse_down_factors` stacks those factors into one matrix
+D = [D_1; D_2; ...] (Σ r_i x n) and makes each layer's factor a view of its rows, so memory holds each
+value once and the state dict is unchanged (views are saved as their own tensors). The first layer called
+with x computes x Dᵀ once; each layer of the group then takes its columns, and the product is dropped
+when every layer has taken its share (or when a call comes with another input). A layer whose factor no
+longer is that view (the model was moved or cast, or a factor replaced) computes its own product again.
+This module imports torch, the standard library and its sibling forms only (it travels with the model's
+own modeling code).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .lowrank import LowRankLinear
+from .sparse_linear import SparseDictionaryLinear
+
+FUSABLE = (LowRankLinear, SparseDictionaryLinear)
+
+
+def down_factor(layer: nn.Module) -> nn.Linear:
+    """The layer's first (dense) factor: LowRankLinear.down or SparseDictionaryLinear.atoms."""
+    if isinstance(layer, LowRankLinear):
+        return layer.down
+    assert isinstance(layer, SparseDictionaryLinear)
+    return layer.atoms
+
+
+class SharedInputProduct:
+    """x Dᵀ for the stacked first factors D (Σ r_i x n) of a group of layers, computed once per input x."""
+
+    def __init__(self, weight: torch.Tensor, layers: list[nn.Module]) -> None:
+        self.weight = weight
+        self.bounds: list[tuple[int, int]] = []
+        start = 0
+        for layer in layers:
+            rows = down_factor(layer).weight.shape[0]
+            self.bounds.append((start, start + rows))
+            start += rows
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._product: torch.Tensor | None = None
+        self._pending: set[int] = set()
+
+    def is_view_of_weight(self, factor: torch.Tensor, index: int) -> bool:
+        """Whether `factor` still is rows bounds[index] of the stacked weight (not moved, cast or replaced)."""
+        start, end = self.bounds[index]
+        w = self.weight
+        return (factor.dtype == w.dtype and factor.device == w.device and factor.shape == (end - start, w.shape[1])
+                and factor.data_ptr() == w.data_ptr() + start * w.stride(0) * w.element_size())
+
+    def share(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """x D_indexᵀ: a slice of x Dᵀ, computed when this input comes first (or again)."""
+        version = x._version if not x.is_inference() else 0  # inference tensors cannot change in place
+        if self._input is not x or self._version != version or index not in self._pending:
+            self._input, self._version = x, version
+            self._product = nn.functional.linear(x, self.weight)
+            self._pending = set(range(len(self.bounds)))
+        product = self._product
+        assert product is not None
+        self._pending.discard(index)
+        if not self._pending:  # every layer took its share: hold nothing between calls
+            self._input = self._product = None
+        start, end = self.bounds[index]
+        return product[..., start:end]
+
+
+def _clone_views(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict hook: the fused factor is saved as its own tensor, not as a view sharing the stacked storage."""
+    factor = down_factor(module)
+    name = prefix + ("down.weight" if isinstance(module, LowRankLinear) else "atoms.weight")
+    if name in state_dict and state_dict[name].untyped_storage().nbytes() != factor.weight.numel() * factor.weight.element_size():
+        state_dict[name] = state_dict[name].clone()
+
+
+MADV_DONTNEED = 4  # Linux
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's memory mappings backed by a file (Linux; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    spans = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            spans.append((start, end))
+    return spans
+
+
+def release_file_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+    """Drop from this process's resident set the whole pages of `tensor` (no longer used) when they lie in a
+    file mapping (a memory-mapped checkpoint): they would otherwise stay resident next to their copy in the
+    stacked factor. The file is unchanged; the pages would be read again if touched. Anything else: no-op."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    first = -(-tensor.data_ptr() // page) * page
+    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if last > first and any(start <= first and last <= end for start, end in mappings):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+def fuse_down_factors(layers: list[nn.Module]) -> SharedInputProduct | None:
+    """Stack the first factors of `layers` (which must read one input) into one matrix; None (nothing done)
+    for fewer than two fusable layers or mixed dtypes / devices."""
+    layers = [layer for layer in layers if isinstance(layer, FUSABLE)]
+    if len(layers) < 2:
+        return None
+    factors = [down_factor(layer).weight for layer in layers]
+    if len({(f.dtype, f.device, f.shape[1]) for f in factors}) != 1:
+        return None
+    weight = torch.cat([f.detach() for f in factors])
+    shared = SharedInputProduct(weight, layers)
+    mappings = file_mappings()
+    for index, layer in enumerate(layers):
+        start, end = shared.bounds[index]
+        down_factor(layer).weight = nn.Parameter(weight[start:end], requires_grad=False)
+        release_file_pages(factors[index], mappings)
+        setattr(layer, "shared_input", (shared, index))  # noqa: B010  (the form's attribute, any FUSABLE)
+        if not getattr(layer, "_clones_fused_views", False):
+            layer._register_state_dict_hook(_clone_views)
+            setattr(layer, "_clones_fused_views", True)  # noqa: B010
+    return shared
+
+
+def unfuse(model: nn.Module) -> None:
+    """Every layer computes its own first product again (the factors stay views: memory is unchanged)."""
+    for module in model.modules():
+        if isinstance(module, FUSABLE):
+            module.shared_input = None

@@ -1,0 +1,400 @@
+"""CPU kernels that multiply by a sparse matrix straight from its stored layout (no copy kept in memory).
+
+A `SparseMatrix` (see sparse_matrix.py) stores S (rows x cols) as
+- "bitmask": values (nnz,) row-major, bitmask (rows, stride = ⌈cols / 8⌉) uint8, bit j % 8 of byte j // 8
+  set where column j holds a value;
+- "csr":     values (nnz,), col_indices (nnz,) int16, row_offsets (rows + 1,) int32.
+The kernels here compute, for x (tokens x cols), y = x Sᵀ (tokens x rows), and S itself as a dense matrix
+(the prefill path: one dense matmul on the transient dense S), reading only those tensors plus, for the
+bitmask, the start of each row's values (rows + 1 int64, 8 bytes per row). Values and x are float32 or
+bfloat16 (accumulated in float32, rounded once to bfloat16 like a dense bfloat16 matmul).
+
+They are C, kept here as source, compiled once per machine with the system C compiler (`CC`, else gcc or
+cc; `-O3 -march=native -fopenmp`) into a per-user cache (`LRC_KERNEL_DIR`, default ~/.cache/lrc/kernels)
+and called through ctypes. With AVX-512 the bitmask kernel loads each 16-column chunk's values with one
+expand-load (`vexpandps`: values to the lanes whose mask bit is set, zeros elsewhere), so a row costs
+⌈cols / 16⌉ fused multiply-adds per token whatever its density. Where no compiler works, or for another
+device, dtype or index width, `available()` is False and `SparseMatrix` densifies with torch instead (same
+numbers, slower). This module imports torch and the standard library only (it travels with the model's
+own modeling code).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+ENABLED = os.environ.get("LRC_SPARSE_KERNELS", "1") != "0"  # "0": always the torch fallback
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI2__)
+#include <immintrin.h>
+#define LRC_AVX512 1
+#endif
+
+#define TOKEN_BLOCK 8
+
+static inline float bf16_to_f32(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+/* the 16 mask bits of columns j .. j+15 (j a multiple of 16) */
+static inline uint32_t chunk_bits(const uint8_t *row, int64_t j, int64_t stride) {
+    int64_t b = j >> 3;
+    uint32_t lo = row[b], hi = (b + 1 < stride) ? row[b + 1] : 0u;
+    return lo | (hi << 8);
+}
+
+#ifdef LRC_AVX512
+static inline __m512 widen_bf16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline __m512 load_bf16(__mmask16 m, const uint16_t *p) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+/* the popcount(m) values at p, spread to the lanes set in m (a masked load never touches memory past them) */
+static inline __m512 expand_f32(__mmask16 m, const float *p) {
+    __mmask16 first = (__mmask16)((1u << __builtin_popcount((unsigned)m)) - 1u);
+    return _mm512_maskz_expand_ps(m, _mm512_maskz_loadu_ps(first, p));
+}
+static inline __m512 expand_bf16(__mmask16 m, const uint16_t *p) {
+    __mmask16 first = (__mmask16)((1u << __builtin_popcount((unsigned)m)) - 1u);
+    __m256i h = _mm256_maskz_expand_epi16(m, _mm256_maskz_loadu_epi16(first, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+/* One row i of y = x S^T for TN tokens (a compile-time constant after inlining, so the accumulators stay in
+   registers), S in the bitmask layout, values from vals + p. */
+static inline __attribute__((always_inline)) void bitmask_row(const int TN, int bf16, const uint8_t *mrow,
+        const void *vals, int64_t p, int64_t nnz, int64_t rows, int64_t cols, int64_t stride, const void *x, int64_t i,
+        void *y) {
+    float sum[TOKEN_BLOCK];
+#ifdef LRC_AVX512
+    __m512 acc[TOKEN_BLOCK], acc2[TOKEN_BLOCK];  /* two chains (even / odd chunks): the FMAs overlap */
+    for (int k = 0; k < TN; ++k) acc[k] = acc2[k] = _mm512_setzero_ps();
+    int64_t j = 0;
+    /* whole 32-column steps: the mask as one 32-bit word, x read unmasked (zeros of v stand where S is zero,
+       as in a dense product), values read unmasked while 32 of them remain in the buffer */
+    for (; j + 32 <= cols; j += 32) {
+        uint32_t bits;
+        memcpy(&bits, mrow + (j >> 3), 4);
+        __mmask16 m = (__mmask16)(bits & 0xffffu), m2 = (__mmask16)(bits >> 16);
+        __m512 v, v2;
+        if (p + 32 <= nnz) {
+            if (bf16) {
+                v = widen_bf16(_mm256_maskz_expand_epi16(m, _mm256_loadu_si256((const __m256i *)((const uint16_t *)vals + p))));
+                p += __builtin_popcount((unsigned)m);
+                v2 = widen_bf16(_mm256_maskz_expand_epi16(m2, _mm256_loadu_si256((const __m256i *)((const uint16_t *)vals + p))));
+            } else {
+                v = _mm512_maskz_expand_ps(m, _mm512_loadu_ps((const float *)vals + p));
+                p += __builtin_popcount((unsigned)m);
+                v2 = _mm512_maskz_expand_ps(m2, _mm512_loadu_ps((const float *)vals + p));
+            }
+        } else {
+            v = bf16 ? expand_bf16(m, (const uint16_t *)vals + p) : expand_f32(m, (const float *)vals + p);
+            p += __builtin_popcount((unsigned)m);
+            v2 = bf16 ? expand_bf16(m2, (const uint16_t *)vals + p) : expand_f32(m2, (const float *)vals + p);
+        }
+        p += __builtin_popcount((unsigned)m2);
+        for (int k = 0; k < TN; ++k) {
+            __m512 xv, xv2;
+            if (bf16) {
+                xv = widen_bf16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + k * cols + j)));
+                xv2 = widen_bf16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + k * cols + j + 16)));
+            } else {
+                xv = _mm512_loadu_ps((const float *)x + k * cols + j);
+                xv2 = _mm512_loadu_ps((const float *)x + k * cols + j + 16);
+            }
+            acc[k] = _mm512_fmadd_ps(v, xv, acc[k]);
+            acc2[k] = _mm512_fmadd_ps(v2, xv2, acc2[k]);
+        }
+    }
+    for (; j < cols; j += 16) {
+        __mmask16 m = (__mmask16)chunk_bits(mrow, j, stride);
+        __m512 v;
+        if (bf16) v = expand_bf16(m, (const uint16_t *)vals + p);
+        else v = expand_f32(m, (const float *)vals + p);
+        p += __builtin_popcount((unsigned)m);
+        for (int k = 0; k < TN; ++k) {
+            __m512 xv = bf16 ? load_bf16(m, (const uint16_t *)x + k * cols + j)
+                             : _mm512_maskz_loadu_ps(m, (const float *)x + k * cols + j);
+            acc[k] = _mm512_fmadd_ps(v, xv, acc[k]);
+        }
+    }
+    for (int k = 0; k < TN; ++k) sum[k] = _mm512_reduce_add_ps(_mm512_add_ps(acc[k], acc2[k]));
+#else
+    for (int k = 0; k < TN; ++k) sum[k] = 0.0f;
+    for (int64_t j = 0; j < cols; ++j) {
+        if (!((mrow[j >> 3] >> (j & 7)) & 1)) continue;
+        float v = bf16 ? bf16_to_f32(((const uint16_t *)vals)[p]) : ((const float *)vals)[p];
+        ++p;
+        for (int k = 0; k < TN; ++k) {
+            int64_t at = k * cols + j;
+            sum[k] += v * (bf16 ? bf16_to_f32(((const uint16_t *)x)[at]) : ((const float *)x)[at]);
+        }
+    }
+#endif
+    for (int k = 0; k < TN; ++k) {
+        if (bf16) ((uint16_t *)y)[k * rows + i] = f32_to_bf16(sum[k]);
+        else ((float *)y)[k * rows + i] = sum[k];
+    }
+}
+
+#define ROW_CASE(TN) case TN: \
+    if (bf16) bitmask_row(TN, 1, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb); \
+    else bitmask_row(TN, 0, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb); break;
+
+/* y (tokens x rows) = x (tokens x cols) S^T, S in the bitmask layout; bf16: values, x, y are bfloat16 */
+static void bitmask_mm(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
+                       int64_t cols, int64_t stride, const void *x, int64_t tokens, void *y, int threads) {
+    int64_t esize = bf16 ? 2 : 4;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+        const uint8_t *mrow = mask + i * stride;
+        for (int64_t t0 = 0; t0 < tokens; t0 += TOKEN_BLOCK) {
+            int64_t tn = tokens - t0 < TOKEN_BLOCK ? tokens - t0 : TOKEN_BLOCK;
+            const char *xb = (const char *)x + t0 * cols * esize;
+            char *yb = (char *)y + t0 * rows * esize;
+            switch (tn) { ROW_CASE(1) ROW_CASE(2) ROW_CASE(3) ROW_CASE(4) ROW_CASE(5) ROW_CASE(6) ROW_CASE(7) ROW_CASE(8) }
+        }
+    }
+}
+
+/* out (rows x cols, written whole) = S, from the bitmask layout */
+static void bitmask_dense(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
+                          int64_t cols, int64_t stride, void *out, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+        const uint8_t *mrow = mask + i * stride;
+        int64_t p = offs[i];
+#ifdef LRC_AVX512
+        for (int64_t j = 0; j < cols; j += 16) {
+            __mmask16 m = (__mmask16)chunk_bits(mrow, j, stride);
+            __mmask16 lanes = cols - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - j)) - 1u);
+            if (bf16) {
+                __m256i v = _mm256_maskz_expandloadu_epi16(m, (const uint16_t *)vals + p);
+                _mm256_mask_storeu_epi16((uint16_t *)out + i * cols + j, lanes, v);
+            } else {
+                __m512 v = _mm512_maskz_expandloadu_ps(m, (const float *)vals + p);
+                _mm512_mask_storeu_ps((float *)out + i * cols + j, lanes, v);
+            }
+            p += __builtin_popcount((unsigned)m);
+        }
+#else
+        for (int64_t j = 0; j < cols; ++j) {
+            int set = (mrow[j >> 3] >> (j & 7)) & 1;
+            if (bf16) ((uint16_t *)out)[i * cols + j] = set ? ((const uint16_t *)vals)[p] : 0;
+            else ((float *)out)[i * cols + j] = set ? ((const float *)vals)[p] : 0.0f;
+            p += set;
+        }
+#endif
+    }
+}
+
+/* y (tokens x rows) = x S^T, S in the csr layout (int16 column indices, int32 row offsets) */
+static void csr_mm(int bf16, const void *vals, const int16_t *col, const int32_t *offs, int64_t rows, int64_t cols,
+                   const void *x, int64_t tokens, void *y, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t t0 = 0; t0 < tokens; t0 += TOKEN_BLOCK) {
+            int64_t tn = tokens - t0 < TOKEN_BLOCK ? tokens - t0 : TOKEN_BLOCK;
+            float sum[TOKEN_BLOCK] = {0};
+            for (int64_t p = offs[i]; p < offs[i + 1]; ++p) {
+                float v = bf16 ? bf16_to_f32(((const uint16_t *)vals)[p]) : ((const float *)vals)[p];
+                int64_t c = (uint16_t)col[p];
+                for (int64_t k = 0; k < tn; ++k) {
+                    int64_t at = (t0 + k) * cols + c;
+                    sum[k] += v * (bf16 ? bf16_to_f32(((const uint16_t *)x)[at]) : ((const float *)x)[at]);
+                }
+            }
+            for (int64_t k = 0; k < tn; ++k) {
+                if (bf16) ((uint16_t *)y)[(t0 + k) * rows + i] = f32_to_bf16(sum[k]);
+                else ((float *)y)[(t0 + k) * rows + i] = sum[k];
+            }
+        }
+    }
+}
+
+/* out (rows x cols, zero-filled by the caller) = S, from the csr layout */
+static void csr_dense(int bf16, const void *vals, const int16_t *col, const int32_t *offs, int64_t rows,
+                      int64_t cols, void *out, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; ++i)
+        for (int64_t p = offs[i]; p < offs[i + 1]; ++p) {
+            int64_t at = i * cols + (uint16_t)col[p];
+            if (bf16) ((uint16_t *)out)[at] = ((const uint16_t *)vals)[p];
+            else ((float *)out)[at] = ((const float *)vals)[p];
+        }
+}
+
+void lrc_bitmask_mm(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
+                    int64_t cols, int64_t stride, const void *x, int64_t tokens, void *y, int threads) {
+    bitmask_mm(bf16, mask, vals, offs, rows, cols, stride, x, tokens, y, threads);
+}
+void lrc_bitmask_dense(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
+                       int64_t cols, int64_t stride, void *out, int threads) {
+    bitmask_dense(bf16, mask, vals, offs, rows, cols, stride, out, threads);
+}
+void lrc_csr_mm(int bf16, const void *vals, const int16_t *col, const int32_t *offs, int64_t rows, int64_t cols,
+                const void *x, int64_t tokens, void *y, int threads) {
+    csr_mm(bf16, vals, col, offs, rows, cols, x, tokens, y, threads);
+}
+void lrc_csr_dense(int bf16, const void *vals, const int16_t *col, const int32_t *offs, int64_t rows,
+                   int64_t cols, void *out, int threads) {
+    csr_dense(bf16, vals, col, offs, rows, cols, out, threads);
+}
+"""
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "lrc_bitmask_mm": [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _INT],
+    "lrc_bitmask_dense": [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _INT],
+    "lrc_csr_mm": [_INT, _P, _P, _P, _I64, _I64, _P, _I64, _P, _INT],
+    "lrc_csr_dense": [_INT, _P, _P, _P, _I64, _I64, _P, _INT],
+}
+_DTYPES = (torch.float32, torch.bfloat16)
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + platform.processor() + flags
+
+
+def _kernel_dir() -> Path:
+    if os.environ.get("LRC_KERNEL_DIR"):
+        return Path(os.environ["LRC_KERNEL_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lrc" / "kernels"
+
+
+def _compile() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return None
+    key = hashlib.sha256("\0".join([_SOURCE, compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:20]
+    for folder in (_kernel_dir(), Path(tempfile.gettempdir()) / f"lrc-kernels-{os.getuid()}"):
+        target = folder / f"sparse_kernels_{key}.so"
+        try:
+            if not target.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=folder) as work:
+                    src, lib = Path(work) / "kernels.c", Path(work) / "kernels.so"
+                    src.write_text(_SOURCE)
+                    subprocess.run([compiler, *_FLAGS, str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
+                    os.replace(lib, target)  # atomic: a concurrent process sees the whole library or none
+            library = ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for name, args in _SIGNATURES.items():
+            getattr(library, name).argtypes = args
+            getattr(library, name).restype = None
+        return library
+    return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (built on first call), or None where they cannot be built (warned once)."""
+    global _library, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            _library = _compile()
+            if _library is None:
+                warnings.warn("lrc: no C compiler could build the sparse kernels; sparse layers densify with torch "
+                              "instead (same results, slower)", RuntimeWarning, stacklevel=3)
+        return _library
+
+
+def available(values: torch.Tensor, x: torch.Tensor | None = None) -> bool:
+    """Whether the kernels run for these stored values (and input): CPU, float32 or bfloat16, one dtype."""
+    ok = ENABLED and values.device.type == "cpu" and values.dtype in _DTYPES
+    ok = ok and (x is None or (x.device.type == "cpu" and x.dtype == values.dtype))
+    return ok and library() is not None
+
+
+def bitmask_row_starts(bitmask: torch.Tensor, cols: int, nnz: int) -> torch.Tensor:
+    """(rows + 1,) int64: where each row's values start, for a bitmask (rows, ⌈cols / 8⌉). Checks what the
+    kernels rely on: no bit set past column `cols` and exactly `nnz` bits set in all (else ValueError)."""
+    shifts = torch.arange(8, device=bitmask.device, dtype=torch.uint8)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(bitmask.shape[0], -1)
+    if bool(bits[:, cols:].any()):
+        raise ValueError(f"sparse bitmask sets bits past its {cols} columns")
+    starts = torch.zeros(bitmask.shape[0] + 1, dtype=torch.int64, device=bitmask.device)
+    starts[1:] = bits.sum(1, dtype=torch.int64).cumsum(0)
+    if int(starts[-1]) != nnz:
+        raise ValueError(f"sparse bitmask sets {int(starts[-1])} bits for {nnz} stored values")
+    return starts
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def bitmask_matmul(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int, x: torch.Tensor) -> torch.Tensor:
+    """x (tokens, cols) @ Sᵀ -> (tokens, rows), S in the bitmask layout (`starts` from bitmask_row_starts)."""
+    lib = library()
+    assert lib is not None
+    x = x.contiguous()
+    rows, tokens = bitmask.shape[0], x.shape[0]
+    y = torch.empty(tokens, rows, dtype=values.dtype)
+    lib.lrc_bitmask_mm(values.dtype == torch.bfloat16, _ptr(bitmask), _ptr(values), _ptr(starts), rows, cols,
+                       bitmask.shape[1], _ptr(x), tokens, _ptr(y), torch.get_num_threads())
+    return y
+
+
+def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int) -> torch.Tensor:
+    """S (rows, cols) from the bitmask layout."""
+    lib = library()
+    assert lib is not None
+    rows = bitmask.shape[0]
+    out = torch.empty(rows, cols, dtype=values.dtype)
+    lib.lrc_bitmask_dense(values.dtype == torch.bfloat16, _ptr(bitmask), _ptr(values), _ptr(starts), rows, cols,
+                          bitmask.shape[1], _ptr(out), torch.get_num_threads())
+    return out
+
+
+def csr_matmul(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor, cols: int, x: torch.Tensor) -> torch.Tensor:
+    """x (tokens, cols) @ Sᵀ -> (tokens, rows), S in the csr layout (int16 column indices)."""
+    lib = library()
+    assert lib is not None
+    x = x.contiguous()
+    rows, tokens = row_offsets.shape[0] - 1, x.shape[0]
+    y = torch.empty(tokens, rows, dtype=values.dtype)
+    lib.lrc_csr_mm(values.dtype == torch.bfloat16, _ptr(values), _ptr(col_indices), _ptr(row_offsets), rows, cols,
+                   _ptr(x), tokens, _ptr(y), torch.get_num_threads())
+    return y
+
+
+def csr_dense(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor, cols: int) -> torch.Tensor:
+    """S (rows, cols) from the csr layout."""
+    lib = library()
+    assert lib is not None
+    rows = row_offsets.shape[0] - 1
+    out = torch.zeros(rows, cols, dtype=values.dtype)
+    lib.lrc_csr_dense(values.dtype == torch.bfloat16, _ptr(values), _ptr(col_indices), _ptr(row_offsets), rows, cols,
+                      _ptr(out), torch.get_num_threads())
+    return out

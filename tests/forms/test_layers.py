@@ -1,0 +1,155 @@
+"""Layer forms against the dense reference x @ dense_weight().T (float32, bfloat16; decode and prefill shapes),
+fused first factors against unfused layers, and a loaded lrc output: tensors in memory = bytes in the file,
+same outputs after save / load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lrc
+from lrc.forms import LowRankLinear, sparse_kernels
+from lrc.forms.fused import fuse_down_factors, unfuse
+from lrc.forms.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
+from lrc.forms.sparse_matrix import KERNEL_MAX_TOKENS
+
+from ..conftest import held_tensor_bytes
+from ..test_pipeline import config, logits
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+SHAPES = [(1, 1), (3, 1), (1, KERNEL_MAX_TOKENS), (2, 7), (1, 40)]  # decode, batched decode, a few tokens, prefill
+
+
+def random_layers(n: int, m: int, seed: int, bias: bool = False) -> dict[str, nn.Module]:
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(m, generator=g) if bias else None
+    mixing = torch.randn(m, 20, generator=g) * (torch.rand(m, 20, generator=g) < 0.5)
+    residual = torch.randn(m, n, generator=g) * (torch.rand(m, n, generator=g) < 0.03)
+    return {
+        "low-rank": LowRankLinear.from_factors(torch.randn(m, 9, generator=g), torch.randn(9, n, generator=g), b),
+        "sparse-dictionary": SparseDictionaryLinear.from_factors(mixing, torch.randn(20, n, generator=g), b),
+        "low-rank-sparse": LowRankSparseLinear.from_factors(
+            torch.randn(m, 5, generator=g), torch.randn(5, n, generator=g), residual, b, layout="csr"),
+    }
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_form_computes_its_dense_weight(monkeypatch, kernels, dtype, shape):
+    monkeypatch.setattr(sparse_kernels, "ENABLED", kernels)
+    for name, layer in random_layers(48, 37, seed=shape[1], bias=True).items():
+        layer = layer.to(dtype)
+        x = torch.randn(*shape, 48).to(dtype)
+        bias = layer.up.bias if isinstance(layer, LowRankLinear) else layer.bias
+        expected = x.double() @ layer.dense_weight().double().T + bias.double()
+        got = layer(x)
+        assert got.dtype == dtype and got.shape == (*shape, 37), name
+        tol = TOLERANCE[dtype] * expected.abs().max().item()
+        torch.testing.assert_close(got.double(), expected, rtol=TOLERANCE[dtype], atol=tol, msg=name)
+
+
+def qkv_like(dtype: torch.dtype) -> list[nn.Module]:
+    """Three layers reading one 48-wide input: two sparse dictionaries and a low-rank layer."""
+    a, b, c = random_layers(48, 37, seed=1).values(), random_layers(48, 16, seed=2).values(), random_layers(48, 16, seed=3).values()
+    return [next(iter(b)).to(dtype), list(a)[1].to(dtype), list(c)[1].to(dtype)]  # low-rank 16, sd 37, sd 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 40)])
+def test_fused_layers_give_the_unfused_outputs(dtype, shape):
+    layers = qkv_like(dtype)
+    reference = copy.deepcopy(layers)
+    shared = fuse_down_factors(layers)
+    assert shared is not None and shared.weight.shape == (9 + 20 + 20, 48)
+    x = torch.randn(*shape, 48).to(dtype)
+    for _ in range(2):  # the same input twice: the product is recomputed, never stale
+        for layer, ref in zip(layers, reference):
+            torch.testing.assert_close(layer(x), ref(x), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+    assert shared._product is None  # every layer took its share: nothing held between calls
+    y = torch.randn(*shape, 48).to(dtype)  # another input after one layer only: recomputed for that input
+    layers[0](x)
+    for layer, ref in zip(layers, reference):
+        torch.testing.assert_close(layer(y), ref(y), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+    x.mul_(2)  # an input changed in place between two layers of the group
+    layers[0](x)
+    x.mul_(-1)
+    torch.testing.assert_close(layers[1](x), reference[1](x), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_fused_factors_are_views_and_follow_a_move():
+    layers = qkv_like(torch.float32)
+    reference = copy.deepcopy(layers)
+    before = sum(held_tensor_bytes(layer) for layer in layers)
+    shared = fuse_down_factors(layers)
+    assert shared is not None
+    assert held_tensor_bytes(nn.ModuleList(layers)) <= before + 8 * 64  # stacked once; the factors are views of it
+    state = layers[1].state_dict()
+    assert state["atoms.weight"].untyped_storage().nbytes() == state["atoms.weight"].numel() * 4  # saved on its own
+    torch.testing.assert_close(state["atoms.weight"], reference[1].state_dict()["atoms.weight"])
+    for layer in layers:
+        layer.to(torch.float64)  # no longer views of the stacked factor: each layer computes its own product
+    x = torch.randn(2, 5, 48, dtype=torch.float64)
+    for layer, ref in zip(layers, reference):
+        torch.testing.assert_close(layer(x), ref.to(torch.float64)(x))
+    unfuse(nn.ModuleList(layers))
+    assert all(layer.shared_input is None for layer in layers)
+
+
+@pytest.fixture(scope="module")
+def sparse_output(tmp_path_factory, calib_file):
+    from ..conftest import save_tiny_model
+
+    root = tmp_path_factory.mktemp("sparse-output")
+    model = save_tiny_model(root / "model", "llama")
+    out = root / "out"
+    lrc.compress(str(model), config(calib_file, budget=0.3, method="sparse-dictionary"), out)
+    return out
+
+
+def file_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def test_loaded_output_holds_its_file_bytes_and_round_trips(sparse_output, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sparse_output)
+    kinds = {type(m) for m in model.modules()}
+    assert SparseDictionaryLinear in kinds
+    assert any(getattr(m, "shared_input", None) is not None for m in model.modules()), "no group was fused"
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    expected = logits(model, ids)
+    one = logits(model, ids[:, :1])
+    assert held_tensor_bytes(model) <= 1.05 * file_bytes(sparse_output)  # after running: caches included
+    unfused = AutoModelForCausalLM.from_pretrained(sparse_output)
+    unfuse(unfused)
+    torch.testing.assert_close(logits(unfused, ids), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(unfused, ids[:, :1]), one, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    torch.testing.assert_close(logits(again, ids), expected, rtol=0, atol=0)
+    assert file_bytes(tmp_path / "again") <= 1.01 * file_bytes(sparse_output)
+
+
+def test_loaded_at_another_dtype_keeps_no_pages_of_the_file(sparse_output):
+    """float32 files loaded in bfloat16: the values are converted copies; the bitmasks / indices are copied out
+    of the memory-mapped file too, so no tensor keeps the mapping (and every page it read) resident."""
+    from transformers import AutoModelForCausalLM
+
+    from lrc.forms.fused import file_mappings
+    from lrc.forms.sparse_matrix import SparseMatrix
+
+    model = AutoModelForCausalLM.from_pretrained(sparse_output, dtype=torch.bfloat16)
+    mappings = file_mappings()
+    matrices = [m for m in model.modules() if isinstance(m, SparseMatrix)]
+    assert matrices
+    for matrix in matrices:
+        for t in [matrix.values, *matrix.buffers()]:
+            assert not any(start <= t.data_ptr() < end for start, end in mappings)
+    reference = AutoModelForCausalLM.from_pretrained(sparse_output)
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits(model, ids).float(), logits(reference, ids), rtol=0.1, atol=0.1)
