@@ -8,6 +8,8 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from ..config import CompressionConfig
 from ..errors import ConfigError
 from ..model.targets import matrix_type
@@ -53,14 +55,22 @@ def build_candidates(analysis: Analysis, config: CompressionConfig) -> list[Matr
     return candidates
 
 
-def allocate_ranks(analysis: Analysis, config: CompressionConfig) -> tuple[list[MatrixCandidates], Mapping[str, Choice]]:
+def allocate_ranks(
+    analysis: Analysis, config: CompressionConfig, model: nn.Module | None = None
+) -> tuple[list[MatrixCandidates], Mapping[str, Choice]]:
     """The allocator's choice of a rank, DENSE or a sparse option for every targeted matrix under config.budget,
-    the options priced by config.objective (see lrc.allocate.objective)."""
+    the options priced by config.objective (see lrc.allocate.objective).
+
+    model: the model the analysis decomposed; with it, sparse options next to the choices that carry a
+    first fit's error are refined and the allocation made again (lrc.allocate.refine).
+    """
     from .knapsack import KnapsackAllocator
     from .objective import price_for
+    from .refine import refine_near_choices
 
     allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
     candidates = build_candidates(analysis, config)
     if isinstance(allocator, KnapsackAllocator):  # the other allocators count parameters (config.validate)
-        allocator.price = price_for(config, candidates, allocator.rank_step)
-    return candidates, allocator.allocate(candidates, config.budget)
+        allocator.price = price_for(config, candidates, allocator.rank_step)  # by layer shape: refining keeps it
+    allocation = candidates, allocator.allocate(candidates, config.budget)
+    return allocation if model is None else refine_near_choices(model, analysis, config, allocator, allocation)

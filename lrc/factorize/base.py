@@ -59,7 +59,9 @@ class SparseOption:
     nnz: stored entries of the sparse factor; layout: its storage layout (see lrc.sparse_matrix);
     bytes: everything the layer stores for the weight (dense factor, values, indices or bitmask) at the
     value dtype; cost: bytes in parameter-equivalents, ⌈bytes / value_bytes⌉, the allocator's unit;
-    error: weighted squared error on the method's scale (the same as Decomposition.errors).
+    error: weighted squared error on the method's scale (the same as Decomposition.errors);
+    refined: False when `error` is that of a first fit the method can still improve (an upper bound), which
+    `refine_options` replaces by the final fit's error (see lrc.allocate.refine).
     """
 
     kind: str
@@ -69,6 +71,7 @@ class SparseOption:
     bytes: int
     cost: int
     error: float
+    refined: bool = True
 
     def describe(self) -> str:
         return f"{self.kind} rank {self.rank}, {self.nnz} sparse entries ({self.layout})"
@@ -206,6 +209,15 @@ class FactorizationMethod:
     def sparse_options(self, problem: WeightedProblem, value_bytes: int) -> list[SparseOption]:
         """Options beyond plain ranks (sparse-plus-low-rank methods override this); none by default."""
         return []
+
+    @property
+    def refine_neighbours(self) -> int:
+        """Unrefined options on either side of the allocator's choice that lrc.allocate.refine refines."""
+        return 1
+
+    def refine_options(self, problem: WeightedProblem, options: list[SparseOption]) -> list[SparseOption]:
+        """The options (of this problem's matrix) with their final errors, refined=True; as given by default."""
+        return options
 
     def sparse_layer(self, problem: WeightedProblem, option: SparseOption) -> dict[str, torch.Tensor]:
         """The factors of a chosen sparse option, in the original space (float64), by factor name."""

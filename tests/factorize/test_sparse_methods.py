@@ -10,6 +10,7 @@ import torch
 
 from lrc.factorize import METHODS, breakeven_rank
 from lrc.factorize.low_rank_sparse import sparse_correction
+from lrc.factorize.sparse_dictionary import row_top_mask
 from lrc.forms.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
 
 from .test_loss_aware import output_stats
@@ -38,8 +39,11 @@ def test_sparse_dictionary_option_errors_are_the_weighted_error(shape):
     method = METHODS.create("sparse-dictionary", {"ridge": 0.0})
     weight, inputs, outputs, problem, a, g = problem_and_reference(method, m, n)
     dec = method.decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs)
-    assert dec.sparse_options
-    for option in dec.sparse_options:
+    assert dec.sparse_options and not any(o.refined for o in dec.sparse_options)  # first fits, upper bounds
+    refined = method.refine_options(problem, dec.sparse_options)
+    assert all(o.refined for o in refined)
+    assert all(r.error <= o.error for r, o in zip(refined, dec.sparse_options))
+    for option in refined:
         factors = method.sparse_layer(problem, option)
         mixing, atoms = factors["mixing"], factors["atoms"]
         assert mixing.shape == (m, option.rank) and atoms.shape == (option.rank, n)
@@ -53,13 +57,46 @@ def test_reselection_rounds_refine_the_same_options_and_never_raise_their_errors
     weight, inputs, outputs, *_ = problem_and_reference(METHODS.create("sparse-dictionary"), m, n)
     errors = {}
     for rounds in (0, 2, 8):
-        method = METHODS.create("sparse-dictionary", {"reselect": rounds, "sparsity_levels": [1.5, 2.0]})
+        method = METHODS.create("sparse-dictionary", {"reselect": rounds, "sparsity_levels": [1.5, 2.0], "reselect_options": "all"})
         dec = method.decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs)
         errors[rounds] = {(o.rank, o.nnz): o.error for o in dec.sparse_options}
     assert errors[0].keys() == errors[2].keys() == errors[8].keys()  # the level is chosen before the rounds
     for key in errors[0]:
         assert errors[8][key] <= errors[2][key] <= errors[0][key]
     assert any(errors[2][key] < 0.99 * errors[0][key] for key in errors[0])
+
+
+def test_refining_chosen_options_gives_the_errors_of_refining_every_option():
+    """reselect_options "near-choice" defers the rounds: refine_options later gives what "all" computes at once."""
+    m, n = 40, 24
+    weight, inputs, outputs, problem, *_ = problem_and_reference(METHODS.create("sparse-dictionary"), m, n, seed=3)
+    every = METHODS.create("sparse-dictionary", {"reselect_options": "all"})
+    deferred = METHODS.create("sparse-dictionary")
+    all_options = every.decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs).sparse_options
+    first = deferred.decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs).sparse_options
+    assert [(o.rank, o.nnz) for o in first] == [(o.rank, o.nnz) for o in all_options]
+    assert all(o.refined for o in all_options) and not any(o.refined for o in first)
+    picked = first[1::3]
+    for option, refined in zip(picked, deferred.refine_options(problem, picked)):
+        expected = next(o for o in all_options if (o.rank, o.nnz) == (option.rank, option.nnz))
+        assert refined.error == pytest.approx(expected.error, rel=1e-9) and refined.refined
+    one_shot = METHODS.create("sparse-dictionary", {"reselect": 0}).decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs)
+    assert [o.error for o in first] == [o.error for o in one_shot.sparse_options]
+
+
+def test_row_top_mask_keeps_what_topk_keeps_even_with_ties():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(50, 30, dtype=torch.float64, generator=gen)
+    values[::3] = torch.randint(-3, 4, (17, 30), generator=gen).double()  # rows full of ties, zeros included
+    for s in (1, 7, 15, 29, 30, 40):
+        mask = row_top_mask(values, s)
+        keep = values.abs().topk(min(s, 30), dim=1).indices
+        expected = torch.zeros_like(mask).scatter_(1, keep, True)
+        assert torch.equal(mask, expected)  # the threshold, or topk itself in rows tied at it
+        assert (mask.sum(dim=1) == min(s, 30)).all()
+        kept = torch.where(mask, values.abs(), torch.inf).amin(dim=1)  # every kept |v| >= every dropped |v|
+        dropped = torch.where(mask, -torch.inf, values.abs()).amax(dim=1)
+        assert (kept >= dropped).all()
 
 
 def test_sparse_dictionary_refit_is_the_least_squares_solution():

@@ -1,0 +1,86 @@
+"""Final fits only where the allocation lands: sparse options refined next to each matrix's choice.
+
+A method may offer sparse options with the error of a first fit (`SparseOption.refined` False), an upper
+bound on the error of its final fit, which costs several times more (sparse-dictionary's reselect rounds;
+the layer built for a chosen option is always the final fit). After an allocation, each matrix's
+unrefined options next to its choice are refined: by cost, the chosen option and its neighbours on either
+side (the method's `refine_neighbours`, 1 or 0), or for a plain rank or dense the options just below
+and just above the choice's cost. Their errors
+are replaced in the analysis (kept for later budgets) and the allocation is made again, until every
+choice lands among refined options (at most `passes` times).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ..config import CompressionConfig
+from ..device import resolve_device
+from ..factorize import METHODS, SparseOption
+from ..model.targets import target_linears
+from .base import Allocator, Choice, MatrixCandidates
+
+if TYPE_CHECKING:
+    from ..engine import Analysis
+
+Allocation = tuple[list[MatrixCandidates], Mapping[str, Choice]]
+
+
+def near_choice(candidate: MatrixCandidates, choice: Choice, neighbours: int = 1) -> list[SparseOption]:
+    """The unrefined sparse options next to `choice` by cost (see the module docstring)."""
+    options = sorted(candidate.sparse, key=lambda o: (o.cost, o.rank))
+    if isinstance(choice, SparseOption):
+        at = next(i for i, o in enumerate(options) if (o.rank, o.nnz) == (choice.rank, choice.nnz))
+        near = options[max(0, at - neighbours) : at + neighbours + 1]
+    else:
+        above = bisect.bisect_right([o.cost for o in options], candidate.params(choice))
+        near = options[max(0, above - 1) : above + 1]
+    return [o for o in near if not o.refined]
+
+
+def refine_near_choices(
+    model: nn.Module,
+    analysis: Analysis,
+    config: CompressionConfig,
+    allocator: Allocator,
+    allocation: Allocation,
+    passes: int = 6,
+) -> Allocation:
+    """Refine the options next to every choice (in `analysis`, in place) and allocate again, up to `passes` times.
+
+    The time spent is added to analysis.timing["refine_s"].
+    """
+    from .candidates import build_candidates
+
+    start = time.perf_counter()
+    method = METHODS.create(config.method, config.method_options)
+    device = resolve_device(config.device)
+    targets = target_linears(model, config.exclude)
+    stats = analysis.stats
+    for _ in range(passes):
+        candidates, choices = allocation
+        todo = {c.name: near for c in candidates if (near := near_choice(c, choices[c.name], method.refine_neighbours))}
+        if not todo:
+            break
+        in_weights = {}
+        for name, options in todo.items():
+            owner = stats.shares.get(name, name)
+            inputs = stats.inputs[owner].to(device)
+            if owner not in in_weights:  # one weighting per shared input (q/k/v, gate/up), as in the jobs
+                in_weights = {owner: method.in_weighting(inputs)}
+            outputs = stats.outputs[name].to(device) if name in stats.outputs else None
+            problem = method.weighted_problem(targets[name].weight.detach().to(device), inputs, name, in_weights[owner], outputs)
+            dec = analysis.decompositions[name]
+            keys = {(o.rank, o.nnz) for o in options}
+            originals = [o for o in dec.sparse_options if (o.rank, o.nnz) in keys]  # unscaled errors
+            refined = {(o.rank, o.nnz): o for o in method.refine_options(problem, originals)}
+            dec.sparse_options = [refined.get((o.rank, o.nnz), o) for o in dec.sparse_options]
+        candidates = build_candidates(analysis, config)
+        allocation = candidates, allocator.allocate(candidates, config.budget)
+    analysis.timing["refine_s"] = analysis.timing.get("refine_s", 0.0) + time.perf_counter() - start
+    return allocation
