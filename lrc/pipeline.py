@@ -82,9 +82,9 @@ def compress(
         analysis = decompose_all(loaded, config, stats, progress)
     timing.update(analysis.timing)
     t = time.perf_counter()
-    allocation = allocate_ranks(analysis, config, loaded.model)  # speed: with the model, options near the choices refined
+    allocation = allocate_ranks(analysis, config, loaded.model)  # with the model: options near the choices refined
     timing["allocation_s"] = time.perf_counter() - t
-    timing["refine_s"] = analysis.timing.get("refine_s", 0.0)  # speed: the part of allocation_s spent refining
+    timing["refine_s"] = analysis.timing.get("refine_s", 0.0)  # the part of allocation_s spent refining
     t = time.perf_counter()  # the allocator's error-vs-size curve, for `lrc report --plot`
     curve = allocation_curve(ALLOCATORS.create(config.allocator, config.allocator_options), *allocation)
     timing["allocation_curve_s"] = time.perf_counter() - t
