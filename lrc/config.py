@@ -41,6 +41,10 @@ class CompressionConfig:
         loss is compared with the dense model's (see lrc.quality_check); 0 skips the check.
     heldout_max_ratio: the run fails when the compressed model's held-out perplexity exceeds this many
         times the dense model's.
+    stream: load, calibrate, decompose and write one decoder block at a time, never holding the whole model
+        or all its statistics (see lrc.stream); the same output bytes as without it.
+    stream_activation_gib: in streaming mode, GiB of hidden states between blocks kept in memory; beyond it
+        they are spilled to files under the cache folder.
     """
 
     budget: float = 0.3
@@ -62,6 +66,8 @@ class CompressionConfig:
     exclude: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$"])
     heldout_windows: int = 4
     heldout_max_ratio: float = 100.0
+    stream: bool = False
+    stream_activation_gib: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,6 +89,8 @@ class CompressionConfig:
             raise ConfigError(f"heldout_max_ratio must be a number above 1, got {self.heldout_max_ratio}")
         if not 0 <= self.min_kept < 1:
             raise ConfigError(f"min_kept must be a fraction in [0, 1), got {self.min_kept!r}")
+        if not (math.isfinite(self.stream_activation_gib) and self.stream_activation_gib >= 0):
+            raise ConfigError(f"stream_activation_gib must be 0 or more (GiB), got {self.stream_activation_gib!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

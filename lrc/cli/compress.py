@@ -40,6 +40,7 @@ def compress(
     sequential: Annotated[bool | None, typer.Option("--sequential/--one-shot", help="Refit each layer on the compressed layers' outputs.")] = None,
     keep_dense: Annotated[list[str] | None, typer.Option("--keep-dense", help="Regex of linears to keep dense (repeatable).")] = None,
     min_kept: Annotated[float | None, typer.Option("--min-kept", help="Least fraction of parameters every matrix keeps.")] = None,
+    stream: Annotated[bool | None, typer.Option("--stream/--in-memory", help="One decoder block in memory at a time (models larger than memory); same output.")] = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Reuse calibration statistics cached here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     json_output: JsonOpt = False,
@@ -53,7 +54,7 @@ def compress(
     config = config.replace(
         budget=parse_budget(budget), method=method, allocator=allocator, calib=calib, samples=samples,
         seq_len=seq_len, seed=seed, device=device, dtype=dtype, sequential=sequential, keep_dense=keep_dense or None,
-        min_kept=min_kept,
+        min_kept=min_kept, stream=stream,
     )
     config.validate()
     shown = CommandOutput(json_output, quiet)

@@ -29,8 +29,12 @@ from torch import nn
 from ..factorize import OutputStats
 from ..model.adapters import adapter_for
 from ..model.projection import Projection
+from ..stream.activations import ActivationStore
 from .inputs import check_reached
 from .walker import LayerWalk
+
+# layer_done(block index, {projection name: OutputStats}): a block's statistics, final (see collect_output_stats)
+LayerStatsCallback = Callable[[int, dict[str, OutputStats]], None]
 
 PROBE_SEED = 0
 """Seed of the encoder objective's Gaussian probe (drawn in batch order)."""
@@ -45,35 +49,46 @@ def collect_output_stats(
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int], None] | None = None,
-    sweep_batches: int = 8,
+    sweep_batches: int | None = 8,
+    activations: ActivationStore | None = None,
+    layer_done: LayerStatsCallback | None = None,
 ) -> dict[str, OutputStats]:
     """{projection name: OutputStats} over `windows` (samples x seq_len), by backward sweeps over the blocks.
 
-    batch_size: windows per forward; sweep_batches: batches whose block inputs one sweep holds at once.
+    batch_size: windows per forward; sweep_batches: batches whose block inputs one sweep holds at once (None:
+    all, one sweep). activations: where block inputs are kept (see lrc.stream.activations). layer_done: called
+    with each block's statistics as soon as they are final (in the last sweep), which are then not kept: the
+    result holds only the blocks it was not called for. Each statistic is the same sum in the same batch
+    order whatever the sweeps, so neither changes a value.
     """
     device = torch.device(device)
     adapter = adapter_for(model)
     home = model.get_input_embeddings().weight.device
     stats: dict[str, OutputStats] = {}
-    for name, projection in targets.items():
+
+    def zero_stats(projection: Projection) -> OutputStats:
         m = projection.out_features
-        stats[name] = OutputStats(
+        return OutputStats(
             gram=torch.zeros(m, m, dtype=torch.float64, device=device) if m <= full_max else None,
             diag=torch.zeros(m, dtype=torch.float64, device=device),
             fisher_rows=torch.zeros(m, dtype=torch.float64, device=device),
             tokens=0,
         )
+
     probe = torch.Generator().manual_seed(PROBE_SEED)
-    groups = windows.split(batch_size * sweep_batches)
+    groups = windows.split(batch_size * sweep_batches) if sweep_batches else [windows]
     for g, group in enumerate(groups):
-        walk = LayerWalk(model, group, batch_size, device)
+        walk = LayerWalk(model, group, batch_size, device, activations)
         blocks = len(walk)
         hidden = [walk.inputs]  # hidden[i][b]: block i's input on batch b; hidden[L]: the last block's output
         with torch.no_grad():
             for index in range(blocks):
                 with walk.placed(index):
-                    hidden.append([walk.run(index, b, h) for b, h in enumerate(hidden[-1])])
-        grads = []  # ∂loss/∂(current block's output), per batch
+                    boundary = walk.activations.boundary()
+                    for b, h in enumerate(hidden[-1]):
+                        boundary.append(walk.run(index, b, h))
+                    hidden.append(boundary)
+        grads = walk.activations.boundary()  # ∂loss/∂(current block's output), per batch
         for b, batch in enumerate(group.split(batch_size)):
             last = hidden[blocks][b].detach().to(home).requires_grad_(True)
             with walk.blocks_bypassed(last), torch.enable_grad():
@@ -82,6 +97,8 @@ def collect_output_stats(
         del hidden[blocks]
         for index in reversed(range(blocks)):
             projections = {name: p for name, p in targets.items() if name.startswith(walk.prefix(index))}
+            for name, projection in projections.items():
+                stats.setdefault(name, zero_stats(projection))
             with walk.placed(index):
                 hooks = _GradientHooks(projections, stats, fisher)
                 try:
@@ -94,9 +111,14 @@ def collect_output_stats(
                 finally:
                     hooks.remove()
             del hidden[index]
+            if layer_done is not None and g == len(groups) - 1:
+                done = {name: stats.pop(name) for name in projections}
+                check_reached(done, {name for name, s in done.items() if s.tokens > 0}, "the output-gradient pass")
+                layer_done(index, {name: s.to("cpu") for name, s in done.items()})
             if progress is not None:
                 progress(g * blocks + blocks - index, len(groups) * blocks)
-    check_reached(targets, {name for name, s in stats.items() if s.tokens > 0}, "the output-gradient pass")
+    if layer_done is None:
+        check_reached(targets, {name for name, s in stats.items() if s.tokens > 0}, "the output-gradient pass")
     return {name: s.to("cpu") for name, s in stats.items()}
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import CalibrationError
 from ..factorize import InputStats
 from ..model.projection import Projection
+from ..stream.activations import ActivationStore
 from .walker import LayerWalk
 
 # callback(layer index, layer module, {projection name: stats}, {projection name: name of the one whose stats it shares})
@@ -71,15 +72,19 @@ def collect_input_stats(
     callback: LayerCallback,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    activations: ActivationStore | None = None,
 ) -> None:
-    """Run the block-by-block statistics pass, calling `callback` once per block with its statistics."""
-    walk = LayerWalk(model, windows, batch_size, device)
+    """Run the block-by-block statistics pass, calling `callback` once per block with its statistics.
+
+    activations: where the hidden states between blocks are kept (in memory by default; see lrc.stream.activations).
+    """
+    walk = LayerWalk(model, windows, batch_size, device, activations)
     hidden = walk.inputs
     for index in range(len(walk)):
         projections = {name: p for name, p in targets.items() if name.startswith(walk.prefix(index))}
         with walk.placed(index) as layer:
             hooks = _StatsHooks(projections)
-            outputs = []
+            outputs = walk.activations.boundary()
             with torch.no_grad():
                 for batch, h in enumerate(hidden):
                     outputs.append(walk.run(index, batch, h))
