@@ -50,7 +50,8 @@ from ..model.targets import target_linears
 from ..peak_memory import peak_memory
 from ..progress import Progress, no_progress
 from ..quality_check import HeldOutCheck
-from ..sources import LoadedModel, cache_dir as default_cache_dir
+from ..sources import LoadedModel
+from ..sources import cache_dir as default_cache_dir
 from ..stats.collect import calibration_windows
 from ..stats.gradients import collect_output_stats
 from ..stats.inputs import collect_input_stats

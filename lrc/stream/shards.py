@@ -162,8 +162,11 @@ def _fill(module: nn.Module, prefix: str, blocks: StreamedBlocks, skip: str | No
             value = blocks.tensor(name, tensor)
             values[id(tensor)] = nn.Parameter(value, requires_grad=False) if isinstance(tensor, nn.Parameter) else value
     for _, mod, attr, tensor in entries:
-        if id(tensor) in values:
-            (mod._parameters if attr in mod._parameters else mod._buffers)[attr] = values[id(tensor)]
+        new = values.get(id(tensor))
+        if isinstance(new, nn.Parameter):
+            mod._parameters[attr] = new
+        elif new is not None:
+            mod._buffers[attr] = new
 
 
 def _to_meta(module: nn.Module) -> None:
