@@ -4,7 +4,7 @@
 weights), fills the parts outside the block stack (embeddings, final norm, head; tied weights once) from
 the shards and computes its non-persistent buffers (rotary frequencies, position ids) as transformers does
 on load. Block i's parameters stay on the meta device until `StreamedBlocks.load(i)` reads them from the
-memory-mapped shards; `release(i)` puts them back on the meta device. The layer walker does both in
+shards (positioned reads, no mapping); `release(i)` puts them back on the meta device. The layer walker does both in
 `placed(i)` (see `streamed_blocks`), so every pass that walks the blocks works unchanged with either model.
 Loaded tensors are cast to the dtype `load_model` gives the model (the config's, else float32): the same
 values as the in-memory model's, tested tensor by tensor.
@@ -12,14 +12,16 @@ values as the in-memory model's, tested tensor by tensor.
 
 from __future__ import annotations
 
+import json
+import struct
 import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack
+from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import ConfigError, ModelLoadError
@@ -35,29 +37,37 @@ def streamed_blocks(model: nn.Module) -> StreamedBlocks | None:
 
 
 class StreamedBlocks:
-    """Reads tensors of `model` by name from the safetensors files of `folder`, memory-mapped."""
+    """Reads tensors of `model` by name from the safetensors files of `folder`.
+
+    Each tensor is read with one positioned read into fresh memory (no memory mapping: pages of the files
+    never count in the process's resident memory, only the tensors read and not yet released).
+    """
 
     def __init__(self, model: nn.Module, folder: Path, stack_name: str, layers: nn.ModuleList) -> None:
         self.model = model
         self.stack_name = stack_name
         self.layers = layers
         self._files = ExitStack()
-        self._where: dict[str, Any] = {}
+        self._where: dict[str, tuple[BufferedReader, torch.dtype, list[int], int]] = {}
         for path in sorted(folder.glob("*.safetensors")):
-            handle = self._files.enter_context(safe_open(str(path), framework="pt"))
-            for name in handle.keys():
-                self._where[name] = handle
+            handle = self._files.enter_context(path.open("rb"))
+            self._where.update(_header(handle, path))
         self.loads = 0  # block loads so far (a resumed run does fewer)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
 
     def tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """Tensor `name` from the shards, with the dtype of `like` (the skeleton's entry)."""
-        handle = self._where.get(name)
-        if handle is None:
+        if name not in self._where:
             raise ModelLoadError(f"the checkpoint has no tensor {name}, which the model's structure needs")
-        t = handle.get_tensor(name)
-        if list(t.shape) != list(like.shape):
-            raise ModelLoadError(f"tensor {name} has shape {list(t.shape)} in the checkpoint, the model expects "
-                                 f"{list(like.shape)}")
+        handle, dtype, shape, offset = self._where[name]
+        if shape != list(like.shape):
+            raise ModelLoadError(f"tensor {name} has shape {shape} in the checkpoint, the model expects {list(like.shape)}")
+        t = torch.empty(shape, dtype=dtype)
+        handle.seek(offset)
+        if t.numel() and handle.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != t.numel() * t.element_size():
+            raise ModelLoadError(f"tensor {name}: the safetensors file ends early (truncated?)")
         return t.to(like.dtype)
 
     def load(self, index: int) -> nn.Module:
@@ -73,6 +83,29 @@ class StreamedBlocks:
 
     def close(self) -> None:
         self._files.close()
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(handle: BufferedReader, path: Path) -> dict[str, tuple[BufferedReader, torch.dtype, list[int], int]]:
+    """{name: (file, dtype, shape, absolute byte offset)} from a safetensors file's header."""
+    try:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(size))
+        found = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if entry["dtype"] not in _DTYPES:
+                raise ModelLoadError(f"tensor {name} in {path} has dtype {entry['dtype']}, which streaming cannot read: "
+                                     "compress without --stream")
+            found[name] = (handle, _DTYPES[entry["dtype"]], list(entry["shape"]), 8 + size + entry["data_offsets"][0])
+        return found
+    except (struct.error, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: corrupt safetensors header ({exc})") from None
 
 
 def load_streamed(spec: str, progress: Progress = no_progress) -> LoadedModel:
@@ -158,7 +191,7 @@ def _fill(module: nn.Module, prefix: str, blocks: StreamedBlocks, skip: str | No
     entries = list(_entries(module, prefix, skip))
     values: dict[int, torch.Tensor] = {}
     for name, _, _, tensor in entries:
-        if tensor.is_meta and id(tensor) not in values and name in blocks._where:
+        if tensor.is_meta and id(tensor) not in values and name in blocks:
             value = blocks.tensor(name, tensor)
             values[id(tensor)] = nn.Parameter(value, requires_grad=False) if isinstance(tensor, nn.Parameter) else value
     for _, mod, attr, tensor in entries:
@@ -198,5 +231,5 @@ def _check_covered(model: nn.Module, blocks: StreamedBlocks, stack_name: str) ->
         if tensor.is_meta:
             raise ModelLoadError(f"the checkpoint has no tensor {name}, which the model's structure needs")
     for name, _, _, _ in _entries(model, ""):
-        if name.startswith(f"{stack_name}.") and name not in blocks._where:
+        if name.startswith(f"{stack_name}.") and name not in blocks:
             raise ModelLoadError(f"the checkpoint has no tensor {name}, which the model's structure needs")
