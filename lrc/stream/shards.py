@@ -66,7 +66,8 @@ class StreamedBlocks:
             raise ModelLoadError(f"tensor {name} has shape {shape} in the checkpoint, the model expects {list(like.shape)}")
         t = torch.empty(shape, dtype=dtype)
         handle.seek(offset)
-        if t.numel() and handle.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != t.numel() * t.element_size():
+        buffer: Any = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes
+        if t.numel() and handle.readinto(buffer) != t.numel() * t.element_size():
             raise ModelLoadError(f"tensor {name}: the safetensors file ends early (truncated?)")
         return t.to(like.dtype)
 
