@@ -151,11 +151,6 @@ def load_streamed(spec: str, progress: Progress = no_progress) -> LoadedModel:
     return LoadedModel(model, tokenizer, source, folder)
 
 
-def model_weight_bytes(folder: Path) -> int:
-    """Bytes of the tensors in a model folder's safetensors files (their sizes on disk)."""
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-
-
 def _model_dtype(config: Any, folder: Path) -> torch.dtype:
     """The dtype `from_pretrained(dtype="auto")` gives: config.json's, else the first floating tensor's."""
     name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
