@@ -12,7 +12,7 @@ run writes to its lrc_report.yaml (`memory`, getrusage ru_maxrss of that process
    file mappings, and Linux does not enforce RLIMIT_RSS). Streamed under the cap it completes with the
    bytes of the uncapped in-memory run; in memory under the same cap it fails.
 
-    python bench/memory.py                      # writes bench/results/memory.md and .yaml (about 30 min, 2 threads)
+    python bench/memory.py                      # writes bench/results/memory.md and .yaml (about 30 min, 2 busy cores)
     python bench/memory.py --layers 2 --cap-layers 0 --out /tmp/memory    # a quick look, no capped runs
 """
 
@@ -79,12 +79,11 @@ def compress_peak(folder: Path, out: Path, args: argparse.Namespace, method: str
                   cap: int | None = None) -> tuple[dict | None, float, str]:
     """(the run's lrc_report.yaml or None if it failed, wall seconds, its last stderr line) of `lrc compress` in its
     own process; `cap`: bytes of RLIMIT_DATA set on that process before it starts (see the module docstring)."""
+    recipe = out.with_suffix(".yaml")
+    recipe.write_text(yaml.safe_dump(recipe_fields(args, stream)))
     command = [sys.executable, "-m", "lrc", "compress", str(folder), "-o", str(out), "--calib", str(args.calib),
-               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--method", method, "--quiet"]
-    if stream:
-        recipe = out.with_suffix(".yaml")
-        recipe.write_text(f"stream: true\nstream_activation_gib: {args.activation_gib}\n")
-        command += ["--recipe", str(recipe)]
+               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--method", method, "--quiet",
+               "--recipe", str(recipe)]
 
     def limit() -> None:
         if cap is not None:
@@ -97,6 +96,12 @@ def compress_peak(folder: Path, out: Path, args: argparse.Namespace, method: str
     if done.returncode != 0:
         return None, wall, last
     return yaml.safe_load((out / "lrc_report.yaml").read_text()), wall, last
+
+
+def recipe_fields(args: argparse.Namespace, stream: bool) -> dict:
+    """The recipe of a run: the excluded projections, and for a streamed run the activation budget."""
+    fields: dict = {"exclude": args.exclude}
+    return fields | ({"stream": True, "stream_activation_gib": args.activation_gib} if stream else {})
 
 
 def weight_hashes(out: Path) -> dict[str, str]:
@@ -136,7 +141,7 @@ def resume_row(folder: Path, tmp: Path, args: argparse.Namespace, layers: int, r
     how long each took, and whether the resumed run wrote the reference bytes."""
     cache, out = tmp / "cache-resume", tmp / "out-resume"
     recipe = tmp / "resume.yaml"
-    recipe.write_text(f"stream: true\nstream_activation_gib: {args.activation_gib}\n")
+    recipe.write_text(yaml.safe_dump(recipe_fields(args, True)))
     command = [sys.executable, "-m", "lrc", "compress", str(folder), "-o", str(out), "--calib", str(args.calib),
                "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--method", args.method, "--quiet",
                "--recipe", str(recipe), "--cache-dir", str(cache)]
@@ -203,24 +208,30 @@ def gib(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8, help="N: models of N and 2N layers are measured")
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=2, help="N: models of N and 2N layers are measured")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=8192)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--exclude", nargs="*", default=[r"(^|\.)lm_head$", r"mlp\.down_proj$"],
+                        help="recipe `exclude`: the default keeps down_proj (input width = MLP width) dense, so the "
+                             "widest targeted input is the hidden size and few calibration tokens suffice")
     parser.add_argument("--method", default="loss-aware")
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--activation-gib", type=float, default=1 / 64, help="streamed runs' in-memory activations")
-    parser.add_argument("--cap-layers", type=int, default=56, help="layers of the model run under the cap")
-    parser.add_argument("--cap-gib", type=float, default=1.25, help="RLIMIT_DATA of the capped runs")
+    parser.add_argument("--cap-layers", type=int, default=21, help="layers of the model run under the cap")
+    parser.add_argument("--cap-gib", type=float, default=0.95, help="RLIMIT_DATA of the capped runs")
     parser.add_argument("--cap-method", default="svd")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="skip the kill-and-resume run")
-    parser.add_argument("--calib", type=Path, default=WIKI_VALID)
+    parser.add_argument("--calib", type=Path, default=WIKI_VALID, help="its first 200,000 characters are used")
     parser.add_argument("--out", default="bench/results/memory")
     args = parser.parse_args()
     idle = idle_peak_rss(args.threads)
     with tempfile.TemporaryDirectory(prefix="lrc-memory-") as tmp:
+        calib = Path(tmp) / "calib.txt"  # enough for the windows; tokenizing all of wiki.valid costs ~0.4 GiB
+        calib.write_text(args.calib.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+        args.calib = calib
         resumed: list[dict] = []
         depth = depth_rows(Path(tmp), args, resumed)
         capped = capped_rows(Path(tmp), args) if args.cap_layers else []
@@ -228,7 +239,8 @@ def main() -> None:
     growth = peaks[2 * args.layers] / peaks[args.layers]
     memory_peaks = {r["layers"]: r["peak_rss_bytes"] for r in depth if r["mode"] == "in memory"}
     memory_growth = memory_peaks[2 * args.layers] / memory_peaks[args.layers]
-    setup = (f"random llama models, hidden {args.hidden}, MLP {args.intermediate}, {args.heads} heads, float32; "
+    setup = (f"random llama models, hidden {args.hidden}, MLP {args.intermediate}, {args.heads} heads, float32, "
+             f"every projection but down_proj targeted; "
              f"calibration {args.samples} x {args.seq_len} tokens; streamed runs keep {args.activation_gib * 1024:.0f} MiB "
              f"of hidden states in memory and spill the rest; {platform.machine()}, {args.threads} threads, "
              f"torch {torch.__version__}. One process per run; peak RSS is the run's own report (getrusage ru_maxrss). "
