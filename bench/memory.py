@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -183,14 +184,17 @@ def capped_rows(tmp: Path, args: argparse.Namespace) -> list[dict]:
     weights = save_llama(folder, args.cap_layers, args.hidden, args.intermediate, args.heads)
     cap = int(args.cap_gib * GIB)
     rows, hashes = [], {}
-    for name, stream, limit in (("in memory", False, None), ("stream", True, cap), ("in memory", False, cap)):
-        out = tmp / f"out-capped-{len(rows)}"
-        report, wall, last = compress_peak(folder, out, args, args.cap_method, stream, limit)
+    runs = [("in memory", False, None), ("stream", True, cap), ("in memory", False, cap)]
+    with ThreadPoolExecutor(len(runs)) as pool:  # the three processes side by side (each has its own peak and cap)
+        done = list(pool.map(lambda i: compress_peak(folder, tmp / f"out-capped-{i}", args, args.cap_method,
+                                                     runs[i][1], runs[i][2]), range(len(runs))))
+    for i, ((name, _, limit), (report, wall, last)) in enumerate(zip(runs, done)):
+        out = tmp / f"out-capped-{i}"
         row = {"layers": args.cap_layers, "mode": name, "cap_bytes": limit, "weights_bytes": weights,
                "completed": report is not None, "wall_s": round(wall, 1)}
         if report is not None:
             row["peak_rss_bytes"] = report["memory"]["peak_rss_bytes"]
-            hashes[len(rows)] = weight_hashes(out)
+            hashes[i] = weight_hashes(out)
             shutil.rmtree(out)
         else:
             row["error"] = last
@@ -208,7 +212,7 @@ def gib(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=2, help="N: models of N and 2N layers are measured")
+    parser.add_argument("--layers", type=int, default=2, help="N: models of N and 2N layers are measured (0: none)")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=8192)
     parser.add_argument("--heads", type=int, default=8)
@@ -220,8 +224,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--activation-gib", type=float, default=1 / 64, help="streamed runs' in-memory activations")
-    parser.add_argument("--cap-layers", type=int, default=21, help="layers of the model run under the cap")
-    parser.add_argument("--cap-gib", type=float, default=0.95, help="RLIMIT_DATA of the capped runs")
+    parser.add_argument("--cap-layers", type=int, default=17, help="layers of the model run under the cap (0: none)")
+    parser.add_argument("--cap-gib", type=float, default=0.85, help="RLIMIT_DATA of the capped runs")
     parser.add_argument("--cap-method", default="svd")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="skip the kill-and-resume run")
     parser.add_argument("--calib", type=Path, default=WIKI_VALID, help="its first 200,000 characters are used")
@@ -233,25 +237,27 @@ def main() -> None:
         calib.write_text(args.calib.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
         args.calib = calib
         resumed: list[dict] = []
-        depth = depth_rows(Path(tmp), args, resumed)
+        depth = depth_rows(Path(tmp), args, resumed) if args.layers else []
         capped = capped_rows(Path(tmp), args) if args.cap_layers else []
     peaks = {r["layers"]: r["peak_rss_bytes"] for r in depth if r["mode"] == "stream"}
-    growth = peaks[2 * args.layers] / peaks[args.layers]
     memory_peaks = {r["layers"]: r["peak_rss_bytes"] for r in depth if r["mode"] == "in memory"}
-    memory_growth = memory_peaks[2 * args.layers] / memory_peaks[args.layers]
+    growth = peaks[2 * args.layers] / peaks[args.layers] if depth else 0.0
+    memory_growth = memory_peaks[2 * args.layers] / memory_peaks[args.layers] if depth else 0.0
     setup = (f"random llama models, hidden {args.hidden}, MLP {args.intermediate}, {args.heads} heads, float32, "
              f"every projection but down_proj targeted; "
              f"calibration {args.samples} x {args.seq_len} tokens; streamed runs keep {args.activation_gib * 1024:.0f} MiB "
              f"of hidden states in memory and spill the rest; {platform.machine()}, {args.threads} threads, "
              f"torch {torch.__version__}. One process per run; peak RSS is the run's own report (getrusage ru_maxrss). "
              f"A process that only imports lrc peaks at {gib(idle)}.")
-    lines = [f"`lrc compress --method {args.method}` in memory and with `--stream`: {setup}", "",
-             "| layers | mode | weights (float32) | peak RSS | wall | same bytes in both modes |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['layers']} | {r['mode']} | {gib(r['weights_bytes'])} | {gib(r['peak_rss_bytes'])} | "
-              f"{r['wall_s']:.0f} s | {'yes' if r['same_bytes'] else 'NO'} |" for r in depth]
-    lines += ["", f"Doubling the depth multiplies the streamed peak by {growth:.3f} and the in-memory peak by "
-              f"{memory_growth:.2f}."]
+    lines = [f"`lrc compress` in memory and with `--stream`: {setup}"]
+    if depth:
+        lines += ["", f"`--method {args.method}`:", "",
+                  "| layers | mode | weights (float32) | peak RSS | wall | same bytes in both modes |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['layers']} | {r['mode']} | {gib(r['weights_bytes'])} | {gib(r['peak_rss_bytes'])} | "
+                  f"{r['wall_s']:.0f} s | {'yes' if r['same_bytes'] else 'NO'} |" for r in depth]
+        lines += ["", f"Doubling the depth multiplies the streamed peak by {growth:.3f} and the in-memory peak by "
+                  f"{memory_growth:.2f}."]
     for r in resumed:
         full = next(d for d in depth if d["layers"] == r["layers"] and d["mode"] == "stream")
         lines += ["", f"Resume: the {r['layers']}-layer streamed run, SIGKILLed {r['killed_after_s']:.0f} s in (once "
