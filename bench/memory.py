@@ -112,28 +112,28 @@ def weight_hashes(out: Path) -> dict[str, str]:
 
 
 def depth_rows(tmp: Path, args: argparse.Namespace, resumed: list[dict]) -> list[dict]:
-    """N and 2N layers, in memory and streamed: peak RSS of each, and whether both modes wrote the same bytes;
-    with args.resume, the N-layer model's killed-and-resumed run into `resumed`."""
+    """N and 2N layers, in memory and streamed (four processes at once): peak RSS of each, and whether both modes
+    wrote the same bytes; with args.resume, the N-layer model's killed-and-resumed run into `resumed`."""
     rows = []
-    for layers in (args.layers, 2 * args.layers):
-        folder = tmp / f"llama-{layers}"
-        weights = save_llama(folder, layers, args.hidden, args.intermediate, args.heads)
-        hashes = {}
-        for stream in (False, True):
-            out = tmp / f"out-{layers}-{'stream' if stream else 'memory'}"
-            report, wall, last = compress_peak(folder, out, args, args.method, stream)
-            if report is None:
-                raise SystemExit(f"lrc compress failed on {folder}: {last}")
-            hashes[stream] = weight_hashes(out)
-            rows.append({"layers": layers, "mode": "stream" if stream else "in memory", "weights_bytes": weights,
-                         "peak_rss_bytes": report["memory"]["peak_rss_bytes"], "wall_s": round(wall, 1),
-                         "timing_s": report["timing_s"]})
-            print(rows[-1], flush=True)
-            shutil.rmtree(out)
-        rows[-1]["same_bytes"] = rows[-2]["same_bytes"] = hashes[False] == hashes[True]
-        if layers == args.layers and args.resume:
-            resumed.append(resume_row(folder, tmp, args, layers, hashes[False]))
-        shutil.rmtree(folder)
+    pairs = [(layers, stream) for layers in (args.layers, 2 * args.layers) for stream in (False, True)]
+    folders = {layers: tmp / f"llama-{layers}" for layers in (args.layers, 2 * args.layers)}
+    weights = {layers: save_llama(f, layers, args.hidden, args.intermediate, args.heads) for layers, f in folders.items()}
+    outs = {(layers, stream): tmp / f"out-{layers}-{'stream' if stream else 'memory'}" for layers, stream in pairs}
+    with ThreadPoolExecutor(len(pairs)) as pool:  # the four processes side by side: peaks are per process
+        done = list(pool.map(lambda p: compress_peak(folders[p[0]], outs[p], args, args.method, p[1]), pairs))
+    hashes = {}
+    for (layers, stream), (report, wall, last) in zip(pairs, done):
+        if report is None:
+            raise SystemExit(f"lrc compress failed on {folders[layers]}: {last}")
+        hashes[layers, stream] = weight_hashes(outs[layers, stream])
+        rows.append({"layers": layers, "mode": "stream" if stream else "in memory", "weights_bytes": weights[layers],
+                     "peak_rss_bytes": report["memory"]["peak_rss_bytes"], "wall_s": round(wall, 1),
+                     "timing_s": report["timing_s"], "same_bytes": None})
+    for row in rows:
+        row["same_bytes"] = hashes[row["layers"], False] == hashes[row["layers"], True]
+        print(row, flush=True)
+    if args.resume:
+        resumed.append(resume_row(folders[args.layers], tmp, args, args.layers, hashes[args.layers, False]))
     return rows
 
 
