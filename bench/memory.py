@@ -64,8 +64,11 @@ def save_llama(folder: Path, layers: int, hidden: int, intermediate: int, heads:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+CACHE: dict[str, str] = {}  # LRC_CACHE_DIR of the runs: a folder of this benchmark's own (set in main)
+
+
 def environment(threads: int) -> dict[str, str]:
-    return os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    return os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)} | CACHE
 
 
 def idle_peak_rss(threads: int) -> int:
@@ -101,7 +104,7 @@ def compress_peak(folder: Path, out: Path, args: argparse.Namespace, method: str
 
 def recipe_fields(args: argparse.Namespace, stream: bool) -> dict:
     """The recipe of a run: the excluded projections, and for a streamed run the activation budget."""
-    fields: dict = {"exclude": args.exclude}
+    fields: dict = {"exclude": args.exclude, "heldout_windows": args.heldout_windows}
     return fields | ({"stream": True, "stream_activation_gib": args.activation_gib} if stream else {})
 
 
@@ -213,18 +216,19 @@ def gib(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2, help="N: models of N and 2N layers are measured (0: none)")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--intermediate", type=int, default=8192)
-    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=16384)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--heldout-windows", type=int, default=1)
     parser.add_argument("--exclude", nargs="*", default=[r"(^|\.)lm_head$", r"mlp\.down_proj$"],
                         help="recipe `exclude`: the default keeps down_proj (input width = MLP width) dense, so the "
                              "widest targeted input is the hidden size and few calibration tokens suffice")
     parser.add_argument("--method", default="loss-aware")
-    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--activation-gib", type=float, default=1 / 64, help="streamed runs' in-memory activations")
-    parser.add_argument("--cap-layers", type=int, default=17, help="layers of the model run under the cap (0: none)")
+    parser.add_argument("--cap-layers", type=int, default=18, help="layers of the model run under the cap (0: none)")
     parser.add_argument("--cap-gib", type=float, default=0.85, help="RLIMIT_DATA of the capped runs")
     parser.add_argument("--cap-method", default="svd")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="skip the kill-and-resume run")
@@ -236,6 +240,7 @@ def main() -> None:
         calib = Path(tmp) / "calib.txt"  # enough for the windows; tokenizing all of wiki.valid costs ~0.4 GiB
         calib.write_text(args.calib.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
         args.calib = calib
+        CACHE["LRC_CACHE_DIR"] = str(Path(tmp) / "lrc-cache")
         resumed: list[dict] = []
         depth = depth_rows(Path(tmp), args, resumed) if args.layers else []
         capped = capped_rows(Path(tmp), args) if args.cap_layers else []
@@ -244,7 +249,7 @@ def main() -> None:
     growth = peaks[2 * args.layers] / peaks[args.layers] if depth else 0.0
     memory_growth = memory_peaks[2 * args.layers] / memory_peaks[args.layers] if depth else 0.0
     setup = (f"random llama models, hidden {args.hidden}, MLP {args.intermediate}, {args.heads} heads, float32, "
-             f"every projection but down_proj targeted; "
+             f"every projection but down_proj targeted; {args.heldout_windows} held-out window; "
              f"calibration {args.samples} x {args.seq_len} tokens; streamed runs keep {args.activation_gib * 1024:.0f} MiB "
              f"of hidden states in memory and spill the rest; {platform.machine()}, {args.threads} threads, "
              f"torch {torch.__version__}. One process per run; peak RSS is the run's own report (getrusage ru_maxrss). "
