@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import ModelLoadError, NumericalError
@@ -136,16 +136,44 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(byte offset of the data, {tensor name: {dtype, shape, data_offsets}}) of a safetensors file, read from
+    its header alone: nothing is memory-mapped (a mapping of the whole file would count against a process's
+    RLIMIT_DATA). A header that does not parse or points past the end of the file raises ValueError."""
+    with path.open("rb") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+    if 8 + size + end > path.stat().st_size:
+        raise ValueError("the file ends before its last tensor")
+    return 8 + size, header
+
+
+def read_tensor(handle: Any, start: int, entry: dict[str, Any]) -> torch.Tensor:
+    """One tensor of an open safetensors file (`start`, `entry` from read_header), by one positioned read."""
+    t = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+    handle.seek(start + int(entry["data_offsets"][0]))
+    buffer: Any = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes
+    if t.numel() and handle.readinto(buffer) != t.numel() * t.element_size():
+        raise ValueError("the file ends early")
+    return t
+
+
 def read_tensor_names(folder: Path) -> dict[str, tuple[str, list[int]]]:
     """{tensor name: (dtype, shape)} from the safetensors headers; a corrupt file is a ModelLoadError."""
     found: dict[str, tuple[str, list[int]]] = {}
     for path in weight_files(folder):
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
-                    sl = handle.get_slice(name)
-                    found[name] = (str(sl.get_dtype()), list(sl.get_shape()))
-        except Exception as exc:  # safetensors raises its own SafetensorError, and OSError
+            header = read_header(path)[1]
+            found.update({name: (str(e["dtype"]), [int(d) for d in e["shape"]]) for name, e in header.items()})
+        except Exception as exc:  # struct, JSON, missing keys, OSError
             raise ModelLoadError(f"cannot read {path}: corrupt or truncated safetensors file ({exc})") from None
     return found
 
@@ -153,10 +181,11 @@ def read_tensor_names(folder: Path) -> dict[str, tuple[str, list[int]]]:
 def check_finite_files(folder: Path) -> None:
     """Raise NumericalError naming the first tensor with NaN or Inf in the folder's safetensors files."""
     for path in weight_files(folder):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                t = handle.get_tensor(name)
-                if t.is_floating_point() and not torch.isfinite(t).all():
+        start, header = read_header(path)
+        with path.open("rb") as handle:
+            for name in sorted(header):
+                floating = header[name]["dtype"] in ("F64", "F32", "F16", "BF16")
+                if floating and not torch.isfinite(read_tensor(handle, start, header[name])).all():
                     raise NumericalError(f"tensor {name} in {path.name} contains NaN or Inf")
 
 

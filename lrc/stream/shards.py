@@ -12,8 +12,6 @@ values as the in-memory model's, tested tensor by tensor.
 
 from __future__ import annotations
 
-import json
-import struct
 import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelLoadError
+from ..io.checkpoint import SAFETENSORS_DTYPES, read_header, read_tensor
 from ..progress import Progress, no_progress
 from ..sources import LoadedModel
 
@@ -40,7 +39,7 @@ class StreamedBlocks:
     """Reads tensors of `model` by name from the safetensors files of `folder`.
 
     Each tensor is read with one positioned read into fresh memory (no memory mapping: pages of the files
-    never count in the process's resident memory, only the tensors read and not yet released).
+    never count in the process's resident memory, nor against its RLIMIT_DATA).
     """
 
     def __init__(self, model: nn.Module, folder: Path, stack_name: str, layers: nn.ModuleList) -> None:
@@ -48,10 +47,15 @@ class StreamedBlocks:
         self.stack_name = stack_name
         self.layers = layers
         self._files = ExitStack()
-        self._where: dict[str, tuple[BufferedReader, torch.dtype, list[int], int]] = {}
+        self._where: dict[str, tuple[BufferedReader, int, dict[str, Any]]] = {}
         for path in sorted(folder.glob("*.safetensors")):
+            start, header = read_header(path)
             handle = self._files.enter_context(path.open("rb"))
-            self._where.update(_header(handle, path))
+            for name, entry in header.items():
+                if entry["dtype"] not in SAFETENSORS_DTYPES:
+                    raise ModelLoadError(f"tensor {name} in {path} has dtype {entry['dtype']}, which streaming cannot "
+                                         "read: compress without --stream")
+                self._where[name] = (handle, start, entry)
         self.loads = 0  # block loads so far (a resumed run does fewer)
 
     def __contains__(self, name: str) -> bool:
@@ -61,15 +65,14 @@ class StreamedBlocks:
         """Tensor `name` from the shards, with the dtype of `like` (the skeleton's entry)."""
         if name not in self._where:
             raise ModelLoadError(f"the checkpoint has no tensor {name}, which the model's structure needs")
-        handle, dtype, shape, offset = self._where[name]
-        if shape != list(like.shape):
-            raise ModelLoadError(f"tensor {name} has shape {shape} in the checkpoint, the model expects {list(like.shape)}")
-        t = torch.empty(shape, dtype=dtype)
-        handle.seek(offset)
-        buffer: Any = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes
-        if t.numel() and handle.readinto(buffer) != t.numel() * t.element_size():
-            raise ModelLoadError(f"tensor {name}: the safetensors file ends early (truncated?)")
-        return t.to(like.dtype)
+        handle, start, entry = self._where[name]
+        if list(entry["shape"]) != list(like.shape):
+            raise ModelLoadError(f"tensor {name} has shape {entry['shape']} in the checkpoint, the model expects "
+                                 f"{list(like.shape)}")
+        try:
+            return read_tensor(handle, start, entry).to(like.dtype)
+        except ValueError:
+            raise ModelLoadError(f"tensor {name}: the safetensors file ends early (truncated?)") from None
 
     def load(self, index: int) -> nn.Module:
         """Block `index` with its weights read from the shards."""
@@ -84,29 +87,6 @@ class StreamedBlocks:
 
     def close(self) -> None:
         self._files.close()
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-def _header(handle: BufferedReader, path: Path) -> dict[str, tuple[BufferedReader, torch.dtype, list[int], int]]:
-    """{name: (file, dtype, shape, absolute byte offset)} from a safetensors file's header."""
-    try:
-        size = struct.unpack("<Q", handle.read(8))[0]
-        header = json.loads(handle.read(size))
-        found = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            if entry["dtype"] not in _DTYPES:
-                raise ModelLoadError(f"tensor {name} in {path} has dtype {entry['dtype']}, which streaming cannot read: "
-                                     "compress without --stream")
-            found[name] = (handle, _DTYPES[entry["dtype"]], list(entry["shape"]), 8 + size + entry["data_offsets"][0])
-        return found
-    except (struct.error, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: corrupt safetensors header ({exc})") from None
 
 
 def load_streamed(spec: str, progress: Progress = no_progress) -> LoadedModel:
@@ -161,8 +141,8 @@ def _model_dtype(config: Any, folder: Path) -> torch.dtype:
     from ..io.checkpoint import read_tensor_names
 
     for dtype, _ in read_tensor_names(folder).values():
-        if dtype.startswith("torch.") and getattr(torch, dtype.removeprefix("torch.")).is_floating_point:
-            return getattr(torch, dtype.removeprefix("torch."))
+        if dtype in SAFETENSORS_DTYPES and SAFETENSORS_DTYPES[dtype].is_floating_point:
+            return SAFETENSORS_DTYPES[dtype]
     return torch.float32
 
 
