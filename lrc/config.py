@@ -44,6 +44,10 @@ class CompressionConfig:
     latency_tokens: tokens per forward pass the `latency` objective times (512: prefill; 1: decoding).
     heldout_max_ratio: the run fails when the compressed model's held-out perplexity exceeds this many
         times the dense model's.
+    stream: load, calibrate, decompose and write one decoder block at a time, never holding the whole model
+        or all its statistics (see lrc.stream); the same output bytes as without it.
+    stream_activation_gib: in streaming mode, GiB of hidden states between blocks kept in memory; beyond it
+        they are spilled to files under the cache folder.
     """
 
     budget: float = 0.3
@@ -67,6 +71,8 @@ class CompressionConfig:
     heldout_max_ratio: float = 100.0
     objective: str = "disk"
     latency_tokens: int = 512
+    stream: bool = False
+    stream_activation_gib: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,6 +99,8 @@ class CompressionConfig:
         check_objective(self.objective)
         if self.objective != "disk" and self.allocator != "knapsack":
             raise ConfigError(f"objective {self.objective!r} prices the knapsack's options; allocator {self.allocator!r} counts parameters")
+        if not (math.isfinite(self.stream_activation_gib) and self.stream_activation_gib >= 0):
+            raise ConfigError(f"stream_activation_gib must be 0 or more (GiB), got {self.stream_activation_gib!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

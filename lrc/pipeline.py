@@ -31,6 +31,7 @@ from .progress import Progress, no_progress
 from .quality_check import HeldOutCheck
 from .sources import LoadedModel, load_model
 from .stats.collect import cached_statistics
+from .stream.pipeline import check_streamable, compress_streamed
 
 
 @dataclass
@@ -70,6 +71,12 @@ def compress(
     compile_patterns(config.keep_dense, "keep_dense")
     compile_patterns(config.exclude, "exclude")
     out_path = Path(output) if output is not None and is_main() else None  # over torch.distributed rank 0 writes
+    if config.stream:  # the same stages, one decoder block at a time (lrc.stream.pipeline)
+        check_streamable(model, config, out_path, analysis)
+        assert isinstance(model, str) and out_path is not None
+        net, report, results = compress_streamed(model, config, out_path, overwrite, progress,
+                                                 Path(cache_dir) if cache_dir else None)
+        return CompressionResult(net, report, results)
     if out_path is not None and isinstance(model, str):  # _claim: a lock on the output, held until it is written
         _claim = check_output_path(out_path, overwrite, run_places(model, config.calib, cache_dir))
     loaded = load_model(model, progress=progress) if isinstance(model, str) else model

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,12 @@ class HeldOutCheck:
     skipped: str = ""
 
     @classmethod
-    def measure_dense(cls, loaded: LoadedModel, config: CompressionConfig) -> HeldOutCheck:
-        """Pick the held-out windows and measure the (still dense) model on them."""
+    def measure_dense(
+        cls, loaded: LoadedModel, config: CompressionConfig,
+        loss_of: Callable[[Any, torch.Tensor, int, torch.device], float] = mean_loss,
+    ) -> HeldOutCheck:
+        """Pick the held-out windows and measure the (still dense) model on them with `loss_of` (a streamed
+        model's: block by block, lrc.stream.pipeline)."""
         from .device import resolve_device
 
         device = resolve_device(config.device)
@@ -85,14 +90,18 @@ class HeldOutCheck:
                       "used for the statistics")
             warnings.warn(f"lrc: held-out quality check skipped: {reason}; give more text to enable it", stacklevel=2)
             return cls(windows, None, config.heldout_max_ratio, config.batch_size, device, reason)
-        dense_loss = mean_loss(loaded.model, windows, config.batch_size, device)
+        dense_loss = loss_of(loaded.model, windows, config.batch_size, device)
         return cls(windows, dense_loss, config.heldout_max_ratio, config.batch_size, device)
 
     def compare(self, model: Any) -> dict[str, Any]:
         """The report entry for the compressed `model`; raises QualityError past the perplexity-ratio limit."""
         if self.dense_loss is None:
             return {"windows": 0, "skipped": self.skipped}
-        loss = mean_loss(model, self.windows, self.batch_size, self.device)
+        return self.entry(mean_loss(model, self.windows, self.batch_size, self.device))
+
+    def entry(self, loss: float) -> dict[str, Any]:
+        """The report entry for the compressed model's held-out `loss`; raises QualityError past the limit."""
+        assert self.dense_loss is not None
         ratio = math.exp(min(loss - self.dense_loss, 700.0))
         entry = {
             "windows": int(self.windows.shape[0]),

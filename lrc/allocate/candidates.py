@@ -17,6 +17,7 @@ from .base import ALLOCATORS, Choice, MatrixCandidates
 
 if TYPE_CHECKING:
     from ..engine import Analysis
+    from .refine import ProblemGroups
 
 
 def compile_patterns(patterns: list[str], what: str) -> list[re.Pattern[str]]:
@@ -56,21 +57,25 @@ def build_candidates(analysis: Analysis, config: CompressionConfig) -> list[Matr
 
 
 def allocate_ranks(
-    analysis: Analysis, config: CompressionConfig, model: nn.Module | None = None
+    analysis: Analysis, config: CompressionConfig, model: nn.Module | None = None,
+    problems: ProblemGroups | None = None,
 ) -> tuple[list[MatrixCandidates], Mapping[str, Choice]]:
     """The allocator's choice of a rank, DENSE or a sparse option for every targeted matrix under config.budget,
     the options priced by config.objective (see lrc.allocate.objective).
 
-    model: the model the analysis decomposed; with it, sparse options next to the choices that carry a
-    first fit's error are refined and the allocation made again (lrc.allocate.refine).
+    model: the model the analysis decomposed (or `problems`, its weights and statistics group by group); with
+    it, sparse options next to the choices that carry a first fit's error are refined and the allocation made
+    again (lrc.allocate.refine).
     """
     from .knapsack import KnapsackAllocator
     from .objective import price_for
-    from .refine import refine_near_choices
+    from .refine import model_problems, refine_near_choices
 
     allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
     candidates = build_candidates(analysis, config)
     if isinstance(allocator, KnapsackAllocator):  # the other allocators count parameters (config.validate)
         allocator.price = price_for(config, candidates, allocator.rank_step)  # by layer shape: refining keeps it
     allocation = candidates, allocator.allocate(candidates, config.budget)
-    return allocation if model is None else refine_near_choices(model, analysis, config, allocator, allocation)
+    if problems is None and model is not None:
+        problems = model_problems(model, analysis.stats, config)
+    return allocation if problems is None else refine_near_choices(problems, analysis, config, allocator, allocation)

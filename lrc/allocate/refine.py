@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -27,8 +27,23 @@ from .base import Allocator, Choice, MatrixCandidates
 
 if TYPE_CHECKING:
     from ..engine import Analysis
+    from ..model.projection import Projection
+    from ..stats.types import CalibrationStats
 
 Allocation = tuple[list[MatrixCandidates], Mapping[str, Choice]]
+ProblemGroups = Callable[[list[str]], Iterator[tuple["dict[str, Projection]", "CalibrationStats"]]]
+"""Matrix names -> their weights and statistics, one group at a time (the whole model in memory; one decoder
+block at a time when streamed, see lrc.stream.pipeline): what refining needs of the matrices it refits."""
+
+
+def model_problems(model: nn.Module, stats: CalibrationStats, config: CompressionConfig) -> ProblemGroups:
+    """Every matrix of a model held in memory, in one group."""
+    targets = target_linears(model, config.exclude)
+
+    def groups(names: list[str]) -> Iterator[tuple[dict[str, Projection], CalibrationStats]]:
+        yield targets, stats
+
+    return groups
 
 
 def near_choice(candidate: MatrixCandidates, choice: Choice, neighbours: int = 1) -> list[SparseOption]:
@@ -44,7 +59,7 @@ def near_choice(candidate: MatrixCandidates, choice: Choice, neighbours: int = 1
 
 
 def refine_near_choices(
-    model: nn.Module,
+    problems: ProblemGroups,
     analysis: Analysis,
     config: CompressionConfig,
     allocator: Allocator,
@@ -53,6 +68,8 @@ def refine_near_choices(
 ) -> Allocation:
     """Refine the options next to every choice (in `analysis`, in place) and allocate again, up to `passes` times.
 
+    problems: the refitted matrices' weights and statistics (model_problems for a model in memory).
+
     The time spent is added to analysis.timing["refine_s"].
     """
     from .candidates import build_candidates
@@ -60,26 +77,27 @@ def refine_near_choices(
     start = time.perf_counter()
     method = METHODS.create(config.method, config.method_options)
     device = resolve_device(config.device)
-    targets = target_linears(model, config.exclude)
-    stats = analysis.stats
     for _ in range(passes):
         candidates, choices = allocation
         todo = {c.name: near for c in candidates if (near := near_choice(c, choices[c.name], method.refine_neighbours))}
         if not todo:
             break
-        in_weights = {}
-        for name, options in todo.items():
-            owner = stats.shares.get(name, name)
-            inputs = stats.inputs[owner].to(device)
-            if owner not in in_weights:  # one weighting per shared input (q/k/v, gate/up), as in the jobs
-                in_weights = {owner: method.in_weighting(inputs)}
-            outputs = stats.outputs[name].to(device) if name in stats.outputs else None
-            problem = method.weighted_problem(targets[name].weight.detach().to(device), inputs, name, in_weights[owner], outputs)
-            dec = analysis.decompositions[name]
-            keys = {(o.rank, o.nnz) for o in options}
-            originals = [o for o in dec.sparse_options if (o.rank, o.nnz) in keys]  # unscaled errors
-            refined = {(o.rank, o.nnz): o for o in method.refine_options(problem, originals)}
-            dec.sparse_options = [refined.get((o.rank, o.nnz), o) for o in dec.sparse_options]
+        for targets, stats in problems(list(todo)):
+            in_weights = {}
+            for name in [n for n in todo if n in targets]:
+                options = todo[name]
+                owner = stats.shares.get(name, name)
+                inputs = stats.inputs[owner].to(device)
+                if owner not in in_weights:  # one weighting per shared input (q/k/v, gate/up), as in the jobs
+                    in_weights = {owner: method.in_weighting(inputs)}
+                outputs = stats.outputs[name].to(device) if name in stats.outputs else None
+                problem = method.weighted_problem(targets[name].weight.detach().to(device), inputs, name,
+                                                  in_weights[owner], outputs)
+                dec = analysis.decompositions[name]
+                keys = {(o.rank, o.nnz) for o in options}
+                originals = [o for o in dec.sparse_options if (o.rank, o.nnz) in keys]  # unscaled errors
+                refined = {(o.rank, o.nnz): o for o in method.refine_options(problem, originals)}
+                dec.sparse_options = [refined.get((o.rank, o.nnz), o) for o in dec.sparse_options]
         candidates = build_candidates(analysis, config)
         allocation = candidates, allocator.allocate(candidates, config.budget)
     analysis.timing["refine_s"] = analysis.timing.get("refine_s", 0.0) + time.perf_counter() - start

@@ -44,6 +44,7 @@ def compress(
     min_kept: Annotated[float | None, typer.Option("--min-kept", help="Least fraction of parameters every matrix keeps.")] = None,
     objective: Annotated[str | None, typer.Option(help="What the budget counts: disk, memory or latency (measured).")] = None,
     latency_tokens: Annotated[int | None, typer.Option("--latency-tokens", help="Tokens per timed forward for --objective latency.")] = None,
+    stream: Annotated[bool | None, typer.Option("--stream/--in-memory", help="One decoder block in memory at a time (models larger than memory); same output.")] = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Reuse calibration statistics cached here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     nproc: Annotated[int | None, typer.Option("--nproc", help="Run as N torch.distributed processes on this machine "
@@ -59,7 +60,7 @@ def compress(
     config = config.replace(
         budget=parse_budget(budget), method=method, allocator=allocator, calib=calib, samples=samples,
         seq_len=seq_len, seed=seed, device=device, dtype=dtype, sequential=sequential, keep_dense=keep_dense or None,
-        min_kept=min_kept,
+        min_kept=min_kept, stream=stream,
     )
     config = config.replace(objective=objective, latency_tokens=latency_tokens)
     config.validate()

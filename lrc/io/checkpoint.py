@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import ModelLoadError, NumericalError
@@ -50,18 +50,32 @@ def write_checkpoint(
     Floating tensors are cast to `dtype` when given. Tensors with NaN/Inf are refused (NumericalError).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in unique_state_dict(model).items():
-        t = tensor.detach().to("cpu")
-        if t.is_floating_point():
-            if dtype is not None:
-                t = t.to(dtype)
-            if not torch.isfinite(t).all():
-                raise NumericalError(f"tensor {name} is not finite; refusing to write it")
-        tensors[name] = t.contiguous()
-
+    tensors = {name: written_tensor(name, tensor, dtype) for name, tensor in unique_state_dict(model).items()}
     files = _write_shards(tensors, folder)
+    write_model_files(model, folder, tokenizer, ranks, dtype, sparse)
+    return files
 
+
+def written_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` as the checkpoint stores it: on the CPU, floating values cast to `dtype`, contiguous; NaN/Inf refused."""
+    t = tensor.detach().to("cpu")
+    if t.is_floating_point():
+        if dtype is not None:
+            t = t.to(dtype)
+        if not torch.isfinite(t).all():
+            raise NumericalError(f"tensor {name} is not finite; refusing to write it")
+    return t.contiguous()
+
+
+def write_model_files(
+    model: Any,
+    folder: Path,
+    tokenizer: Any | None,
+    ranks: dict[str, int] | None,
+    dtype: torch.dtype | None,
+    sparse: dict[str, dict[str, Any]] | None,
+) -> None:
+    """config.json (with the lrc quantization_config), generation_config.json and the tokenizer files."""
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
@@ -75,32 +89,45 @@ def write_checkpoint(
         generation.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    return files
+
+
+def plan_shards(sizes: dict[str, int]) -> list[list[str]]:
+    """Tensor names per shard, in order: a new shard starts where the next tensor would pass SHARD_BYTES."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > SHARD_BYTES:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    """model.safetensors for one shard, else transformers' model-0000I-of-0000N.safetensors."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_shard_index(folder: Path, shards: list[list[str]], sizes: dict[str, int]) -> None:
+    """model.safetensors.index.json (only for more than one shard)."""
+    if len(shards) == 1:
+        return
+    files = shard_file_names(len(shards))
+    weight_map = {n: file for file, names in zip(files, shards) for n in names}
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], folder: Path) -> list[Path]:
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name in tensors:
-        if shards[-1] and used + sizes[name] > SHARD_BYTES:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += sizes[name]
-    if len(shards) == 1:
-        path = folder / "model.safetensors"
-        save_file(tensors, str(path), metadata={"format": "pt"})
-        return [path]
-    files = []
-    weight_map = {}
-    for i, names in enumerate(shards, start=1):
-        path = folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    shards = plan_shards(sizes)
+    files = [folder / name for name in shard_file_names(len(shards))]
+    for path, names in zip(files, shards):
         save_file({n: tensors[n] for n in names}, str(path), metadata={"format": "pt"})
-        files.append(path)
-        weight_map.update({n: path.name for n in names})
-    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_shard_index(folder, shards, sizes)
     return files
 
 
@@ -109,16 +136,44 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(byte offset of the data, {tensor name: {dtype, shape, data_offsets}}) of a safetensors file, read from
+    its header alone: nothing is memory-mapped (a mapping of the whole file would count against a process's
+    RLIMIT_DATA). A header that does not parse or points past the end of the file raises ValueError."""
+    with path.open("rb") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+    if 8 + size + end > path.stat().st_size:
+        raise ValueError("the file ends before its last tensor")
+    return 8 + size, header
+
+
+def read_tensor(handle: Any, start: int, entry: dict[str, Any]) -> torch.Tensor:
+    """One tensor of an open safetensors file (`start`, `entry` from read_header), by one positioned read."""
+    t = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+    handle.seek(start + int(entry["data_offsets"][0]))
+    buffer: Any = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes
+    if t.numel() and handle.readinto(buffer) != t.numel() * t.element_size():
+        raise ValueError("the file ends early")
+    return t
+
+
 def read_tensor_names(folder: Path) -> dict[str, tuple[str, list[int]]]:
     """{tensor name: (dtype, shape)} from the safetensors headers; a corrupt file is a ModelLoadError."""
     found: dict[str, tuple[str, list[int]]] = {}
     for path in weight_files(folder):
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
-                    sl = handle.get_slice(name)
-                    found[name] = (str(sl.get_dtype()), list(sl.get_shape()))
-        except Exception as exc:  # safetensors raises its own SafetensorError, and OSError
+            header = read_header(path)[1]
+            found.update({name: (str(e["dtype"]), [int(d) for d in e["shape"]]) for name, e in header.items()})
+        except Exception as exc:  # struct, JSON, missing keys, OSError
             raise ModelLoadError(f"cannot read {path}: corrupt or truncated safetensors file ({exc})") from None
     return found
 
@@ -126,10 +181,11 @@ def read_tensor_names(folder: Path) -> dict[str, tuple[str, list[int]]]:
 def check_finite_files(folder: Path) -> None:
     """Raise NumericalError naming the first tensor with NaN or Inf in the folder's safetensors files."""
     for path in weight_files(folder):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                t = handle.get_tensor(name)
-                if t.is_floating_point() and not torch.isfinite(t).all():
+        start, header = read_header(path)
+        with path.open("rb") as handle:
+            for name in sorted(header):
+                floating = header[name]["dtype"] in ("F64", "F32", "F16", "BF16")
+                if floating and not torch.isfinite(read_tensor(handle, start, header[name])).all():
                     raise NumericalError(f"tensor {name} in {path.name} contains NaN or Inf")
 
 

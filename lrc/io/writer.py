@@ -43,12 +43,22 @@ def write_output(
     with atomic_directory(out) as tmp:
         write_checkpoint(loaded.model, tmp, loaded.tokenizer, ranks, dtype, sparse)
         write_remote_code(loaded.model, tmp)  # modeling code: the output loads without lrc
-        names = read_tensor_names(tmp)
-        for key, shape in expected_tensors(results).items():
-            if key not in names or names[key][1] != shape:
-                raise LrcError(f"written checkpoint is missing or misshapes {key}")
-        check_finite_files(tmp)
-        report["timing_s"]["write_s"] = round(time.perf_counter() - start, 3)
-        report["memory"] = peak_memory(resolve_device(config.device))  # again: the peak now includes the writing
-        report["bytes"] = {"safetensors": tensor_bytes(tmp), "dtype": str(dtype or loaded.model.dtype).removeprefix("torch.")}
-        write_report(tmp / REPORT_NAME, report)
+        finish_output(tmp, results, report, config, loaded.model.dtype, start)
+
+
+def finish_output(
+    tmp: Path, results: list[MatrixResult], report: dict[str, Any], config: CompressionConfig,
+    model_dtype: Any, start: float,
+) -> None:
+    """Verify the checkpoint written in `tmp` against the forms' tensor names and shapes and for NaN/Inf, then
+    complete the report (write time since `start`, peak memory, bytes) and write it."""
+    dtype = DTYPES[config.dtype] if config.dtype else None
+    names = read_tensor_names(tmp)
+    for key, shape in expected_tensors(results).items():
+        if key not in names or names[key][1] != shape:
+            raise LrcError(f"written checkpoint is missing or misshapes {key}")
+    check_finite_files(tmp)
+    report["timing_s"]["write_s"] = round(time.perf_counter() - start, 3)
+    report["memory"] = peak_memory(resolve_device(config.device))  # again: the peak now includes the writing
+    report["bytes"] = {"safetensors": tensor_bytes(tmp), "dtype": str(dtype or model_dtype).removeprefix("torch.")}
+    write_report(tmp / REPORT_NAME, report)

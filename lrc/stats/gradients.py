@@ -30,8 +30,12 @@ from ..distributed import ordered_partials, shard_batches
 from ..factorize import OutputStats
 from ..model.adapters import adapter_for
 from ..model.projection import Projection
+from ..stream.activations import ActivationStore
 from .inputs import check_reached
 from .walker import LayerWalk
+
+# layer_done(block index, {projection name: OutputStats}): a block's statistics, final (see collect_output_stats)
+LayerStatsCallback = Callable[[int, dict[str, OutputStats]], None]
 
 PROBE_SEED = 0
 """Seed of the encoder objective's Gaussian probe: global batch b draws from a generator seeded PROBE_SEED + b."""
@@ -51,38 +55,49 @@ def collect_output_stats(
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int], None] | None = None,
-    sweep_batches: int = 8,
+    sweep_batches: int | None = 8,
+    activations: ActivationStore | None = None,
+    layer_done: LayerStatsCallback | None = None,
 ) -> dict[str, OutputStats]:
     """{projection name: OutputStats} over `windows` (samples x seq_len), by backward sweeps over the blocks.
 
-    batch_size: windows per forward; sweep_batches: batches whose block inputs one sweep holds at once.
+    batch_size: windows per forward; sweep_batches: batches whose block inputs one sweep holds at once (None:
+    all, one sweep). activations: where block inputs are kept (see lrc.stream.activations). layer_done: called
+    with each block's statistics as soon as they are final (in the last sweep), which are then not kept: the
+    result holds only the blocks it was not called for. Each statistic is the same sum in the same batch
+    order whatever the sweeps, so neither changes a value.
     """
     device = torch.device(device)
     adapter = adapter_for(model)
     home = model.get_input_embeddings().weight.device
     stats: dict[str, OutputStats] = {}
-    for name, projection in targets.items():
+
+    def zero_stats(projection: Projection) -> OutputStats:
         m = projection.out_features
-        stats[name] = OutputStats(
+        return OutputStats(
             gram=torch.zeros(m, m, dtype=torch.float64, device=device) if m <= full_max else None,
             diag=torch.zeros(m, dtype=torch.float64, device=device),
             fisher_rows=torch.zeros(m, dtype=torch.float64, device=device),
             tokens=0,
         )
     batches, indices, steps = shard_batches(windows, batch_size)  # this rank's share (all of them in one process)
-    groups = -(-steps // sweep_batches)
+    per_sweep = sweep_batches or max(steps, 1)
+    groups = -(-steps // per_sweep)
     for g in range(groups):
-        first = g * sweep_batches
-        group_steps = min(sweep_batches, steps - first)  # every rank takes these steps, with or without a batch
+        first = g * per_sweep
+        group_steps = min(per_sweep, steps - first)  # every rank takes these steps, with or without a batch
         mine = batches[first:first + group_steps]
-        walk = LayerWalk(model, torch.cat(mine) if mine else windows[:0], batch_size, device)
+        walk = LayerWalk(model, torch.cat(mine) if mine else windows[:0], batch_size, device, activations)
         blocks = len(walk)
         hidden = [walk.inputs]  # hidden[i][b]: block i's input on batch b; hidden[L]: the last block's output
         with torch.no_grad():
             for index in range(blocks):
                 with walk.placed(index):
-                    hidden.append([walk.run(index, b, h) for b, h in enumerate(hidden[-1])])
-        grads = []  # ∂loss/∂(current block's output), per batch
+                    boundary = walk.activations.boundary()
+                    for b, h in enumerate(hidden[-1]):
+                        boundary.append(walk.run(index, b, h))
+                    hidden.append(boundary)
+        grads = walk.activations.boundary()  # ∂loss/∂(current block's output), per batch
         for b, batch in enumerate(mine):
             last = hidden[blocks][b].detach().to(home).requires_grad_(True)
             with walk.blocks_bypassed(last), torch.enable_grad():
@@ -91,6 +106,8 @@ def collect_output_stats(
         del hidden[blocks]
         for index in reversed(range(blocks)):
             projections = {name: p for name, p in targets.items() if name.startswith(walk.prefix(index))}
+            for name, projection in projections.items():
+                stats.setdefault(name, zero_stats(projection))
             with walk.placed(index):
                 hooks = _GradientHooks(projections, stats, fisher)
                 try:
@@ -108,9 +125,14 @@ def collect_output_stats(
                 finally:
                     hooks.remove()
             del hidden[index]
+            if layer_done is not None and g == groups - 1:
+                done = {name: stats.pop(name) for name in projections}
+                check_reached(done, {name for name, s in done.items() if s.tokens > 0}, "the output-gradient pass")
+                layer_done(index, {name: s.to("cpu") for name, s in done.items()})
             if progress is not None:
                 progress(g * blocks + blocks - index, groups * blocks)
-    check_reached(targets, {name for name, s in stats.items() if s.tokens > 0}, "the output-gradient pass")
+    if layer_done is None:
+        check_reached(targets, {name for name, s in stats.items() if s.tokens > 0}, "the output-gradient pass")
     return {name: s.to("cpu") for name, s in stats.items()}
 
 

@@ -21,6 +21,7 @@ from ..distributed import merged_over_ranks, ordered_partials, shard_batches
 from ..errors import CalibrationError
 from ..factorize import InputStats
 from ..model.projection import Projection
+from ..stream.activations import ActivationStore
 from .walker import LayerWalk
 
 # callback(layer index, layer module, {projection name: stats}, {projection name: name of the one whose stats it shares})
@@ -86,20 +87,22 @@ def collect_input_stats(
     callback: LayerCallback,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    activations: ActivationStore | None = None,
 ) -> None:
     """Run the block-by-block statistics pass, calling `callback` once per block with its statistics.
 
     Over torch.distributed each rank runs its share of the batches (lrc.distributed.shard_batches); the
     statistics handed to `callback` are the sums over all windows, the same bytes on every rank.
+    activations: where the hidden states between blocks are kept (in memory by default; see lrc.stream.activations).
     """
     batches, _, steps = shard_batches(windows, batch_size)
-    walk = LayerWalk(model, torch.cat(batches) if batches else windows[:0], batch_size, device)
+    walk = LayerWalk(model, torch.cat(batches) if batches else windows[:0], batch_size, device, activations)
     hidden = walk.inputs
     for index in range(len(walk)):
         projections = {name: p for name, p in targets.items() if name.startswith(walk.prefix(index))}
         with walk.placed(index) as layer:
             hooks = _StatsHooks(projections, device)
-            outputs = []
+            outputs = walk.activations.boundary()
             with torch.no_grad():
                 for batch, h in enumerate(hidden):
                     outputs.append(walk.run(index, batch, h))

@@ -24,6 +24,8 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..model.adapters import adapter_for
+from ..stream.activations import ActivationStore
+from ..stream.shards import streamed_blocks
 
 
 class _StopForward(Exception):
@@ -37,14 +39,18 @@ _Call = tuple[bool, tuple[Any, ...], dict[str, Any]]
 class LayerWalk:
     """The blocks of `model` over `windows` (samples x seq_len token ids) in batches of `batch_size`.
 
-    inputs: layer 0's input hidden states per batch, on `device`. stack_name, layers: the block stack.
+    inputs: layer 0's input hidden states per batch, on `device` (a boundary of `activations`, a plain list by
+    default). stack_name, layers: the block stack.
     """
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str) -> None:
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str,
+                 activations: ActivationStore | None = None) -> None:
         self.device = torch.device(device)
         adapter = adapter_for(model)
         self.stack_name, self.layers = adapter.layer_stack(model)
-        self.inputs: list[torch.Tensor] = []
+        self.activations = activations or ActivationStore()
+        self._streamed = streamed_blocks(model)
+        self.inputs = self.activations.boundary()
         self._calls: list[list[_Call]] = [[] for _ in self.layers]  # [layer][batch]
         memo: dict[int, Any] = {}
         for batch in windows.split(batch_size) if windows.shape[0] else ():  # no windows: no batch
@@ -67,14 +73,17 @@ class LayerWalk:
 
     @contextlib.contextmanager
     def placed(self, index: int) -> Iterator[nn.Module]:
-        """Block `index` on the compute device for the duration, then back where it was."""
-        layer = self.layers[index]
+        """Block `index` on the compute device for the duration, then back where it was (a streamed model's
+        block is read from its shards and released after: lrc.stream.shards)."""
+        layer = self._streamed.load(index) if self._streamed else self.layers[index]
         home = next(layer.parameters()).device
         layer.to(self.device)
         try:
             yield layer
         finally:
             layer.to(home)
+            if self._streamed:
+                self._streamed.release(index)
 
     def run(self, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
         """Block `index` on `hidden` with the arguments the full model passes it on batch `batch`."""
