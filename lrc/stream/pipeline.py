@@ -47,6 +47,7 @@ from ..factorize import METHODS, Decomposition
 from ..forms import LowRankLinear, count_params
 from ..io.checkpoint import DTYPES, write_model_files, written_tensor
 from ..io.output import atomic_directory, check_output_path, run_places
+from ..io.remote_code import write_remote_code
 from ..io.report import build_report
 from ..io.writer import finish_output
 from ..model.adapters import adapter_for
@@ -133,6 +134,7 @@ def compress_streamed(
             report["stream"] = {"block_loads": streamed_blocks(loaded.model).loads,  # type: ignore[union-attr]
                                 "spilled_activation_bytes": activations.spilled}
             report["memory"] = peak_memory(device)
+            write_remote_code(loaded.model, tmp)  # modeling code: the output loads without lrc
             finish_output(tmp, results, report, config, loaded.model.dtype, t)
     if cache_dir is None:
         store.remove()
