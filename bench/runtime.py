@@ -59,32 +59,6 @@ def file_bytes(folder: Path, dtype_bytes: int) -> tuple[int, int]:
     return on_disk, at_dtype
 
 
-def tensor_bytes(model: Any) -> int:
-    """Bytes of every storage the model's modules hold (parameters, buffers, tensors kept as attributes or
-    in tuples / lists / dicts of them), each storage once."""
-    import torch
-
-    seen: dict[int, int] = {}
-
-    def visit(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            if value.device.type != "meta":
-                storage = value.untyped_storage()
-                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        elif isinstance(value, (tuple, list)):
-            for item in value:
-                visit(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-
-    for module in model.modules():
-        for name, value in vars(module).items():
-            if name not in ("_modules",):
-                visit(value)
-    return sum(seen.values())
-
-
 def proc_status(field: str) -> int:
     """A field of /proc/self/status in bytes (VmRSS, VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -112,6 +86,7 @@ def child(args: argparse.Namespace) -> None:
     import transformers
 
     import lrc  # noqa: F401  (registers the lrc loader with transformers)
+    from lrc.peak_memory import held_tensor_bytes
 
     dtype = getattr(torch, args.dtype)
     folder = Path(args.child)
@@ -125,7 +100,7 @@ def child(args: argparse.Namespace) -> None:
     assert ids.shape[1] == args.seq_len, "not enough evaluation text for the prefill"
     gc.collect()
     return_freed_memory()
-    held_after_load = tensor_bytes(model)
+    held_after_load = held_tensor_bytes(model)
     rss_after_load = proc_status("VmRSS")
 
     def run() -> tuple[float, float]:
@@ -153,7 +128,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "load_s": load_s,
         "tensors_after_load": held_after_load,
-        "tensors_after_run": tensor_bytes(model),
+        "tensors_after_run": held_tensor_bytes(model),
         "rss_after_load": rss_after_load,
         "peak_rss": peak,
         "prefill_tok_s": statistics.median(s[0] for s in speeds),

@@ -1,10 +1,12 @@
-"""The peak memory of this process, as `lrc compress` reports it (lrc_report.yaml `memory`, the summary table)."""
+"""Memory as lrc counts it: the process's peak (lrc_report.yaml `memory`, the summary table) and the bytes a
+model's tensors hold."""
 
 from __future__ import annotations
 
 import sys
 
 import torch
+from torch import nn
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
@@ -24,3 +26,26 @@ def peak_memory(device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
         memory["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return memory
+
+
+def held_tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every storage the model's modules hold: parameters, buffers, and tensors kept as attributes
+    (or inside tuples / lists / dicts of them), each storage counted once, meta tensors not at all."""
+    seen: dict[int, int] = {}
+
+    def visit(value: object) -> None:
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name != "_modules":
+                visit(value)
+    return sum(seen.values())

@@ -262,29 +262,6 @@ def whole_model_reference(model, windows, targets, batch_size, encoder):
     return acc
 
 
-def held_tensor_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every storage a model's modules hold: parameters, buffers, and tensors kept as attributes
-    (or inside tuples / lists / dicts of them), each storage once."""
-    seen: dict[int, int] = {}
-
-    def visit(value: object) -> None:
-        if isinstance(value, torch.Tensor) and value.device.type != "meta":
-            storage = value.untyped_storage()
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        elif isinstance(value, (tuple, list)):
-            for item in value:
-                visit(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-
-    for module in model.modules():
-        for name, value in vars(module).items():
-            if name != "_modules":
-                visit(value)
-    return sum(seen.values())
-
-
 # family, extra compress options: low rank (llama), Conv1D with a sparse residual (gpt2), routed experts with
 # a sparse dictionary (mixtral), an encoder (bert)
 COMPRESSED_CASES = {

@@ -15,8 +15,8 @@ from lrc.forms import LowRankLinear, sparse_kernels
 from lrc.forms.fused import fuse_down_factors, unfuse
 from lrc.forms.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
 from lrc.forms.sparse_matrix import KERNEL_MAX_TOKENS
+from lrc.peak_memory import held_tensor_bytes
 
-from ..conftest import held_tensor_bytes
 from ..test_pipeline import config, logits
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

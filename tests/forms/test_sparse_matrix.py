@@ -17,8 +17,7 @@ from lrc.forms.sparse_matrix import (
     pack_bits,
     unpack_bits,
 )
-
-from ..conftest import held_tensor_bytes
+from lrc.peak_memory import held_tensor_bytes
 
 
 def random_sparse(rows: int, cols: int, density: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
