@@ -5,7 +5,7 @@ against the statistics pass, its peak resident memory, and the perplexity of wha
 Each run is `python -m lrc compress MODEL --budget B --calib wiki.valid.tokens --samples S --seq-len L` in its
 own process with OMP_NUM_THREADS=T (per process: `--nproc N` runs N processes of T threads; lrc writes the same
 bytes for any number of processes at the same threads per process), then `python -m lrc eval OUT --data
-wiki.test.raw --seq-len 512 --windows 24` on what it wrote. The peak resident memory is the run's own
+wiki.test.raw --seq-len 512 --windows 24` on what it wrote (`--eval-seq-len`, `--windows`). The peak resident memory is the run's own
 (`memory.peak_rss_bytes` in lrc_report.yaml: getrusage ru_maxrss of rank 0's process).
 
     python bench/modes.py                                                   # default recipe, 128 x 512, 2 threads
@@ -76,10 +76,12 @@ def check_reused(report: dict, args: argparse.Namespace, mode: str) -> None:
 
 
 def perplexity(args: argparse.Namespace, out: Path) -> float:
-    command = [sys.executable, "-m", "lrc", "eval", str(out), "--data", str(args.data), "--seq-len", "512",
-               "--windows", str(args.windows), "--json", "--quiet"]
-    done = subprocess.run(command, env=environment(args), capture_output=True, text=True, check=True)
-    return float(json.loads(done.stdout)["perplexity"])
+    command = [sys.executable, "-m", "lrc", "eval", str(out), "--data", str(args.data), "--seq-len",
+               str(args.eval_seq_len), "--windows", str(args.windows), "--json", "--quiet"]
+    done = subprocess.run(command, env=environment(args), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"lrc eval {out} failed: {(done.stderr.strip().splitlines() or [''])[-1]}")
+    return float(json.loads(done.stdout)["results"][0]["perplexity"])
 
 
 def run_mode(args: argparse.Namespace, mode: str, work: Path, reused: dict[str, Path]) -> dict:
@@ -105,7 +107,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> list[str]:
     calib = first["timing_s"]["calibration_s"]
     lines = [
         f"{args.model}, budget {args.budget}, {args.method or 'default recipe'}, calibration {args.samples} x "
-        f"{args.seq_len} tokens of {Path(args.calib).name}, perplexity on {Path(args.data).name} (512-token windows, "
+        f"{args.seq_len} tokens of {Path(args.calib).name}, perplexity on {Path(args.data).name} ({args.eval_seq_len}-token "
+        f"windows, "
         f"first {args.windows}); {platform.machine()}, {args.threads} thread(s) per process, torch {torch.__version__}.",
         "F: the statistics pass (`calibration_s`, one forward over the calibration windows with the input Grams) "
         "of the same run.",
@@ -140,6 +143,7 @@ def main() -> None:
     parser.add_argument("--calib", default=str(DATA / "wiki.valid.tokens"))
     parser.add_argument("--data", default=str(DATA / "wiki.test.raw"))
     parser.add_argument("--windows", type=int, default=24)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--reuse", nargs="*", default=[], metavar="MODE=DIR",
                         help="take MODE's row from DIR, an earlier `lrc compress` with the same settings")
     parser.add_argument("--work", default=None, help="where the outputs go (default: a temporary folder, removed)")
