@@ -3,29 +3,50 @@ model's tensors hold."""
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
-    """{"peak_rss_bytes": the process's peak resident set size so far} (getrusage ru_maxrss; the kernel's
-    high-water mark, so it covers everything the process did before too), plus on a cuda `device`
-    "cuda_max_allocated_bytes": torch's peak allocation there (torch.cuda.max_memory_allocated).
-    Empty where the platform has no getrusage (Windows) and the device is not cuda.
+    """{"peak_rss_bytes": the process's peak resident set size so far} (the kernel's high-water mark, so it
+    covers everything the process did before too), plus on a cuda `device` "cuda_max_allocated_bytes":
+    torch's peak allocation there (torch.cuda.max_memory_allocated). Empty where the platform has neither
+    /proc nor getrusage (Windows) and the device is not cuda.
+
+    On Linux the peak is VmHWM of /proc/self/status, the high-water mark of this process's own memory.
+    getrusage's ru_maxrss is not: a child starts from its parent's resident set at fork and keeps that
+    figure through exec, so `lrc compress` launched by a large process (a notebook, a benchmark) would
+    report the parent's memory as its own.
     """
     memory: dict[str, int] = {}
-    try:
-        import resource
-    except ImportError:  # Windows
-        pass
+    own = _linux_peak_rss()
+    if own is not None:
+        memory["peak_rss_bytes"] = own
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        memory["peak_rss_bytes"] = int(peak) * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes, else KiB
+        try:
+            import resource
+        except ImportError:  # Windows
+            pass
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            memory["peak_rss_bytes"] = int(peak) * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes, else KiB
     if device.type == "cuda":
         memory["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return memory
+
+
+def _linux_peak_rss() -> int | None:
+    """VmHWM of /proc/self/status in bytes, or None where there is no such field."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
 
 
 def held_tensor_bytes(model: nn.Module) -> int:
