@@ -39,6 +39,7 @@ from ..load_check import name_some, one_line
 from ..progress import Progress, no_progress
 
 PHASE = "convert GGUF to safetensors (once)"
+CHUNK_BYTES = 1 << 20  # quantized bytes dequantized at a time (see dequantize_rows): a few MiB of float32 values
 # transformers' tensor processors whose `process` uses one tensor alone (GPT-2's stores lm_head itself, in the
 # parameter dict handed to it: collected per call)
 PER_TENSOR_PROCESSORS = {
@@ -67,13 +68,14 @@ def convert_gguf(path: Path, folder: Path, progress: Progress = no_progress) -> 
     from .checkpoint import write_model_files
 
     with reading(path):
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
         plan = stream_plan(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     if plan is None:
         write_whole_model(path, folder, tokenizer, progress)
         return
+    write_model_files(plan.skeleton, folder, tokenizer, None, None, None)  # first, to free the tokenizer
+    del tokenizer
     write_tensors(path, folder, plan, progress)
-    write_model_files(plan.skeleton, folder, tokenizer, None, None, None)
 
 
 def whole_model_reason(architecture: str) -> str | None:
@@ -103,24 +105,27 @@ def stream_plan(path: Path) -> StreamPlan | None:
 
     from ..stream.shard_writer import unique_entries
 
-    metadata = load_gguf_checkpoint(str(path), return_tensors=False)
+    # each parse of the metadata holds the whole vocabulary in Python objects: one at a time, kept no longer than needed
     reader = gguf.GGUFReader(path)
     architecture = str(reader.fields["general.architecture"].contents())
+    tensors = list(reader.tensors)
+    del reader
     if whole_model_reason(architecture):
         return None
+    processor_config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     dtype = load_dtype(config)
     config.dtype = dtype  # as from_pretrained sets it (config.json records it)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=metadata["config"])
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=processor_config)
     key_map = get_gguf_hf_weights_map(skeleton, processor)
     entries = unique_entries(skeleton)
     layout = {n: (dtype if t.is_floating_point() else t.dtype, list(t.shape)) for n, t in entries.items()}
-    targets = {key_map[t.name] for t in reader.tensors if t.name in key_map}
+    targets = {key_map[t.name] for t in tensors if t.name in key_map}
     if targets - set(layout) or converted_on_load(skeleton, targets) or skeleton._get_dtype_plan(dtype):
         return None
-    return StreamPlan(skeleton, processor, list(reader.tensors), key_map, layout)
+    return StreamPlan(skeleton, processor, tensors, key_map, layout)
 
 
 def load_dtype(config: Any) -> torch.dtype:
@@ -149,7 +154,6 @@ def write_tensors(path: Path, folder: Path, plan: StreamPlan, progress: Progress
     """Dequantize, process, rename and cast each tensor of the file and write it to its shard; then check that every
     tensor of the layout was written once with its shape (ModelLoadError naming the first ones otherwise)."""
     from ..stream.shard_writer import ShardedCheckpointWriter
-    from .checkpoint import written_tensor
 
     tensors = plan.tensors
     writer = ShardedCheckpointWriter(folder, plan.layout)
@@ -158,13 +162,7 @@ def write_tensors(path: Path, folder: Path, plan: StreamPlan, progress: Progress
         with path.open("rb") as handle:
             for done, tensor in enumerate(tensors):
                 progress(PHASE, done, len(tensors))
-                with reading(path):
-                    converted = model_tensors(tensor, read_raw(handle, tensor), plan)
-                for name, value in converted.items():
-                    check_placement(path, tensor.name, name, value, plan.layout, written)
-                    writer.write(name, written_tensor(name, value.to(plan.layout[name][0]), None))
-                    written.add(name)
-                del converted
+                write_tensor(path, handle, tensor, plan, writer, written)
     finally:
         with contextlib.suppress(LrcError):  # closes the files; raises when a tensor is missing (reported below)
             writer.close()
@@ -173,6 +171,20 @@ def write_tensors(path: Path, folder: Path, plan: StreamPlan, progress: Progress
         raise ModelLoadError(f"GGUF file {path} lacks {len(missing)} tensor(s) the {type(plan.skeleton).__name__} "
                              f"architecture needs: {name_some(missing)}; refusing to fill weights with random values")
     progress(PHASE, len(tensors), len(tensors))
+
+
+def write_tensor(path: Path, handle: Any, tensor: Any, plan: StreamPlan, writer: Any, written: set[str]) -> None:
+    """Convert one GGUF tensor (`handle`: the open file) and write what it becomes; its values die on return."""
+    from .checkpoint import written_tensor
+
+    with reading(path):
+        converted = model_tensors(tensor, read_raw(handle, tensor), plan)
+    while converted:
+        name, value = converted.popitem()
+        check_placement(path, tensor.name, name, value, plan.layout, written)
+        writer.write(name, written_tensor(name, value.to(plan.layout[name][0]), None))
+        written.add(name)
+        del value
 
 
 def read_raw(handle: Any, tensor: Any) -> Any:
@@ -190,18 +202,39 @@ def read_raw(handle: Any, tensor: Any) -> Any:
 def model_tensors(tensor: Any, raw: Any, plan: StreamPlan) -> dict[str, torch.Tensor]:
     """{model name: values} that one GGUF tensor becomes, by `load_gguf_checkpoint`'s loop: dequantize, process,
     map the name (a tensor the model has no name for is skipped there, and here)."""
-    import gguf
     import numpy as np
 
-    weights = gguf.dequantize(raw, tensor.tensor_type)
+    weights = dequantize_rows(raw, tensor.tensor_type)
     stored: dict[str, dict[str, torch.Tensor]] = {"tensors": {}}  # where a processor puts tensors itself
     result = plan.processor.process(
         weights=weights, name=tensor.name, tensor_key_mapping=plan.key_map, parsed_parameters=stored
     )
+    del weights, raw
     out = dict(stored["tensors"])
-    if result.name in plan.key_map:
-        out[plan.key_map[result.name]] = torch.from_numpy(np.copy(result.weights))
+    if result.name in plan.key_map:  # transformers copies (np.copy); a contiguous array is copied only when a view
+        out[plan.key_map[result.name]] = torch.from_numpy(np.ascontiguousarray(result.weights))
     return out
+
+
+def dequantize_rows(raw: Any, kind: Any) -> Any:
+    """`gguf.dequantize(raw, kind)`, computed about CHUNK_BYTES of `raw` at a time into one float32 array for quantized
+    types: the same values (each block of a row is dequantized on its own, elementwise), without the full-size
+    temporaries gguf-py's arithmetic makes."""
+    import gguf
+    import numpy as np
+
+    plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    if kind in plain or raw.ndim < 2 or raw.shape[0] < 2:
+        return gguf.dequantize(raw, kind)
+    rows = raw.reshape(-1, raw.shape[-1])
+    step = max(1, CHUNK_BYTES // max(1, rows.shape[1]))
+    first = gguf.dequantize(rows[:step], kind)
+    out = np.empty((rows.shape[0], first.shape[-1]), dtype=first.dtype)
+    out[: len(first)] = first
+    del first
+    for start in range(step, rows.shape[0], step):
+        out[start : start + step] = gguf.dequantize(rows[start : start + step], kind)
+    return out.reshape(*raw.shape[:-1], out.shape[-1])
 
 
 def check_placement(
