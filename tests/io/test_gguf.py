@@ -26,26 +26,32 @@ def gpt2_byte_tokens() -> list[str]:
 
 def write_tiny_gguf(
     path: Path, tied: bool = True, drop: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None,
-    nan_in: str | None = None,
+    nan_in: str | None = None, arch: str = "llama",
 ) -> Path:
-    """A 2-layer llama GGUF (hidden 64, random weights) with a BPE tokenizer transformers reads: Q8_0, F16 and F32
-    tensors; `drop`: a tensor left out; `shapes`: tensors written with another shape; `nan_in`: a tensor with a NaN."""
+    """A 2-layer GGUF (`arch` llama or gpt2, hidden 64, random weights) with a BPE tokenizer transformers reads:
+    Q8_0, F16 and F32 tensors; `drop`: a tensor left out; `shapes`: tensors written with another shape; `nan_in`:
+    a tensor with a NaN."""
     from gguf import GGMLQuantizationType as Q
     from gguf import GGUFWriter, quants
 
     rng = np.random.default_rng(0)
     tokens = gpt2_byte_tokens() + ["Ġt", "he", "<|endoftext|>"]
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_name("tiny llama")
+    ffn = FFN if arch == "llama" else 4 * HIDDEN  # GPT-2's MLP is 4 x hidden
+    context = 128 if arch == "llama" else 1024  # GPT-2's position table is n_positions (1024), not the context
+    writer = GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny {arch}")
     writer.add_block_count(LAYERS)
-    writer.add_context_length(128)
+    writer.add_context_length(context)
     writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
+    writer.add_feed_forward_length(ffn)
     writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(HIDDEN // HEADS)
+    if arch == "llama":
+        writer.add_head_count_kv(KV_HEADS)
+        writer.add_rope_freq_base(10000.0)
+        writer.add_layer_norm_rms_eps(1e-5)
+        writer.add_rope_dimension_count(HIDDEN // HEADS)
+    else:
+        writer.add_layer_norm_eps(1e-5)
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
@@ -71,19 +77,33 @@ def write_tiny_gguf(
 
     kv = HIDDEN // HEADS * KV_HEADS
     add("token_embd.weight", (len(tokens), HIDDEN), Q.Q8_0)
+    if arch == "gpt2":
+        add("position_embd.weight", (context, HIDDEN), Q.F32)
     for i in range(LAYERS):
-        add(f"blk.{i}.attn_norm.weight", (HIDDEN,), Q.F32)
-        add(f"blk.{i}.ffn_norm.weight", (HIDDEN,), Q.F32)
-        add(f"blk.{i}.attn_q.weight", (HIDDEN, HIDDEN), Q.Q8_0)  # rows permuted back by the llama processor
-        add(f"blk.{i}.attn_k.weight", (kv, HIDDEN), Q.Q8_0)
-        add(f"blk.{i}.attn_v.weight", (kv, HIDDEN), Q.F16)
-        add(f"blk.{i}.attn_output.weight", (HIDDEN, HIDDEN), Q.Q8_0)
-        add(f"blk.{i}.ffn_gate.weight", (FFN, HIDDEN), Q.Q8_0)
-        add(f"blk.{i}.ffn_up.weight", (FFN, HIDDEN), Q.F32)
-        add(f"blk.{i}.ffn_down.weight", (HIDDEN, FFN), Q.Q8_0)
+        if arch == "llama":
+            add(f"blk.{i}.attn_norm.weight", (HIDDEN,), Q.F32)
+            add(f"blk.{i}.ffn_norm.weight", (HIDDEN,), Q.F32)
+            add(f"blk.{i}.attn_q.weight", (HIDDEN, HIDDEN), Q.Q8_0)  # rows permuted back by the llama processor
+            add(f"blk.{i}.attn_k.weight", (kv, HIDDEN), Q.Q8_0)
+            add(f"blk.{i}.attn_v.weight", (kv, HIDDEN), Q.F16)
+            add(f"blk.{i}.attn_output.weight", (HIDDEN, HIDDEN), Q.Q8_0)
+            add(f"blk.{i}.ffn_gate.weight", (ffn, HIDDEN), Q.Q8_0)
+            add(f"blk.{i}.ffn_up.weight", (ffn, HIDDEN), Q.F32)
+            add(f"blk.{i}.ffn_down.weight", (HIDDEN, ffn), Q.Q8_0)
+            continue
+        for norm in ("attn_norm", "ffn_norm"):
+            add(f"blk.{i}.{norm}.weight", (HIDDEN,), Q.F32)
+            add(f"blk.{i}.{norm}.bias", (HIDDEN,), Q.F32)
+        # Conv1D weights are stored transposed, and transposed back by the GPT-2 processor
+        for name, rows, cols, kind in [("attn_qkv", 3 * HIDDEN, HIDDEN, Q.Q8_0), ("attn_output", HIDDEN, HIDDEN, Q.F16),
+                                       ("ffn_up", ffn, HIDDEN, Q.Q8_0), ("ffn_down", HIDDEN, ffn, Q.Q8_0)]:
+            add(f"blk.{i}.{name}.weight", (rows, cols), kind)
+            add(f"blk.{i}.{name}.bias", (rows,), Q.F32)
     add("output_norm.weight", (HIDDEN,), Q.F32)
+    if arch == "gpt2":
+        add("output_norm.bias", (HIDDEN,), Q.F32)
     if not tied:
-        add("output.weight", (len(tokens), HIDDEN), Q.Q8_0)
+        add("output.weight", (len(tokens), HIDDEN), Q.Q8_0)  # GPT-2's processor stores it as lm_head itself
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -97,20 +117,21 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "lm_head"])
-def test_tensors_are_transformers_gguf_load_bit_for_bit(tmp_path, cache, monkeypatch, tied):
+@pytest.mark.parametrize(("arch", "tied"), [("llama", True), ("llama", False), ("gpt2", True), ("gpt2", False)],
+                         ids=["llama-tied", "llama-lm_head", "gpt2-tied", "gpt2-lm_head"])
+def test_tensors_are_transformers_gguf_load_bit_for_bit(tmp_path, cache, monkeypatch, arch, tied):
     from transformers import AutoModelForCausalLM
 
     import lrc.io.gguf as converter
 
     monkeypatch.setattr(converter, "CHUNK_BYTES", 200)  # Q8_0 rows (68 bytes) dequantized 2 at a time
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", tied=tied)
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tied=tied, arch=arch)
     folder = gguf_folder(path)
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name)
     expected = model.state_dict()
     stored = load_file(folder / "model.safetensors")
     assert set(stored) == set(expected) - ({"lm_head.weight"} if tied else set())  # a tied head is not stored
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
     for name, tensor in stored.items():
         assert tensor.dtype == expected[name].dtype == torch.float32
         assert torch.equal(tensor.view(torch.int32), expected[name].view(torch.int32)), name
@@ -118,12 +139,13 @@ def test_tensors_are_transformers_gguf_load_bit_for_bit(tmp_path, cache, monkeyp
     assert list(cache.joinpath("gguf").iterdir()) == [folder]  # no temporary sibling left
 
 
-def test_streamed_folder_is_the_whole_model_conversion(tmp_path, cache, monkeypatch):
+@pytest.mark.parametrize(("arch", "tied"), [("llama", True), ("gpt2", False)], ids=["llama-tied", "gpt2-lm_head"])
+def test_streamed_folder_is_the_whole_model_conversion(tmp_path, cache, monkeypatch, arch, tied):
     """Every file (weights, config, generation config, tokenizer) has the bytes of the in-memory conversion, which
     is what lrc wrote before and still writes for what cannot be streamed: one cache entry serves both."""
     import lrc.io.gguf as converter
 
-    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tied=tied, arch=arch)
     streamed = file_hashes(gguf_folder(path))
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path / "whole"))
     monkeypatch.setattr(converter, "whole_model_reason", lambda architecture: "forced")
@@ -161,3 +183,20 @@ def test_non_finite_tensor_refused(tmp_path, cache):
     with pytest.raises(NumericalError, match="model.layers.1.post_attention_layernorm.weight is not finite"):
         gguf_folder(path)
     assert not any(cache.joinpath("gguf").iterdir())
+
+
+def test_gguf_input_loads_as_transformers_reads_it(tmp_path, cache):
+    """lrc.load of a .gguf (converted, then loaded from the cache folder): transformers' GGUF model and tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lrc
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    loaded = lrc.load(str(path))
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ids = torch.tensor([tokenizer("the tether")["input_ids"]])
+    assert loaded.tokenizer("the tether")["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, reference(ids).logits)
+    assert loaded.folder.parent == cache / "gguf"
