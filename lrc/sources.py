@@ -1,6 +1,6 @@
 """Finding and loading a model: a local Hugging Face folder, a .gguf file, a Hub id, or a built-in alias.
 
-GGUF files are dequantized by transformers' GGUF loader (slow: tens of seconds) and converted once into a
+GGUF files are converted once, one tensor at a time with transformers' GGUF conversion (lrc.io.gguf), into a
 plain safetensors folder under the lrc cache (`$LRC_CACHE_DIR`, default ~/.cache/lrc), keyed by the
 file's SHA-256, so later runs load in seconds.
 """
@@ -133,31 +133,22 @@ def file_sha256(path: Path) -> str:
 
 
 def gguf_folder(path: Path, progress: Progress = no_progress) -> Path:
-    """Convert a GGUF file once into a safetensors folder under the cache; return that folder."""
-    from .io.checkpoint import write_checkpoint
+    """Convert a GGUF file once, tensor by tensor (see lrc.io.gguf), into a safetensors folder under the cache;
+    return that folder."""
+    from .io.gguf import convert_gguf
     from .io.output import atomic_directory
-    from .load_check import check_loading_info, one_line
 
     with path.open("rb") as handle:
         if handle.read(4) != b"GGUF":
             raise ModelLoadError(f"{path} is not a GGUF file (bad magic bytes)")
+    # keyed by the file alone: the tensor-by-tensor conversion writes the bytes the whole-model conversion wrote
+    # (tests/io/test_gguf.py), so entries written before it stay valid
     target = cache_dir() / "gguf" / file_sha256(path)[:16]
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoTokenizer
-
-    progress("convert GGUF to safetensors (once)", 0, 1)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-        model, info = _load_with_report(
-            str(path.parent), gguf_file=path.name, trust_remote_code=False, ignore_mismatched_sizes=True
-        )
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read GGUF file {path}: {one_line(exc)}") from None
-    check_loading_info(path, model, info)
     with atomic_directory(target, replace=False) as tmp:  # waits for, then keeps, another run's conversion
-        write_checkpoint(model, tmp, tokenizer)
-    progress("convert GGUF to safetensors (once)", 1, 1)
+        if not (target / "config.json").is_file():
+            convert_gguf(path, tmp, progress)
     return target
 
 

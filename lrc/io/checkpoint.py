@@ -59,12 +59,18 @@ def write_checkpoint(
 def written_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """`tensor` as the checkpoint stores it: on the CPU, floating values cast to `dtype`, contiguous; NaN/Inf refused."""
     t = tensor.detach().to("cpu")
-    if t.is_floating_point():
-        if dtype is not None:
-            t = t.to(dtype)
-        if not torch.isfinite(t).all():
-            raise NumericalError(f"tensor {name} is not finite; refusing to write it")
-    return t.contiguous()
+    if t.is_floating_point() and dtype is not None:
+        t = t.to(dtype)
+    t = t.contiguous()
+    if t.is_floating_point() and not all_finite(t):
+        raise NumericalError(f"tensor {name} is not finite; refusing to write it")
+    return t
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """torch.isfinite(t).all() of a contiguous `t`, `chunk` values at a time (isfinite makes full-size temporaries)."""
+    flat = t.view(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def write_model_files(

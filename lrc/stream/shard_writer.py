@@ -80,7 +80,7 @@ class ShardedCheckpointWriter:
                            f" vs {dtype} {list(shape)}) or was written twice")
         handle, offset = self._where[name]
         handle.seek(offset)
-        handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # the bytes, not a copy
         self._written.add(name)
 
     def close(self) -> list[Path]:
