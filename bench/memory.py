@@ -2,7 +2,8 @@
 
 Each model is built from a LlamaConfig with random weights, saved with a byte-level tokenizer, and
 compressed by `python -m lrc compress` in its own subprocess; the peak resident set size is the one the
-run writes to its lrc_report.yaml (`memory`, getrusage ru_maxrss of that process).
+run writes to its lrc_report.yaml (`memory`: VmHWM, the peak of that process's own memory; getrusage's
+ru_maxrss would start from this benchmark's own resident set, which a child inherits at fork).
 
 1. Depth: N and 2N layers, each in memory and streamed; the streamed peaks must differ by less than 10%,
    and both modes must write the same checkpoint bytes.
@@ -73,7 +74,7 @@ def environment(threads: int) -> dict[str, str]:
 
 def idle_peak_rss(threads: int) -> int:
     """Peak RSS (bytes) of a process that imports lrc's CLI (torch, transformers) and does nothing else."""
-    code = "import resource, lrc.cli; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    code = "import lrc.cli, torch; from lrc.peak_memory import peak_memory; print(peak_memory(torch.device('cpu'))['peak_rss_bytes'])"
     done = subprocess.run([sys.executable, "-c", code], env=environment(threads), capture_output=True, text=True,
                           check=True)
     return int(done.stdout.strip().splitlines()[-1])
@@ -252,7 +253,7 @@ def main() -> None:
              f"every projection but down_proj targeted; {args.heldout_windows} held-out window; "
              f"calibration {args.samples} x {args.seq_len} tokens; streamed runs keep {args.activation_gib * 1024:.0f} MiB "
              f"of hidden states in memory and spill the rest; {platform.machine()}, {args.threads} threads, "
-             f"torch {torch.__version__}. One process per run; peak RSS is the run's own report (getrusage ru_maxrss). "
+             f"torch {torch.__version__}. One process per run; peak RSS is the run's own report (VmHWM of its process). "
              f"A process that only imports lrc peaks at {gib(idle)}.")
     lines = [f"`lrc compress` in memory and with `--stream`: {setup}"]
     if depth:
