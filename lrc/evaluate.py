@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .forms import count_params
 from .io.checkpoint import tensor_bytes
 from .model.adapters import CAUSAL_LM, adapter_for
+from .peak_memory import held_tensor_bytes
 from .progress import Progress, no_progress
 from .sources import LoadedModel, load_model
 
@@ -124,7 +125,8 @@ def embedding_similarity(
 
 
 def model_size(loaded: LoadedModel) -> dict[str, Any]:
-    """Parameters (tied weights once) and bytes on disk: safetensors bytes, or the GGUF file for a GGUF source."""
+    """Parameters (tied weights once), bytes on disk (safetensors bytes, or the GGUF file for a GGUF source) and
+    bytes in memory: what the loaded model's tensors hold (`held_tensor_bytes`; a GGUF is dequantized)."""
     source = loaded.source
     if source.kind in ("gguf", "alias"):
         disk = source.path.stat().st_size
@@ -132,7 +134,8 @@ def model_size(loaded: LoadedModel) -> dict[str, Any]:
     else:
         disk = tensor_bytes(Path(loaded.folder))
         what = "safetensors files"
-    return {"params": count_params(loaded.model), "bytes": disk, "bytes_of": what}
+    return {"params": count_params(loaded.model), "bytes": disk, "bytes_of": what,
+            "memory_bytes": held_tensor_bytes(loaded.model)}
 
 
 def evaluate(

@@ -24,6 +24,9 @@ def test_perplexity_matches_transformers_loss(llama_dir, calib_file):
     assert result["windows_available"] == ids.numel() // 64
     assert result["params"] == sum(p.numel() for p in loaded.model.parameters())
     assert result["bytes"] == (llama_dir / "model.safetensors").stat().st_size
+    # a dense float32 model holds its parameters' bytes (tied embeddings once) and its buffers (rotary frequencies)
+    buffers = sum(b.numel() * b.element_size() for b in loaded.model.buffers())
+    assert result["memory_bytes"] == 4 * sum(p.numel() for p in loaded.model.parameters()) + buffers > 0
 
 
 def test_too_short_evaluation_text(llama_dir, tmp_path):

@@ -124,13 +124,15 @@ def results_table(summary: dict[str, Any]) -> Table:
     table.add_column("")
     for r in results:
         table.add_column(r["model"], justify="right")
-    rows = [("parameters", "{:,}", "params"), ("bytes on disk", "{:,}", "bytes")]
+    rows = [("parameters", "{:,}", "params"), ("bytes on disk", "{:,}", "bytes"),
+            ("bytes in memory (tensors)", "{:,}", "memory_bytes")]
     if summary["data"]:
         rows = [("perplexity", "{:.3f}", "perplexity"), ("cosine similarity to baseline", "{:.5f}", "cosine_similarity"),
                 *rows, ("tokens/s", "{:,.0f}", "tokens_per_s")]
     for label, fmt, key in rows:
         if key in results[0]:  # an encoder has a cosine similarity instead of a perplexity
-            table.add_row(label, *[fmt.format(r[key]) for r in results])
+            table.add_row(label, *[fmt.format(r[key]) + (" (gguf file)" if key == "bytes" and r.get("bytes_of") == "gguf file"
+                                                          else "") for r in results])
     for task, metrics in results[0].get("tasks", {}).items():
         for metric in metrics:
             if metric != "samples" and not metric.endswith("_stderr"):
