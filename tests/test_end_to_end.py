@@ -19,7 +19,7 @@ pytestmark = pytest.mark.real_model
 
 
 RECIPE = {
-    "method_options": {"ratios": [0.2, 0.4, 0.6], "sparsity_levels": [2.0], "reselect": 2},
+    "method_options": {"ratios": [0.3, 0.6], "sparsity_levels": [2.0], "reselect": 2},
 }
 
 
