@@ -44,8 +44,11 @@ class _SparseFactorLinear(nn.Module):
         sparse = self.sparse_factor()
         return {"kind": self.kind, "rank": self.rank, "nnz": sparse.nnz, "layout": sparse.layout}
 
-    def _init_bias(self, bias: bool, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
-        self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, device: torch.device | str | None,
+                 dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
 
     def _set_bias(self, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         if bias is not None:
@@ -81,11 +84,9 @@ class SparseDictionaryLinear(_SparseFactorLinear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        super().__init__(in_features, out_features, rank, bias, device, dtype)
         self.atoms = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.mixing = SparseMatrix(out_features, rank, nnz, layout, device=device, dtype=dtype)
-        self._init_bias(bias, device, dtype)
 
     @classmethod
     def from_factors(
@@ -142,12 +143,10 @@ class LowRankSparseLinear(_SparseFactorLinear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        super().__init__(in_features, out_features, rank, bias, device, dtype)
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
         self.residual = SparseMatrix(out_features, in_features, nnz, layout, device=device, dtype=dtype)
-        self._init_bias(bias, device, dtype)
 
     @classmethod
     def from_factors(
