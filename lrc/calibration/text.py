@@ -14,7 +14,10 @@ SELF_SAMPLED = "self-sampled"
 
 
 def read_text(source: str, what: str = "calibration") -> str:
-    """Text of a .txt file, a .jsonl file (the `text` field of each line), or `hf://datasets/OWNER/NAME/FILE`."""
+    """Text of a .txt file, a .jsonl file (the `text` field of each line), or `hf://datasets/OWNER/NAME/FILE`.
+
+    Line ends are read as "\n" whatever the file uses ("\r\n", "\r"), as Python's text mode reads them: the
+    same text gives the same tokens whichever system wrote it."""
     path = _fetch(source) if source.startswith("hf://") else Path(source).expanduser()
     if not path.is_file():
         raise CalibrationError(f"{what} file not found: {source}")
@@ -25,6 +28,7 @@ def read_text(source: str, what: str = "calibration") -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise CalibrationError(f"{what} file {source} is not UTF-8 text") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as Python's text mode reads
     if path.suffix.lower() == ".jsonl":
         text = _jsonl_text(text, source)
     if not text.strip():

@@ -64,15 +64,15 @@ def tokenizer_fingerprint(folder: Path) -> str:
 
 
 def data_fingerprint(calib: str | None) -> str:
-    """SHA-256 of the calibration file's bytes; "self-sampled" without one; the text's SHA-256 for hf://."""
+    """SHA-256 of the calibration text as lrc reads it (UTF-8, "\n" line ends: for a UTF-8 file with "\n" line
+    ends, the file's bytes); "self-sampled" without one; `calib` itself if it is not a file or hf:// source."""
     if calib is None:
         return "self-sampled"
-    if calib.startswith("hf://"):
-        from .calibration import read_text
+    if not calib.startswith("hf://") and not Path(calib).expanduser().is_file():
+        return calib
+    from ..calibration import read_text
 
-        return hashlib.sha256(read_text(calib).encode()).hexdigest()
-    path = Path(calib).expanduser()
-    return file_sha256(path) if path.is_file() else calib
+    return hashlib.sha256(read_text(calib).encode()).hexdigest()
 
 
 def cache_key(loaded: LoadedModel, config: CompressionConfig, gradients: bool, fisher: bool) -> str:
