@@ -178,3 +178,12 @@ def safetensors_files(folder: Path) -> list[Path]:
         if not (folder / name).is_file():
             raise ModelLoadError(f"{index} points at {name}, which is missing")
     return [folder / n for n in names]
+
+
+def load_with_report(path: str, auto_class: str = "AutoModelForCausalLM", **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """(model, transformers' load report: missing / unexpected / mismatched keys) of `auto_class`.from_pretrained,
+    for `check_loading_info`."""
+    import transformers
+
+    loaded: Any = getattr(transformers, auto_class).from_pretrained(path, output_loading_info=True, **kwargs)
+    return loaded[0], loaded[1]

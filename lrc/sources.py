@@ -172,7 +172,7 @@ def load_model(
 
     from .io import hf_integration
     from .io.checkpoint import read_tensor_names
-    from .load_check import check_loading_info, one_line
+    from .load_check import check_loading_info, load_with_report, one_line
     from .model.adapters import adapter_for
 
     hf_integration.register()
@@ -181,7 +181,7 @@ def load_model(
     check_folder(folder)
     try:  # safetensors only, no code from the folder; mismatched shapes are reported below, not raised
         adapter = adapter_for(transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False))
-        model, info = _load_with_report(
+        model, info = load_with_report(
             str(folder), adapter.auto_class, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=False,
             ignore_mismatched_sizes=True, **adapter.build_flags(read_tensor_names(folder)),
         )
@@ -203,15 +203,10 @@ def load_model(
     return LoadedModel(model, tokenizer, source, folder)
 
 
-def _load_with_report(path: str, auto_class: str = "AutoModelForCausalLM", **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-    """(model, transformers' load report: missing / unexpected / mismatched keys) of `auto_class`.from_pretrained."""
-    import transformers
-
-    loaded: Any = getattr(transformers, auto_class).from_pretrained(path, output_loading_info=True, **kwargs)
-    return loaded[0], loaded[1]
-
-
 def check_finite_model(model: torch.nn.Module) -> None:
+    """Raise NumericalError naming the first floating weight with NaN or Inf."""
+    from .io.checkpoint import all_finite
+
     for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor.contiguous()):
             raise NumericalError(f"weight {name} contains NaN or Inf")

@@ -191,7 +191,7 @@ def check_finite_files(folder: Path) -> None:
         with path.open("rb") as handle:
             for name in sorted(header):
                 floating = header[name]["dtype"] in ("F64", "F32", "F16", "BF16")
-                if floating and not torch.isfinite(read_tensor(handle, start, header[name])).all():
+                if floating and not all_finite(read_tensor(handle, start, header[name])):
                     raise NumericalError(f"tensor {name} in {path.name} contains NaN or Inf")
 
 

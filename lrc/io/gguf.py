@@ -253,18 +253,14 @@ def check_placement(
 
 def write_whole_model(path: Path, folder: Path, tokenizer: Any, progress: Progress) -> None:
     """The whole-model conversion: transformers loads the GGUF into a model in memory, `write_checkpoint` writes it."""
-    import transformers
-
-    from ..load_check import check_loading_info
+    from ..load_check import check_loading_info, load_with_report
     from .checkpoint import write_checkpoint
 
     progress(PHASE, 0, 1)
     with reading(path):
-        loaded: Any = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, trust_remote_code=False, ignore_mismatched_sizes=True,
-            output_loading_info=True,
+        model, info = load_with_report(
+            str(path.parent), gguf_file=path.name, trust_remote_code=False, ignore_mismatched_sizes=True
         )
-    model, info = loaded
     check_loading_info(path, model, info)
     write_checkpoint(model, folder, tokenizer)
     progress(PHASE, 1, 1)
