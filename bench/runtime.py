@@ -61,10 +61,12 @@ def file_bytes(folder: Path, dtype_bytes: int) -> tuple[int, int]:
 
 def proc_status(field: str) -> int:
     """A field of /proc/self/status in bytes (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+    from lrc.peak_memory import process_status_bytes
+
+    value = process_status_bytes(field)
+    if value is None:
+        raise KeyError(field)
+    return value
 
 
 def return_freed_memory() -> None:

@@ -23,7 +23,7 @@ def peak_memory(device: torch.device) -> dict[str, int]:
     report the parent's memory as its own.
     """
     memory: dict[str, int] = {}
-    own = _linux_peak_rss()
+    own = process_status_bytes("VmHWM")
     if own is not None:
         memory["peak_rss_bytes"] = own
     else:
@@ -39,13 +39,14 @@ def peak_memory(device: torch.device) -> dict[str, int]:
     return memory
 
 
-def _linux_peak_rss() -> int | None:
-    """VmHWM of /proc/self/status in bytes, or None where there is no such field."""
+def process_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident) in bytes; None where
+    there is no such field (not Linux)."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
-    match = re.search(r"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE)
+    match = re.search(rf"^{field}:\s+(\d+) kB$", status, re.MULTILINE)
     return int(match.group(1)) * 1024 if match else None
 
 
