@@ -157,6 +157,66 @@ static inline __attribute__((always_inline)) void bitmask_row(const int TN, int 
     }
 }
 
+#ifdef LRC_AVX512
+/* Rows i .. i+3 of y = x S^T for one token (decoding): the four rows share each load of x and their FMA
+   chains overlap. Values are read unmasked: the caller makes sure 32 values follow row i+3's end. */
+static inline __attribute__((always_inline)) void bitmask_four_rows(int bf16, const uint8_t *mask, int64_t stride,
+        const void *vals, const int64_t *offs, int64_t cols, const void *x, int64_t i, void *y) {
+    __m512 acc[4], acc2[4];
+    int64_t p[4];
+    const uint8_t *mrow[4];
+    for (int r = 0; r < 4; ++r) {
+        acc[r] = acc2[r] = _mm512_setzero_ps();
+        p[r] = offs[i + r];
+        mrow[r] = mask + (i + r) * stride;
+    }
+    int64_t j = 0;
+    for (; j + 32 <= cols; j += 32) {
+        __m512 xv, xv2;
+        if (bf16) {
+            xv = widen_bf16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + j)));
+            xv2 = widen_bf16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + j + 16)));
+        } else {
+            xv = _mm512_loadu_ps((const float *)x + j);
+            xv2 = _mm512_loadu_ps((const float *)x + j + 16);
+        }
+        for (int r = 0; r < 4; ++r) {
+            uint32_t bits;
+            memcpy(&bits, mrow[r] + (j >> 3), 4);
+            __mmask16 m = (__mmask16)(bits & 0xffffu), m2 = (__mmask16)(bits >> 16);
+            __m512 v, v2;
+            if (bf16) {
+                v = widen_bf16(_mm256_maskz_expand_epi16(m, _mm256_loadu_si256((const __m256i *)((const uint16_t *)vals + p[r]))));
+                p[r] += __builtin_popcount((unsigned)m);
+                v2 = widen_bf16(_mm256_maskz_expand_epi16(m2, _mm256_loadu_si256((const __m256i *)((const uint16_t *)vals + p[r]))));
+            } else {
+                v = _mm512_maskz_expand_ps(m, _mm512_loadu_ps((const float *)vals + p[r]));
+                p[r] += __builtin_popcount((unsigned)m);
+                v2 = _mm512_maskz_expand_ps(m2, _mm512_loadu_ps((const float *)vals + p[r]));
+            }
+            p[r] += __builtin_popcount((unsigned)m2);
+            acc[r] = _mm512_fmadd_ps(v, xv, acc[r]);
+            acc2[r] = _mm512_fmadd_ps(v2, xv2, acc2[r]);
+        }
+    }
+    for (; j < cols; j += 16) {
+        __mmask16 lanes = cols - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - j)) - 1u);
+        __m512 xv = bf16 ? load_bf16(lanes, (const uint16_t *)x + j) : _mm512_maskz_loadu_ps(lanes, (const float *)x + j);
+        for (int r = 0; r < 4; ++r) {
+            __mmask16 m = (__mmask16)chunk_bits(mrow[r], j, stride);
+            __m512 v = bf16 ? expand_bf16(m, (const uint16_t *)vals + p[r]) : expand_f32(m, (const float *)vals + p[r]);
+            p[r] += __builtin_popcount((unsigned)m);
+            acc[r] = _mm512_fmadd_ps(v, xv, acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; ++r) {
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
+        if (bf16) ((uint16_t *)y)[i + r] = f32_to_bf16(sum);
+        else ((float *)y)[i + r] = sum;
+    }
+}
+#endif
+
 #define ROW_CASE(TN) case TN: \
     if (bf16) bitmask_row(TN, 1, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb); \
     else bitmask_row(TN, 0, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb); break;
@@ -165,6 +225,28 @@ static inline __attribute__((always_inline)) void bitmask_row(const int TN, int 
 static void bitmask_mm(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
                        int64_t cols, int64_t stride, const void *x, int64_t tokens, void *y, int threads) {
     int64_t esize = bf16 ? 2 : 4;
+#ifdef LRC_AVX512
+    if (tokens == 1) {  /* decoding: groups of four rows while 32 values follow a group's last row, then rows */
+        int64_t groups = rows / 4;
+        while (groups > 0 && offs[4 * groups] + 32 > offs[rows]) --groups;
+        int64_t units = groups + rows - 4 * groups;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t u = 0; u < units; ++u) {
+            if (u < groups) {
+                if (bf16) bitmask_four_rows(1, mask, stride, vals, offs, cols, x, 4 * u, y);
+                else bitmask_four_rows(0, mask, stride, vals, offs, cols, x, 4 * u, y);
+            } else {
+                int64_t i = 4 * groups + (u - groups);
+                const uint8_t *mrow = mask + i * stride;
+                const void *xb = x;
+                void *yb = y;
+                if (bf16) bitmask_row(1, 1, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb);
+                else bitmask_row(1, 0, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb);
+            }
+        }
+        return;
+    }
+#endif
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
         const uint8_t *mrow = mask + i * stride;
@@ -319,6 +401,8 @@ def _compile() -> ctypes.CDLL | None:
 def library() -> ctypes.CDLL | None:
     """The compiled kernels (built on first call), or None where they cannot be built (warned once)."""
     global _library, _tried
+    if _tried:
+        return _library
     with _lock:
         if not _tried:
             _tried = True
@@ -350,10 +434,6 @@ def bitmask_row_starts(bitmask: torch.Tensor, cols: int, nnz: int) -> torch.Tens
     return starts
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
 def bitmask_matmul(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int, x: torch.Tensor) -> torch.Tensor:
     """x (tokens, cols) @ Sᵀ -> (tokens, rows), S in the bitmask layout (`starts` from bitmask_row_starts)."""
     lib = library()
@@ -361,8 +441,8 @@ def bitmask_matmul(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Te
     x = x.contiguous()
     rows, tokens = bitmask.shape[0], x.shape[0]
     y = torch.empty(tokens, rows, dtype=values.dtype)
-    lib.lrc_bitmask_mm(values.dtype == torch.bfloat16, _ptr(bitmask), _ptr(values), _ptr(starts), rows, cols,
-                       bitmask.shape[1], _ptr(x), tokens, _ptr(y), torch.get_num_threads())
+    lib.lrc_bitmask_mm(values.dtype == torch.bfloat16, bitmask.data_ptr(), values.data_ptr(), starts.data_ptr(), rows,
+                       cols, bitmask.shape[1], x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -372,8 +452,8 @@ def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Ten
     assert lib is not None
     rows = bitmask.shape[0]
     out = torch.empty(rows, cols, dtype=values.dtype)
-    lib.lrc_bitmask_dense(values.dtype == torch.bfloat16, _ptr(bitmask), _ptr(values), _ptr(starts), rows, cols,
-                          bitmask.shape[1], _ptr(out), torch.get_num_threads())
+    lib.lrc_bitmask_dense(values.dtype == torch.bfloat16, bitmask.data_ptr(), values.data_ptr(), starts.data_ptr(), rows, cols,
+                          bitmask.shape[1], out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -384,8 +464,8 @@ def csr_matmul(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: tor
     x = x.contiguous()
     rows, tokens = row_offsets.shape[0] - 1, x.shape[0]
     y = torch.empty(tokens, rows, dtype=values.dtype)
-    lib.lrc_csr_mm(values.dtype == torch.bfloat16, _ptr(values), _ptr(col_indices), _ptr(row_offsets), rows, cols,
-                   _ptr(x), tokens, _ptr(y), torch.get_num_threads())
+    lib.lrc_csr_mm(values.dtype == torch.bfloat16, values.data_ptr(), col_indices.data_ptr(), row_offsets.data_ptr(), rows, cols,
+                   x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -395,6 +475,6 @@ def csr_dense(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torc
     assert lib is not None
     rows = row_offsets.shape[0] - 1
     out = torch.zeros(rows, cols, dtype=values.dtype)
-    lib.lrc_csr_dense(values.dtype == torch.bfloat16, _ptr(values), _ptr(col_indices), _ptr(row_offsets), rows, cols,
-                      _ptr(out), torch.get_num_threads())
+    lib.lrc_csr_dense(values.dtype == torch.bfloat16, values.data_ptr(), col_indices.data_ptr(), row_offsets.data_ptr(), rows, cols,
+                      out.data_ptr(), torch.get_num_threads())
     return out

@@ -138,12 +138,11 @@ class SparseMatrix(nn.Module):
         return sum(t.numel() * t.element_size() for t in [self.values, *self.buffers()])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        tokens = h.numel() // self.cols
-        x = h.reshape(tokens, self.cols)
+        x = h.reshape(-1, self.cols)
         starts = self.kernel_row_starts()
         if starts is None or x.dtype != self.values.dtype or x.device.type != "cpu":
             y = nn.functional.linear(x, self.to_dense())
-        elif tokens > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
+        elif x.shape[0] > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
             y = nn.functional.linear(x, self.kernel_dense(starts))
         elif self.layout == "bitmask":  # memory bound: read the stored layout once
             y = sparse_kernels.bitmask_matmul(self.values, self.bitmask, starts, self.cols, x)
@@ -157,8 +156,8 @@ class SparseMatrix(nn.Module):
             return sparse_kernels.bitmask_dense(self.values, self.bitmask, starts, self.cols)
         return sparse_kernels.csr_dense(self.values, self.col_indices, self.row_offsets, self.cols)
 
-    def _stored(self) -> list[torch.Tensor]:
-        return [self.values, self.bitmask] if self.layout == "bitmask" else [self.values, self.col_indices, self.row_offsets]
+    def _stored(self) -> tuple[torch.Tensor, ...]:
+        return (self.values, self.bitmask) if self.layout == "bitmask" else (self.values, self.col_indices, self.row_offsets)
 
     def kernel_row_starts(self) -> torch.Tensor | None:
         """None where the C kernels do not run (not CPU, not float32 / bfloat16, int32 indices, no compiler);
@@ -166,7 +165,7 @@ class SparseMatrix(nn.Module):
         Checked once per state of the stored tensors (changed in place, reloaded or moved): what the kernels
         read must be consistent (ValueError otherwise)."""
         stored = self._stored()
-        key = tuple((t.data_ptr(), t._version) for t in stored)
+        key = tuple(item for t in stored for item in (t.data_ptr(), t._version))
         if self._checked is None or self._checked[0] != key:
             starts = None
             narrow = self.layout == "bitmask" or self.col_indices.dtype == torch.int16

@@ -70,6 +70,18 @@ def test_forward_matches_the_dense_product(monkeypatch, kernels, dtype, layout, 
                                atol=tol * expected.abs().max().item())  # a non-contiguous input
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("density", [0.03, 0.5, 1.0])
+def test_one_token_of_a_wide_matrix_matches_the_dense_product(dtype, density):
+    """Decoding: rows in groups of four, 32-column steps, a partial chunk, the last rows one by one."""
+    dense, mask = random_sparse(61, 300, density, seed=7)
+    matrix = SparseMatrix.from_dense(dense.to(dtype), mask, "bitmask")
+    h = torch.randn(1, 300).to(dtype)
+    expected = h.double() @ dense.to(dtype).double().T
+    tol = DTYPE_TOLERANCE[dtype]
+    torch.testing.assert_close(matrix(h).double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("layout", ["csr", "bitmask"])
 @pytest.mark.parametrize("cols", [1, 15, 16, 17, 33, 300])
 def test_kernel_densify_is_exact(layout, cols):
