@@ -14,7 +14,11 @@ In the loss-aware weighted space W̃ = P_out W P_in = Ũ Σ Ṽᵀ (see loss_awa
    the error, and the rounds stop at the first that does not.
 Options: for each ratio c (fraction of the dense bytes removed) and sparsity level q = k / s, the largest
 k whose honest bytes (atoms k n values + the mixing's values and indices or bitmask) fit (1 - c) m n
-value bytes; per ratio the level with the least error after steps 1-3 is chosen, then refined by the
+value bytes, and at most `max_work` · m n / (m + n) atoms: a many-token forward expands the mixing and
+runs k (m + n) multiply-adds per token, the dense layer m n, so with the default 1.0 no option does more
+work than the matrix it replaces (and one token's forward, reading k n + m s values and the bitmask, reads
+at most about as many bytes as dense at q >= 1.75 even with the bitmask read at half dense speed); `None`
+lets k reach min(m, n) (on SmolLM2-135M that offered gate/up options with up to 1.2x the dense work); per ratio the level with the least error after steps 1-3 is chosen, then refined by the
 rounds. The levels default to 1.75 and 2.0: on SmolLM2-135M (layers 3 and 10) one of them was the best of
 1.5 / 1.75 / 2.0 / 2.5 for most ratios, and the best of the two was within 0.2% of the best of the four on
 average (2.5% at most), at half the fits.
@@ -59,6 +63,7 @@ class SparseDictionary(LossAwareSVD):
     ridge: float = 1e-6
     reselect: int = 8
     reselect_options: str = "near-choice"
+    max_work: float | None = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,6 +75,8 @@ class SparseDictionary(LossAwareSVD):
             raise ConfigError(f"{KIND} ridge must be >= 0")
         if self.reselect < 0:
             raise ConfigError(f"{KIND} reselect (rounds) must be >= 0")
+        if self.max_work is not None and not self.max_work > 0:
+            raise ConfigError(f"{KIND} max_work (multiply-adds per token as a share of dense) must be > 0 or null, got {self.max_work}")
         if self.reselect_options not in ("chosen", "near-choice", "all"):
             raise ConfigError(f"{KIND} reselect_options must be 'chosen', 'near-choice' or 'all', got {self.reselect_options!r}")
 
@@ -78,12 +85,18 @@ class SparseDictionary(LossAwareSVD):
         """Options refined on either side of the allocator's choice (see lrc.allocate.refine)."""
         return 0 if self.reselect_options == "chosen" else 1
 
+    def most_atoms(self, m: int, n: int) -> int:
+        """The most atoms an option may have: min(m, n), and k (m + n) <= max_work · m n."""
+        if self.max_work is None:
+            return min(m, n)
+        return min(m, n, int(self.max_work * m * n / (m + n)))
+
     def sparse_options(self, problem: WeightedProblem, value_bytes: int) -> list[SparseOption]:
         m, n = problem.weight.shape
         shapes: dict[float, list[tuple[int, int]]] = {}
         for c in self.ratios:
             for q in self.sparsity_levels:
-                k, s = atoms_within(m, n, q, int((1 - c) * m * n * value_bytes), value_bytes)
+                k, s = atoms_within(m, n, q, int((1 - c) * m * n * value_bytes), value_bytes, self.most_atoms(m, n))
                 if k >= 1:
                     shapes.setdefault(c, []).append((k, s))
         if not shapes:
@@ -199,14 +212,14 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Te
     return torch.linalg.solve(gram + mu * torch.eye(k, dtype=gram.dtype, device=gram.device), rhs)
 
 
-def atoms_within(m: int, n: int, level: float, budget_bytes: int, value_bytes: int) -> tuple[int, int]:
-    """(k, s): the most atoms k <= min(m, n), s = round(k / level) >= 1, whose bytes fit `budget_bytes`; (0, 0) if none."""
+def atoms_within(m: int, n: int, level: float, budget_bytes: int, value_bytes: int, most: int) -> tuple[int, int]:
+    """(k, s): the most atoms k <= `most`, s = round(k / level) >= 1, whose bytes fit `budget_bytes`; (0, 0) if none."""
 
     def cost(k: int) -> int:
         s = max(1, round(k / level))
         return k * n * value_bytes + best_layout(m, k, m * s, value_bytes)[1]
 
-    low, high = 0, min(m, n)
+    low, high = 0, most
     while low < high:  # largest k with cost(k) <= budget (cost grows with k)
         mid = (low + high + 1) // 2
         if cost(mid) <= budget_bytes:

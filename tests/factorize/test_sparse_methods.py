@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from lrc.errors import ConfigError
 from lrc.factorize import METHODS, breakeven_rank
 from lrc.factorize.low_rank_sparse import sparse_correction
 from lrc.factorize.sparse_dictionary import row_top_mask
@@ -179,3 +180,23 @@ def test_sparse_options_beat_plain_rank_of_the_same_bytes_on_a_decaying_spectrum
     dec = METHODS.create("sparse-dictionary").decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs)
     wins = [o for o in dec.sparse_options if o.cost <= dec.max_rank * (m + n) and o.error < float(dec.errors[o.cost // (m + n)])]
     assert wins
+
+
+@pytest.mark.parametrize("max_work", [1.0, 0.6, None])
+def test_sparse_dictionary_options_do_no_more_multiply_adds_than_allowed(max_work):
+    """A many-token forward of S U runs k (m + n) multiply-adds per token (the mixing expanded), dense m n."""
+    m, n = 60, 24
+    method = METHODS.create("sparse-dictionary", {"max_work": max_work})
+    weight, inputs, outputs, _, _, _ = problem_and_reference(method, m, n)
+    ranks = [o.rank for o in method.decompose(weight, inputs, 5, outputs=outputs).sparse_options]
+    assert ranks
+    if max_work is None:
+        assert max(ranks) > m * n / (m + n)  # the byte budget alone lets k pass the break-even rank here
+    else:
+        assert all(k * (m + n) <= max_work * m * n for k in ranks)
+        assert max(ranks) == int(max_work * m * n / (m + n))  # the cap binds for the small savings
+
+
+def test_sparse_dictionary_max_work_must_be_positive():
+    with pytest.raises(ConfigError, match="max_work"):
+        METHODS.create("sparse-dictionary", {"max_work": 0})
