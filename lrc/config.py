@@ -40,7 +40,8 @@ class CompressionConfig:
     heldout_windows: calibration-text windows kept out of the statistics, on which the compressed model's
         loss is compared with the dense model's (see lrc.quality_check); 0 skips the check.
     objective: what the budget counts (see lrc.allocate.objective): `disk` (stored bytes), `memory` (bytes
-        held in memory when running) or `latency` (forward time measured on the device); knapsack only.
+        held in memory when running) or `latency` (the whole forward pass's time, measured on the device;
+        not with `stream`); knapsack only.
     latency_tokens: tokens per forward pass the `latency` objective times (512: prefill; 1: decoding).
     heldout_max_ratio: the run fails when the compressed model's held-out perplexity exceeds this many
         times the dense model's.
@@ -99,6 +100,9 @@ class CompressionConfig:
         check_objective(self.objective)
         if self.objective != "disk" and self.allocator != "knapsack":
             raise ConfigError(f"objective {self.objective!r} prices the knapsack's options; allocator {self.allocator!r} counts parameters")
+        if self.objective == "latency" and self.stream:
+            raise ConfigError("objective latency times the whole model's forward pass: it needs the model in memory "
+                              "(not --stream)")
         if not (math.isfinite(self.stream_activation_gib) and self.stream_activation_gib >= 0):
             raise ConfigError(f"stream_activation_gib must be 0 or more (GiB), got {self.stream_activation_gib!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):

@@ -24,7 +24,7 @@ import dataclasses
 import datetime
 import os
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -145,6 +145,24 @@ def _settle() -> None:
 
 
 # --- batches and their ordered reduction ------------------------------------------------------------------
+
+
+def from_main(make: Callable[[], T]) -> T:
+    """make() run on rank 0 only and its value handed to every rank (one process: just make()); an error on
+    rank 0 is raised on every rank. For what must be the same everywhere but is measured, not computed."""
+    rank, size = world()
+    if size == 1:
+        return make()
+    value: list[Any] = [None]
+    error = None
+    if rank == 0:
+        try:
+            value[0] = make()
+        except Exception as exc:  # every rank raises it (check_peers)
+            error = exc
+    check_peers(error)
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
 
 
 def shard_batches(windows: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[int], int]:

@@ -22,7 +22,8 @@ def _bar(fraction: float, width: int = 8) -> Text:
     return Text("█" * filled, style="green") + Text("░" * (width - filled), style="grey50")
 
 
-BUDGET_UNITS = {"disk": "parameters", "memory": "resident bytes", "latency": "measured layer time"}
+BUDGET_UNITS = {"disk": "targeted parameters", "memory": "targeted resident bytes",
+                "latency": "the measured forward time"}
 
 
 def summary_table(report: dict[str, Any]) -> Table:
@@ -36,7 +37,7 @@ def summary_table(report: dict[str, Any]) -> Table:
     rows = [
         ("model", f"{model.get('spec')} ({model.get('architecture', '?')})"),
         ("method / allocator", f"{report.get('method')} / {report.get('allocator')}"),
-        ("budget", f"{report.get('budget')} of targeted {BUDGET_UNITS.get(report.get('objective', 'disk'), 'cost')}"),
+        ("budget", f"{report.get('budget')} of {BUDGET_UNITS.get(report.get('objective', 'disk'), 'cost')}"),
         ("targeted params", f"{tgt['original']:,} -> {tgt['compressed']:,}  (removed {tgt['removed_fraction']:.1%})"),
         ("model params", f"{whole['original']:,} -> {whole['compressed']:,}  (removed {whole['removed_fraction']:.1%})"),
         ("calibration", f"{calib.get('source')}: {calib.get('samples')} x {calib.get('seq_len')} tokens"),

@@ -62,9 +62,11 @@ def test_two_processes_write_the_bytes_of_one(tmp_path, calib_file, capsys, one_
     assert result.stdout.count("\n") == 1 and '"output"' in result.stdout  # rank 0's JSON, once; rank 1 silent
 
 
-def forked_ranks(args: list[object], world: int = 2, timeout: float = 120) -> list[int | None]:
+def forked_ranks(args: list[object], world: int = 2, timeout: float = 120,
+                 env: dict[int, dict[str, str]] | None = None) -> list[int | None]:
     """Exit codes of `lrc ARGS` run by `world` forked copies of this process as the ranks of one gloo job
-    (None: still running after `timeout` s, then killed). Forks start at once: nothing to import again."""
+    (None: still running after `timeout` s, then killed), rank r with the environment variables env[r].
+    Forks start at once: nothing to import again."""
     import multiprocessing
     import os
     import socket
@@ -78,6 +80,7 @@ def forked_ranks(args: list[object], world: int = 2, timeout: float = 120) -> li
     def rank_main(rank: int) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world))
+        os.environ.update((env or {}).get(rank, {}))
         torch.set_num_threads(1)
         os._exit(main([str(a) for a in args]))
 
@@ -125,6 +128,22 @@ def test_three_ranks_write_the_bytes_of_one(tmp_path, calib_file, capsys, one_th
     one, three = file_hashes(tmp_path / "one"), file_hashes(tmp_path / "three")
     assert one.pop("lrc_report.yaml") and three.pop("lrc_report.yaml") and one == three
     assert report_without_measurements(tmp_path / "one") == report_without_measurements(tmp_path / "three")
+
+
+def test_ranks_price_the_latency_objective_by_rank_0s_measurements(tmp_path, calib_file):
+    """Each rank with its own cache folder: rank 0 measures the layer times and the rest of the model, rank 1
+    prices by rank 0's numbers (it measures and saves nothing), so both allocate alike and the run finishes."""
+    model = save_tiny_model(tmp_path / "model", "llama", hidden_size=128, intermediate_size=256)  # matmuls to time
+    caches = {rank: tmp_path / f"cache{rank}" for rank in (0, 1)}
+    codes = forked_ranks(["compress", model, "--calib", calib_file, "--samples", 8, "--seq-len", 32, "--method",
+                          "loss-aware", "--objective", "latency", "--latency-tokens", 64, "--budget", 0.02,
+                          "-o", tmp_path / "out", "--quiet"],
+                         env={rank: {"LRC_CACHE_DIR": str(folder)} for rank, folder in caches.items()})
+    assert codes == [0, 0]
+    assert list((caches[0] / "latency").glob("*.json"))
+    assert not (caches[1] / "latency").exists()
+    report = yaml.safe_load((tmp_path / "out" / "lrc_report.yaml").read_text())
+    assert report["objective"] == "latency"
 
 
 def test_batches_go_round_robin():

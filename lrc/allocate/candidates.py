@@ -74,7 +74,9 @@ def allocate_ranks(
     allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
     candidates = build_candidates(analysis, config)
     if isinstance(allocator, KnapsackAllocator):  # the other allocators count parameters (config.validate)
-        allocator.price = price_for(config, candidates, allocator.rank_step)  # by layer shape: refining keeps it
+        pricing = price_for(config, candidates, allocator.rank_step, model)  # by layer shape: refining keeps it
+        if pricing is not None:
+            allocator.price, allocator.outside = pricing.price, pricing.outside
     allocation = candidates, allocator.allocate(candidates, config.budget)
     if problems is None and model is not None:
         problems = model_problems(model, analysis.stats, config)

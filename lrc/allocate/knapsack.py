@@ -92,6 +92,9 @@ class KnapsackAllocator(Allocator):
     last_unit: float = field(default=0, init=False, repr=False)
     # the price of an option (see lrc.allocate.objective); None: parameters, the bytes on disk
     price: Price | None = field(default=None, init=False, repr=False)
+    # with a price: the measured cost of the rest of the model (latency: its time outside the targeted
+    # matrices), which the budget counts too: Σ price + outside <= (1 - budget) (Σ dense price + outside)
+    outside: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.rank_step < 1 or self.max_units < 100:
@@ -113,16 +116,18 @@ class KnapsackAllocator(Allocator):
             capacity = allowed // int(unit)
         else:  # measured prices: the allowed total in max_units units, every price rounded up
             price = self.price
-            allowed_price = (1.0 - budget) * sum(price(m, DENSE) for m in matrices)
-            unit = allowed_price / self.max_units
-            capacity = self.max_units
+            dense = sum(price(m, DENSE) for m in matrices)
+            allowed_price = (1.0 - budget) * (dense + self.outside) - self.outside
             if any(c < 0 for item in items for c in item.costs):
                 raise ValueError("an option of the knapsack is priced below zero")
-            least = sum(min(item.costs) for item in items) / sum(price(m, DENSE) for m in matrices)
-            if least > 1.0 - budget:
+            least = sum(min(item.costs) for item in items)
+            if least > allowed_price:
+                most = 1 - (least + self.outside) / (dense + self.outside)
                 raise ConfigError(f"budget {budget} cannot be met by measured cost: the cheapest option of every "
-                                  f"matrix together still costs {least:.3f} of the dense matrices' (budget at most "
-                                  f"{1 - least:.3f})")
+                                  f"matrix together, with the rest of the model, still costs {1 - most:.3f} of the "
+                                  f"dense model's (budget at most {most:.3f})")
+            unit = allowed_price / self.max_units
+            capacity = self.max_units
         self.last_unit = unit
         costs = [[-(-c // unit) if isinstance(c, int) and isinstance(unit, int) else math.ceil(c / unit)
                   for c in item.costs] for item in items]

@@ -14,6 +14,9 @@ and on a shared machine single measurements are noisy enough (±50% seen) that a
 rank by its own measurement picks the ranks that measured fast by chance. Load that drifts between the
 measurements of one shape still misleads it (see the README's figures).
 
+`time_outside` times one forward of a whole model and splits it into the targeted layers' time (by hooks)
+and the rest (attention, norms, embeddings, the head): the latency objective's budget counts both.
+
 Measured once per device and cached as JSON under the lrc cache dir (`latency/<key hash>.json`), keyed
 by the device (CPU model or GPU name), torch version, thread count, dtype and token count; later runs
 measure only the entries they lack. A sparse entry's nnz is rounded to 1/64 of its factor's slots
@@ -27,6 +30,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,3 +263,48 @@ class LayerCostTable:
         if key not in self.entries:
             self.fill([shape])
         return self.entries[key]
+
+
+def time_outside(model: nn.Module, names: list[str], forward: Callable[[], Any], rounds: int = 5) -> tuple[float, float]:
+    """(seconds inside the modules `names`, seconds outside them) of one call of `forward` through `model`,
+    timed in the model: the modules by forward hooks, the rest as the call's time minus theirs; from the
+    fastest of `rounds` calls after a warm-up one (on CUDA, synchronized around every hooked call)."""
+    device = next(model.parameters()).device
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    inside = [0.0]
+    started: dict[int, float] = {}
+
+    def before(module: nn.Module, args: Any) -> None:
+        sync()
+        started[id(module)] = time.perf_counter()
+
+    def after(module: nn.Module, args: Any, output: Any) -> None:
+        sync()
+        inside[0] += time.perf_counter() - started.pop(id(module))
+
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        best: tuple[float, float] | None = None
+        with torch.no_grad():
+            forward()
+            for _ in range(rounds):
+                inside[0] = 0.0
+                sync()
+                start = time.perf_counter()
+                forward()
+                sync()
+                total = time.perf_counter() - start
+                if best is None or total < sum(best):
+                    best = (inside[0], total - inside[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert best is not None
+    return best

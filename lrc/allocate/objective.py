@@ -5,21 +5,28 @@
 - `memory`: bytes the layer holds in memory after a forward pass (its stored tensors plus whatever the
   form keeps to run: a sparse layer's kernel copy), measured per shape (see layer_costs).
 - `latency`: seconds of one forward pass of `latency_tokens` tokens through the layer on the run's
-  device, at the written dtype and the current thread count, measured per shape (see layer_costs):
-  the budget B makes the targeted matrices B faster together (attention, norms, embeddings and the head
-  are not targeted and keep their time).
-Every option's price is its own measurement, so Σ price ≤ (1 − B) Σ dense price is the constraint.
+  device, at the written dtype and the current thread count, measured per shape (see layer_costs).
+  The budget B makes the whole forward pass B faster: the time outside the targeted matrices
+  (attention, norms, embeddings, the head) is measured in the dense model (`layer_costs.time_outside`,
+  as a share s of the targeted layers' time there) and priced at s Σ dense price, so with T = Σ dense
+  price the constraint is Σ price + s T ≤ (1 − B)(1 + s) T.
+Every option's price is its own measurement; for disk and memory Σ price ≤ (1 − B) Σ dense price.
+With several processes, rank 0 measures and every rank prices by its numbers (the same allocation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..factorize.base import SparseOption
 from .base import DENSE, Choice, MatrixCandidates
-from .layer_costs import DENSE_KIND, LayerCostTable, LayerShape
+from .layer_costs import DENSE_KIND, LayerCostTable, LayerShape, time_outside
 
 if TYPE_CHECKING:
     from ..config import CompressionConfig
@@ -58,13 +65,49 @@ def measured_price(table: LayerCostTable, what: str) -> Price:
     return price
 
 
-def price_for(config: CompressionConfig, matrices: list[MatrixCandidates], rank_step: int) -> Price | None:
-    """The price of config.objective, its table filled for every option of `matrices` (None for disk)."""
+@dataclass
+class Pricing:
+    """What the knapsack weighs: each option's price, and the price of the rest of the model (see module doc)."""
+
+    price: Price
+    outside: float = 0.0
+
+
+def outside_share(model: nn.Module, names: list[str], tokens: int) -> float:
+    """The dense model's forward time outside the modules `names`, as a share of theirs (one forward of
+    `tokens` random tokens; names that are not modules count as outside)."""
+    from ..model.adapters import adapter_for
+
+    present = [name for name in names if _is_module(model, name)]
+    device = next(model.parameters()).device
+    vocab = int(model.config.vocab_size)  # type: ignore[union-attr, arg-type]  # a transformers model
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    inputs = adapter_for(model).forward_inputs(ids)
+    inside, outside = time_outside(model, present, lambda: model(**inputs))
+    return outside / inside
+
+
+def _is_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def price_for(config: CompressionConfig, matrices: list[MatrixCandidates], rank_step: int,
+              model: nn.Module | None = None) -> Pricing | None:
+    """The pricing of config.objective, its table filled for every option of `matrices` (None for disk); for
+    latency, `model` (dense, in memory) gives the time outside the targeted matrices."""
+    from ..distributed import from_main
     from ..io.checkpoint import DTYPES
 
     check_objective(config.objective)
     if config.objective == "disk":
         return None
+    if config.objective == "latency" and model is None:
+        raise ConfigError("objective latency times the whole model's forward pass: it needs the model in memory "
+                          "(not --stream)")
     table = LayerCostTable(config.device, DTYPES[config.dtype or "float32"], config.latency_tokens)
     shapes = []
     for m in matrices:
@@ -73,5 +116,14 @@ def price_for(config: CompressionConfig, matrices: list[MatrixCandidates], rank_
             choices += [r for r in range(rank_step, m.max_rank + 1, rank_step) if r >= m.min_rank]
             choices += [o for o in m.sparse if o.cost < m.dense_params]
         shapes += [layer_shape(m, c) for c in choices]
-    table.fill(shapes)
-    return measured_price(table, "seconds" if config.objective == "latency" else "resident_bytes")
+
+    def measure() -> tuple[dict[str, dict[str, float]], float]:
+        table.fill(shapes)
+        share = 0.0
+        if config.objective == "latency" and model is not None:
+            share = outside_share(model, [m.name for m in matrices], config.latency_tokens)
+        return table.entries, share
+
+    table.entries, share = from_main(measure)
+    price = measured_price(table, "seconds" if config.objective == "latency" else "resident_bytes")
+    return Pricing(price, share * sum(price(m, DENSE) for m in matrices))

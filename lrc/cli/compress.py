@@ -29,7 +29,7 @@ def parse_budget(text: str | None) -> float | None:
 def compress(
     model: ModelArg = DEFAULT_MODEL,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (written atomically).")] = Path("lrc-out"),
-    budget: Annotated[str | None, typer.Option(help="Fraction of targeted parameters to remove, in (0, 1).")] = None,
+    budget: Annotated[str | None, typer.Option(help="Fraction to remove, in (0, 1): of the targeted parameters (or of what --objective counts).")] = None,
     method: Annotated[str | None, typer.Option(help="Factorization method (see `lrc methods`).")] = None,
     allocator: Annotated[str | None, typer.Option(help="Rank allocator (see `lrc methods`).")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe; flags given here override it.")] = None,
@@ -42,7 +42,7 @@ def compress(
     sequential: Annotated[bool | None, typer.Option("--sequential/--one-shot", help="Refit each layer on the compressed layers' outputs.")] = None,
     keep_dense: Annotated[list[str] | None, typer.Option("--keep-dense", help="Regex of linears to keep dense (repeatable).")] = None,
     min_kept: Annotated[float | None, typer.Option("--min-kept", help="Least fraction of parameters every matrix keeps.")] = None,
-    objective: Annotated[str | None, typer.Option(help="What the budget counts: disk, memory or latency (measured).")] = None,
+    objective: Annotated[str | None, typer.Option(help="What the budget counts: disk (targeted bytes), memory (targeted resident bytes) or latency (the measured forward time).")] = None,
     latency_tokens: Annotated[int | None, typer.Option("--latency-tokens", help="Tokens per timed forward for --objective latency.")] = None,
     stream: Annotated[bool | None, typer.Option("--stream/--in-memory", help="One decoder block in memory at a time (models larger than memory); same output.")] = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Reuse calibration statistics cached here.")] = None,
