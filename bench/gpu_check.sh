@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one command, under 8 minutes on one GPU, needing only this checkout and torch,
+# The GPU check: one command, about 10 minutes on one GPU, needing only this checkout and torch,
 # transformers, typer, rich, safetensors, pyyaml (and pytest for step 1; skipped, and said so, without it).
 #
 #   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU
@@ -12,7 +12,10 @@
 #      the same on cpu; compared by
 #      bench/gpu_check.py compare (times per phase, held-out perplexities, tensors)
 #   3. bench/scale.py on cuda: one Llama-3-8B and one Llama-3-70B layer, projected to the whole models
-# Results: bench/results/gpu_check/ (logs, summary.md, compare.md, the scale tables scale_SHAPE_cuda.md/.yaml).
+#   4. bench/runtime.py on cuda, bfloat16: the dense model of step 2, its default-recipe output and a
+#      loss-aware (pure low rank) output: bytes, peak device memory, prefill and decode tokens/s
+# Results: bench/results/gpu_check/ (logs, summary.md, compare.md, the scale tables scale_SHAPE_cuda.md/.yaml,
+# runtime_cuda.md/.yaml).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -39,10 +42,12 @@ START=$(date +%s)
 if [ "$QUICK" = 1 ]; then  # dry-run sizes: every step in seconds to a few minutes on a small CPU
     LAYERS=2; SAMPLES=16; SEQ=128; CHARS=60000; METHOD=(--method loss-aware); SHAPES=(test-tiny)
     SCALE_ARGS=(--samples 2 --seq-len 64); LIMIT_TESTS=300; LIMIT_BUILD=300; LIMIT_RUN=(300 300); LIMIT_SCALE=(300)
+    LIMIT_RUNTIME=300
 else  # SmolLM2-135M's widths with 6 of its 30 layers and 64 of the default 128 x 512 windows: the cpu run
       # (about 1/10 of the full run's work) fits its limit on 16 cores
     LAYERS=6; SAMPLES=64; SEQ=512; CHARS=400000; METHOD=(); SHAPES=(llama3-8b llama3-70b)
     SCALE_ARGS=(--samples 8 --seq-len 512 --job-budget-s 40); LIMIT_TESTS=60; LIMIT_BUILD=60; LIMIT_RUN=(60 150); LIMIT_SCALE=(60 90)
+    LIMIT_RUNTIME=90
 fi
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
@@ -109,6 +114,18 @@ for i in "${!SHAPES[@]}"; do
     step "scale_${SHAPES[$i]}" "${LIMIT_SCALE[$i]}" python bench/scale.py --device "$DEVICE" --shapes "${SHAPES[$i]}" \
         "${SCALE_ARGS[@]}" --scratch "$WORK" --out "$RESULTS/scale_${SHAPES[$i]}_$DEVICE"
 done
+
+# 4. what the outputs cost where they run: dense, default recipe, pure low rank, bfloat16 on the device
+step compress_lowrank "${LIMIT_RUN[0]}" python -m lrc compress "${RUN_ARGS[@]}" --method loss-aware --device "$DEVICE" \
+    -o "$WORK/out_lowrank"
+if [ -f "$WORK/out_device/lrc_report.yaml" ] && [ -f "$WORK/out_lowrank/lrc_report.yaml" ]; then
+    step runtime "$LIMIT_RUNTIME" python bench/runtime.py --device "$DEVICE" --dtypes bfloat16 --rounds 1 \
+        --seq-len "$SEQ" --text "$WORK/calib.txt" --out "$RESULTS/runtime_$DEVICE" \
+        --models dense="$WORK/model" "default recipe=$WORK/out_device" "loss-aware=$WORK/out_lowrank"
+    tail -n 5 "$RESULTS/runtime_$DEVICE.md" 2>/dev/null | sed 's/^/    /' | tee -a "$SUMMARY"
+else
+    note "- runtime: not measured (a compression did not finish)"
+fi
 
 note ""
 note "total: $(( $(date +%s) - START )) s"

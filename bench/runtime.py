@@ -91,15 +91,21 @@ def child(args: argparse.Namespace) -> None:
     from lrc.peak_memory import held_tensor_bytes
 
     dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
     folder = Path(args.child)
     start = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     model.eval()
     load_s = time.perf_counter() - start
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    text = WIKI_TEST.read_text()[:20000]
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.seq_len]
+    text = Path(args.text).read_text()[:200000]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.seq_len].to(device)
     assert ids.shape[1] == args.seq_len, "not enough evaluation text for the prefill"
+
+    def now() -> float:  # on a GPU, after the queued work
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
     gc.collect()
     return_freed_memory()
     held_after_load = held_tensor_bytes(model)
@@ -107,16 +113,16 @@ def child(args: argparse.Namespace) -> None:
 
     def run() -> tuple[float, float]:
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            t0 = now()
             out = model(ids, use_cache=True)
-            t1 = time.perf_counter()
+            t1 = now()
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             del out
-            t2 = time.perf_counter()
+            t2 = now()
             for _ in range(args.decode):
                 step = model(token, past_key_values=cache, use_cache=True)
                 cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
-            t3 = time.perf_counter()
+            t3 = now()
         return args.seq_len / (t1 - t0), args.decode / (t3 - t2)
 
     with torch.inference_mode():  # warm-up: first-use work (kernels, caches) out of the timings
@@ -124,8 +130,10 @@ def child(args: argparse.Namespace) -> None:
     gc.collect()
     return_freed_memory()
     reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     speeds = [run()]
-    peak = proc_status("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else proc_status("VmHWM")
     speeds += [run() for _ in range(args.repeats - 1)]
     print(json.dumps({
         "load_s": load_s,
@@ -140,7 +148,8 @@ def child(args: argparse.Namespace) -> None:
 
 def measure(folder: Path, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", str(folder), "--dtypes", dtype, "--threads", str(args.threads),
-           "--seq-len", str(args.seq_len), "--decode", str(args.decode), "--repeats", str(args.repeats)]
+           "--seq-len", str(args.seq_len), "--decode", str(args.decode), "--repeats", str(args.repeats),
+           "--device", args.device, "--text", str(args.text)]
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -204,6 +213,9 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results/runtime")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda the peak column is torch's peak "
+                        "allocated device memory)")
+    parser.add_argument("--text", default=str(WIKI_TEST), help="text whose first tokens are the prefill")
     parser.add_argument("--rows", help="the .yaml of an earlier run: write its table again, measure nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,7 +227,7 @@ def main() -> None:
 
         saved = yaml.safe_load(Path(args.rows).read_text())
         rows = saved["rows"]
-        for key in ("threads", "seq_len", "decode", "repeats"):
+        for key in ("threads", "seq_len", "decode", "repeats", "device"):
             setattr(args, key, saved.get(key, getattr(args, key)))
         args.rounds = 1 + max(r["round"] for r in rows)
         args.dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
@@ -246,18 +258,27 @@ def write_table(args: argparse.Namespace, rows: list[dict[str, Any]], models: li
     import torch
 
     lines = [
-        f"SmolLM2-135M and lrc outputs of it at budget 0.3, loaded with transformers after `import lrc`, one process "
-        f"per model and dtype, {args.rounds} rounds (ranges shown); {platform.machine()} CPU, {args.threads} threads, "
+        f"{', '.join(models)}: loaded with transformers after `import lrc`, one process "
+        f"per model and dtype, {args.rounds} rounds (ranges shown); {device_name(args)}, "
         f"torch {torch.__version__}; prefill = 1 x {args.seq_len} tokens, decode = {args.decode} greedy steps after "
         f"it, the fastest of {args.repeats} runs. file: safetensors bytes at that dtype; tensors: bytes held by the "
-        f"model's tensors after the run; peak RSS: the process during prefill and decode; 'dense - RSS' is the "
+        f"model's tensors after the run; peak RSS: the process during prefill and decode (on a GPU: the peak of "
+        f"torch's allocated device memory); 'dense - RSS' is the "
         f"peak-memory saving against dense as a share of the file-size saving.", "",
         *table(rows, models, args.dtypes),
     ]
     from results_files import write_results
 
     write_results(args.out, lines, {"threads": args.threads, "seq_len": args.seq_len, "decode": args.decode,
-                                    "repeats": args.repeats, "rows": rows})
+                                    "repeats": args.repeats, "device": args.device, "rows": rows})
+
+
+def device_name(args: argparse.Namespace) -> str:
+    import torch
+
+    if args.device == "cuda" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (cuda)"
+    return f"{platform.machine()} CPU, {args.threads} threads"
 
 
 if __name__ == "__main__":
