@@ -47,6 +47,10 @@ class SharedInputProduct:
             rows = down_factor(layer).weight.shape[0]
             self.bounds.append((start, start + rows))
             start += rows
+        # each member's view: (address, shape); the stacked weight is held here, so no other tensor can take
+        # the address while this object lives, and a factor moved, cast or replaced is a new tensor elsewhere
+        self._views = [(weight.data_ptr() + start * weight.stride(0) * weight.element_size(),
+                        torch.Size((end - start, weight.shape[1]))) for start, end in self.bounds]
         self._input: torch.Tensor | None = None
         self._version = -1
         self._product: torch.Tensor | None = None
@@ -54,10 +58,9 @@ class SharedInputProduct:
 
     def is_view_of_weight(self, factor: torch.Tensor, index: int) -> bool:
         """Whether `factor` still is rows bounds[index] of the stacked weight (not moved, cast or replaced)."""
-        start, end = self.bounds[index]
+        address, shape = self._views[index]
         w = self.weight
-        return (factor.dtype == w.dtype and factor.device == w.device and factor.shape == (end - start, w.shape[1])
-                and factor.data_ptr() == w.data_ptr() + start * w.stride(0) * w.element_size())
+        return factor.data_ptr() == address and factor.shape == shape and factor.dtype == w.dtype and factor.device == w.device
 
     def share(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """x D_indexᵀ: a slice of x Dᵀ, computed when this input comes first (or again)."""

@@ -114,7 +114,7 @@ class SparseDictionaryLinear(_SparseFactorLinear):
         return cls.from_factors(factors["mixing"].cpu(), factors["atoms"].cpu(), bias, dtype, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.mixing(first_product(self, self.atoms, x))
+        y = self.mixing.forward(first_product(self, self.atoms, x))  # no module call per factor (see LowRankLinear)
         return y if self.bias is None else y + self.bias
 
     def dense_weight(self) -> torch.Tensor:

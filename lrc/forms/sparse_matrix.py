@@ -163,9 +163,10 @@ class SparseMatrix(nn.Module):
         """None where the C kernels do not run (not CPU, not float32 / bfloat16, int32 indices, no compiler);
         else the start of each row's values ((rows + 1,) int64 for the bitmask, the row offsets for csr).
         Checked once per state of the stored tensors (changed in place, reloaded or moved): what the kernels
-        read must be consistent (ValueError otherwise)."""
+        read must be consistent (ValueError otherwise). Tensors made under torch.inference_mode have no
+        version counter: for them only a move or reload is seen, not a change in place."""
         stored = self._stored()
-        key = tuple(item for t in stored for item in (t.data_ptr(), t._version))
+        key = tuple(item for t in stored for item in (t.data_ptr(), 0 if t.is_inference() else t._version))
         if self._checked is None or self._checked[0] != key:
             starts = None
             narrow = self.layout == "bitmask" or self.col_indices.dtype == torch.int16

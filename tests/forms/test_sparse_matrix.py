@@ -150,3 +150,14 @@ def test_empty_skeleton_loads_a_state_dict():
     target = SparseMatrix(9, 20, source.nnz, "csr")
     target.load_state_dict(source.state_dict())
     assert torch.equal(target.to_dense(), dense)
+
+
+@pytest.mark.parametrize("layout", ["csr", "bitmask"])
+def test_a_matrix_made_under_inference_mode_multiplies(layout):
+    """Inference tensors carry no version counter; the state check must not need one."""
+    dense, mask = random_sparse(37, 50, 0.4)
+    h = torch.randn(1, 50)
+    with torch.inference_mode():
+        matrix = SparseMatrix.from_dense(dense, mask, layout)
+        torch.testing.assert_close(matrix(h), h @ dense.T)
+    torch.testing.assert_close(matrix(h), h @ dense.T)
