@@ -95,14 +95,14 @@ class CompressionConfig:
             raise ConfigError(f"heldout_max_ratio must be a number above 1, got {self.heldout_max_ratio}")
         if not 0 <= self.min_kept < 1:
             raise ConfigError(f"min_kept must be a fraction in [0, 1), got {self.min_kept!r}")
-        from .allocate.objective import check_objective  # the objectives live with the allocator
+        # the objectives live with the allocator
+        from .allocate.objective import LATENCY_NEEDS_MODEL, check_objective
 
         check_objective(self.objective)
         if self.objective != "disk" and self.allocator != "knapsack":
             raise ConfigError(f"objective {self.objective!r} prices the knapsack's options; allocator {self.allocator!r} counts parameters")
         if self.objective == "latency" and self.stream:
-            raise ConfigError("objective latency times the whole model's forward pass: it needs the model in memory "
-                              "(not --stream)")
+            raise ConfigError(LATENCY_NEEDS_MODEL)
         if not (math.isfinite(self.stream_activation_gib) and self.stream_activation_gib >= 0):
             raise ConfigError(f"stream_activation_gib must be 0 or more (GiB), got {self.stream_activation_gib!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):

@@ -144,9 +144,6 @@ def _settle() -> None:
         dist.barrier()
 
 
-# --- batches and their ordered reduction ------------------------------------------------------------------
-
-
 def from_main(make: Callable[[], T]) -> T:
     """make() run on rank 0 only and its value handed to every rank (one process: just make()); an error on
     rank 0 is raised on every rank. For what must be the same everywhere but is measured, not computed."""
@@ -163,6 +160,9 @@ def from_main(make: Callable[[], T]) -> T:
     check_peers(error)
     dist.broadcast_object_list(value, src=0)
     return value[0]
+
+
+# --- batches and their ordered reduction ------------------------------------------------------------------
 
 
 def shard_batches(windows: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[int], int]:

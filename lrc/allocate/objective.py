@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ..config import CompressionConfig
 
 OBJECTIVES = ("disk", "memory", "latency")
+LATENCY_NEEDS_MODEL = "objective latency times the whole model's forward pass: it needs the model in memory (not --stream)"
 Price = Callable[[MatrixCandidates, Choice], float]
 
 
@@ -106,8 +107,7 @@ def price_for(config: CompressionConfig, matrices: list[MatrixCandidates], rank_
     if config.objective == "disk":
         return None
     if config.objective == "latency" and model is None:
-        raise ConfigError("objective latency times the whole model's forward pass: it needs the model in memory "
-                          "(not --stream)")
+        raise ConfigError(LATENCY_NEEDS_MODEL)
     table = LayerCostTable(config.device, DTYPES[config.dtype or "float32"], config.latency_tokens)
     shapes = []
     for m in matrices:

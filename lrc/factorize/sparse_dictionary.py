@@ -16,10 +16,9 @@ Options: for each ratio c (fraction of the dense bytes removed) and sparsity lev
 k whose honest bytes (atoms k n values + the mixing's values and indices or bitmask) fit (1 - c) m n
 value bytes, and at most `max_work` · m n / (m + n) atoms: a many-token forward expands the mixing and
 runs k (m + n) multiply-adds per token, the dense layer m n, so with the default 1.0 no option does more
-work than the matrix it replaces (and one token's forward, reading k n + m s values and the bitmask, reads
-at most about as many bytes as dense at q >= 1.75 even with the bitmask read at half dense speed); `None`
-lets k reach min(m, n) (on SmolLM2-135M that offered gate/up options with up to 1.2x the dense work); per ratio the level with the least error after steps 1-3 is chosen, then refined by the
-rounds. The levels default to 1.75 and 2.0: on SmolLM2-135M (layers 3 and 10) one of them was the best of
+work than the matrix it replaces; `None` lets k reach min(m, n) (on SmolLM2-135M that offered gate/up
+options with up to 1.2x the dense work). Per ratio the level with the least error after steps 1-3 is
+chosen, then refined by the rounds. The levels default to 1.75 and 2.0: on SmolLM2-135M (layers 3 and 10) one of them was the best of
 1.5 / 1.75 / 2.0 / 2.5 for most ratios, and the best of the two was within 0.2% of the best of the four on
 average (2.5% at most), at half the fits.
 `reselect_options`: "all" runs the rounds for every option (14 per matrix); "near-choice" (default) offers

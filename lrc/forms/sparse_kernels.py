@@ -237,11 +237,8 @@ static void bitmask_mm(int bf16, const uint8_t *mask, const void *vals, const in
                 else bitmask_four_rows(0, mask, stride, vals, offs, cols, x, 4 * u, y);
             } else {
                 int64_t i = 4 * groups + (u - groups);
-                const uint8_t *mrow = mask + i * stride;
-                const void *xb = x;
-                void *yb = y;
-                if (bf16) bitmask_row(1, 1, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb);
-                else bitmask_row(1, 0, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb);
+                if (bf16) bitmask_row(1, 1, mask + i * stride, vals, offs[i], offs[rows], rows, cols, stride, x, i, y);
+                else bitmask_row(1, 0, mask + i * stride, vals, offs[i], offs[rows], rows, cols, stride, x, i, y);
             }
         }
         return;
