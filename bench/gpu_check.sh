@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: one command, about 10 minutes on one GPU, needing only this checkout and torch,
-# transformers, typer, rich, safetensors, pyyaml (and pytest for step 1; skipped, and said so, without it).
+# The GPU check: one command, at most 11 minutes on one GPU (the sum of the steps' limits), needing only
+# this checkout and torch, transformers, typer, rich, safetensors, pyyaml (and pytest for step 1; skipped,
+# and said so, without it).
 #
 #   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU
 #   bash bench/gpu_check.sh --device cpu --quick   # a dry run of every step on the CPU (tiny sizes)
