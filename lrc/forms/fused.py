@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cpu_kernels import linear
 from .lowrank import LowRankLinear
 from .sparse_linear import SparseDictionaryLinear
 
@@ -67,7 +68,7 @@ class SharedInputProduct:
         version = x._version if not x.is_inference() else 0  # inference tensors cannot change in place
         if self._input is not x or self._version != version or index not in self._pending:
             self._input, self._version = x, version
-            self._product = nn.functional.linear(x, self.weight)
+            self._product = linear(x, self.weight)
             self._pending = set(range(len(self.bounds)))
         product = self._product
         assert product is not None

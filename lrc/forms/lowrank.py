@@ -7,13 +7,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cpu_kernels import linear
+
 
 def first_product(layer: nn.Module, factor: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """factor(x), taken from the group's one stacked product when the layer is fused (see fused.py)."""
     shared = getattr(layer, "shared_input", None)
     if shared is not None and shared[0].is_view_of_weight(factor.weight, shared[1]):
         return shared[0].share(x, shared[1])
-    return nn.functional.linear(x, factor.weight)
+    return linear(x, factor.weight)
 
 
 class LowRankLinear(nn.Module):
@@ -76,8 +78,9 @@ class LowRankLinear(nn.Module):
         return self.rank * (self.in_features + self.out_features) * value_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # functional calls, not the factor modules': at one token per call their hook machinery cost as much as the matmul
-        return nn.functional.linear(first_product(self, self.down, x), self.up.weight, self.up.bias)
+        # functional calls, not the factor modules': at one token per call their hook machinery cost as much as the
+        # matmul; one bfloat16 token on CPU runs lrc's kernel (see cpu_kernels.linear)
+        return linear(first_product(self, self.down, x), self.up.weight, self.up.bias)
 
     def dense_weight(self) -> torch.Tensor:
         """The product up @ down (out x in), for checks against a dense reference."""

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cpu_kernels import linear
 from .lowrank import first_product
 from .sparse_matrix import SparseMatrix, layout_bytes
 
@@ -176,7 +177,7 @@ class LowRankSparseLinear(_SparseFactorLinear):
         return cls.from_factors(factors["up"].cpu(), factors["down"].cpu(), factors["residual"].cpu(), bias, dtype, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.residual(x) + self.up(self.down(x))
+        y = self.residual(x) + linear(linear(x, self.down.weight), self.up.weight)
         return y if self.bias is None else y + self.bias
 
     def dense_weight(self) -> torch.Tensor:

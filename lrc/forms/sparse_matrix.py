@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from . import sparse_kernels
+from . import cpu_kernels
 
 LAYOUTS = ("csr", "bitmask")
 # Up to this many tokens per call (decoding) the C kernel multiplies from the stored layout; above (prefill)
@@ -65,7 +65,7 @@ class SparseMatrix(nn.Module):
 
     `to_dense()` rebuilds the matrix (zeros included); `forward(h)` = h @ Sᵀ, h (..., cols) -> (..., rows).
     In memory the matrix holds its stored tensors only (plus, for the bitmask, the start of each row's
-    values: 8 bytes per row). On CPU in float32 / bfloat16 the C kernels of `sparse_kernels` multiply from
+    values: 8 bytes per row). On CPU in float32 / bfloat16 the C kernels of `cpu_kernels` multiply from
     the stored layout for up to KERNEL_MAX_TOKENS tokens, and densify the matrix for the call (one pass)
     before a dense matmul above that; elsewhere (other devices or dtypes, no C compiler) it is densified
     with torch on every call.
@@ -145,16 +145,16 @@ class SparseMatrix(nn.Module):
         elif x.shape[0] > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
             y = nn.functional.linear(x, self.kernel_dense(starts))
         elif self.layout == "bitmask":  # memory bound: read the stored layout once
-            y = sparse_kernels.bitmask_matmul(self.values, self.bitmask, starts, self.cols, x)
+            y = cpu_kernels.bitmask_matmul(self.values, self.bitmask, starts, self.cols, x)
         else:
-            y = sparse_kernels.csr_matmul(self.values, self.col_indices, self.row_offsets, self.cols, x)
+            y = cpu_kernels.csr_matmul(self.values, self.col_indices, self.row_offsets, self.cols, x)
         return y.reshape(*h.shape[:-1], self.rows)
 
     def kernel_dense(self, starts: torch.Tensor) -> torch.Tensor:
         """to_dense() through the C kernel (one pass over the stored layout); `starts` from kernel_row_starts."""
         if self.layout == "bitmask":
-            return sparse_kernels.bitmask_dense(self.values, self.bitmask, starts, self.cols)
-        return sparse_kernels.csr_dense(self.values, self.col_indices, self.row_offsets, self.cols)
+            return cpu_kernels.bitmask_dense(self.values, self.bitmask, starts, self.cols)
+        return cpu_kernels.csr_dense(self.values, self.col_indices, self.row_offsets, self.cols)
 
     def _stored(self) -> tuple[torch.Tensor, ...]:
         return (self.values, self.bitmask) if self.layout == "bitmask" else (self.values, self.col_indices, self.row_offsets)
@@ -170,11 +170,11 @@ class SparseMatrix(nn.Module):
         if self._checked is None or self._checked[0] != key:
             starts = None
             narrow = self.layout == "bitmask" or self.col_indices.dtype == torch.int16
-            if narrow and all(t.is_contiguous() for t in stored) and sparse_kernels.available(self.values):
+            if narrow and all(t.is_contiguous() for t in stored) and cpu_kernels.available(self.values):
                 if self.values.numel() != self.nnz:
                     raise ValueError(f"sparse matrix holds {self.values.numel()} values for {self.nnz} entries")
                 if self.layout == "bitmask":
-                    starts = sparse_kernels.bitmask_row_starts(self.bitmask, self.cols, self.nnz)
+                    starts = cpu_kernels.bitmask_row_starts(self.bitmask, self.cols, self.nnz)
                 else:
                     self._check_csr()
                     starts = self.row_offsets

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lrc
-from lrc.forms import LowRankLinear, sparse_kernels
+from lrc.forms import LowRankLinear, cpu_kernels
 from lrc.forms.fused import fuse_down_factors, unfuse
 from lrc.forms.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
 from lrc.forms.sparse_matrix import KERNEL_MAX_TOKENS
@@ -40,7 +40,7 @@ def random_layers(n: int, m: int, seed: int, bias: bool = False) -> dict[str, nn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_form_computes_its_dense_weight(monkeypatch, kernels, dtype, shape):
-    monkeypatch.setattr(sparse_kernels, "ENABLED", kernels)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", kernels)
     for name, layer in random_layers(48, 37, seed=shape[1], bias=True).items():
         layer = layer.to(dtype)
         x = torch.randn(*shape, 48).to(dtype)

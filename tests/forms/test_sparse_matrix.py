@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lrc.forms import sparse_kernels
+from lrc.forms import cpu_kernels
 from lrc.forms.sparse_matrix import (
     KERNEL_MAX_TOKENS,
     SparseMatrix,
@@ -56,10 +56,10 @@ DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 @pytest.mark.parametrize("shape", [(1, 1), (1, KERNEL_MAX_TOKENS), (2, 3), (1, KERNEL_MAX_TOKENS + 1), (2, 40)])
 def test_forward_matches_the_dense_product(monkeypatch, kernels, dtype, layout, shape):
     """Decode (1 token), a few tokens, and prefill-sized calls; 37 x 50 has partial 16-column chunks."""
-    monkeypatch.setattr(sparse_kernels, "ENABLED", kernels)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", kernels)
     dense, mask = random_sparse(37, 50, 0.45, seed=shape[1])
     matrix = SparseMatrix.from_dense(dense.to(dtype), mask, layout)
-    assert (matrix.kernel_row_starts() is not None) == (kernels and sparse_kernels.library() is not None)
+    assert (matrix.kernel_row_starts() is not None) == (kernels and cpu_kernels.library() is not None)
     h = torch.randn(*shape, 50).to(dtype)
     expected = h.double() @ dense.to(dtype).double().T  # the stored values, multiplied in float64
     got = matrix(h)
