@@ -18,11 +18,12 @@ expand-load (`vexpandps`: values to the lanes whose mask bit is set, zeros elsew
 device, dtype or index width, `available()` is False and `SparseMatrix` densifies with torch instead (same
 numbers, slower).
 
-`linear` is nn.functional.linear with one exception: one token in bfloat16 on CPU (decoding) runs a dense C
-kernel, four rows of W per pass over x, accumulated in float32 and rounded once. Measured on this project's
-CPU (Xeon with AVX-512 and AMX, 2 threads, torch 2.13): torch's bfloat16 product for one token took 38-160 us
-at SmolLM2-135M's factor shapes (128 x 576 to 576 x 1536), slower than its float32 one (10-67 us), the kernel
-10-42 us. This module imports torch and the standard library only (it travels with the model's
+`linear` is nn.functional.linear with one exception: up to 4 tokens in bfloat16 on CPU (decoding) run a
+dense C kernel, four rows of W by up to four tokens per pass, accumulated in float32 and rounded once.
+Measured on this project's CPU (Xeon with AVX-512 and AMX, 2 threads, torch 2.13): torch's bfloat16 product
+for one token took 38-160 us at SmolLM2-135M's factor shapes (128 x 576 to 576 x 1536), slower than its
+float32 one (10-67 us), the kernel 10-42 us; at 4 tokens 35-80 us against 20-80 us, from 5 tokens torch's
+AMX product is as fast or faster. This module imports torch and the standard library only (it travels with the model's
 own modeling code).
 """
 
@@ -330,51 +331,74 @@ static void csr_dense(int bf16, const void *vals, const int16_t *col, const int3
         }
 }
 
-/* y (rows) = W x (+ b) for one token, W (rows x cols) dense bfloat16 row-major, x (cols) bfloat16: four rows at a
-   time share each load of x, accumulated in float32 and rounded once (decoding; torch's bfloat16 matrix-vector
-   product on CPU is slower than its float32 one) */
-static inline __attribute__((always_inline)) void dense_rows(const int R, const uint16_t *w, const uint16_t *bias, int64_t cols,
-        const uint16_t *x, int64_t i, uint16_t *y) {
-    float sum[4];
+/* Rows i .. i+R-1 of y (TN x rows) = x W^T (+ b) for TN tokens, W (rows x cols) dense bfloat16 row-major,
+   x (TN x cols) bfloat16: the rows share each load of x, accumulated in float32 and rounded once. R, TN
+   are compile-time constants after inlining (R x TN accumulators stay in registers; for one token two
+   chains per row, even and odd 16-column chunks, so the FMAs overlap). */
+static inline __attribute__((always_inline)) void dense_rows(const int R, const int TN, const uint16_t *w,
+        const uint16_t *bias, int64_t rows, int64_t cols, const uint16_t *x, int64_t i, uint16_t *y) {
+    float sum[4][4];
 #ifdef LRC_AVX512
-    __m512 acc[4], acc2[4];
-    for (int r = 0; r < R; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 32 <= cols; j += 32) {
-        __m512 xv = widen_bf16(_mm256_loadu_si256((const __m256i *)(x + j)));
-        __m512 xv2 = widen_bf16(_mm256_loadu_si256((const __m256i *)(x + j + 16)));
-        for (int r = 0; r < R; ++r) {
-            const uint16_t *row = w + (i + r) * cols + j;
-            acc[r] = _mm512_fmadd_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)row)), xv, acc[r]);
-            acc2[r] = _mm512_fmadd_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)(row + 16))), xv2, acc2[r]);
-        }
+    __m512 acc[4][4], acc2[4];
+    for (int r = 0; r < R; ++r) {
+        acc2[r] = _mm512_setzero_ps();
+        for (int k = 0; k < TN; ++k) acc[r][k] = _mm512_setzero_ps();
     }
+    int64_t j = 0;
+    if (TN == 1)
+        for (; j + 32 <= cols; j += 32) {
+            __m512 xv = widen_bf16(_mm256_loadu_si256((const __m256i *)(x + j)));
+            __m512 xv2 = widen_bf16(_mm256_loadu_si256((const __m256i *)(x + j + 16)));
+            for (int r = 0; r < R; ++r) {
+                const uint16_t *row = w + (i + r) * cols + j;
+                acc[r][0] = _mm512_fmadd_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)row)), xv, acc[r][0]);
+                acc2[r] = _mm512_fmadd_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)(row + 16))), xv2, acc2[r]);
+            }
+        }
     for (; j < cols; j += 16) {
         __mmask16 lanes = cols - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - j)) - 1u);
-        __m512 xv = load_bf16(lanes, x + j);
-        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(load_bf16(lanes, w + (i + r) * cols + j), xv, acc[r]);
+        __m512 xv[4];
+        for (int k = 0; k < TN; ++k) xv[k] = load_bf16(lanes, x + k * cols + j);
+        for (int r = 0; r < R; ++r) {
+            __m512 v = load_bf16(lanes, w + (i + r) * cols + j);
+            for (int k = 0; k < TN; ++k) acc[r][k] = _mm512_fmadd_ps(v, xv[k], acc[r][k]);
+        }
     }
-    for (int r = 0; r < R; ++r) sum[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
-#else
     for (int r = 0; r < R; ++r) {
-        sum[r] = 0.0f;
-        for (int64_t j = 0; j < cols; ++j) sum[r] += bf16_to_f32(w[(i + r) * cols + j]) * bf16_to_f32(x[j]);
+        acc[r][0] = _mm512_add_ps(acc[r][0], acc2[r]);
+        for (int k = 0; k < TN; ++k) sum[r][k] = _mm512_reduce_add_ps(acc[r][k]);
     }
+#else
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < TN; ++k) {
+            sum[r][k] = 0.0f;
+            for (int64_t j = 0; j < cols; ++j) sum[r][k] += bf16_to_f32(w[(i + r) * cols + j]) * bf16_to_f32(x[k * cols + j]);
+        }
 #endif
-    for (int r = 0; r < R; ++r) y[i + r] = f32_to_bf16(bias ? sum[r] + bf16_to_f32(bias[i + r]) : sum[r]);
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < TN; ++k)
+            y[k * rows + i + r] = f32_to_bf16(bias ? sum[r][k] + bf16_to_f32(bias[i + r]) : sum[r][k]);
 }
 
-static void dense_mv_bf16(const uint16_t *w, const uint16_t *bias, int64_t rows, int64_t cols, const uint16_t *x,
-                          uint16_t *y, int threads) {
+#define DENSE_CASE(R, TN) case 4 * (R - 1) + TN - 1: dense_rows(R, TN, w, bias, rows, cols, xb, i, yb); break;
+
+/* y (tokens x rows) = x W^T (+ b), all bfloat16: groups of four rows (in parallel), blocks of four tokens */
+static void dense_mm_bf16(const uint16_t *w, const uint16_t *bias, int64_t rows, int64_t cols, const uint16_t *x,
+                          int64_t tokens, uint16_t *y, int threads) {
     int64_t units = (rows + 3) / 4;
-    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols >= 32768)
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols * tokens >= 32768)
     for (int64_t u = 0; u < units; ++u) {
-        int64_t left = rows - 4 * u;
-        switch (left >= 4 ? 4 : left) {
-            case 4: dense_rows(4, w, bias, cols, x, 4 * u, y); break;
-            case 3: dense_rows(3, w, bias, cols, x, 4 * u, y); break;
-            case 2: dense_rows(2, w, bias, cols, x, 4 * u, y); break;
-            default: dense_rows(1, w, bias, cols, x, 4 * u, y);
+        int64_t i = 4 * u, nr = rows - i >= 4 ? 4 : rows - i;
+        for (int64_t t0 = 0; t0 < tokens; t0 += 4) {
+            int64_t tn = tokens - t0 >= 4 ? 4 : tokens - t0;
+            const uint16_t *xb = x + t0 * cols;
+            uint16_t *yb = y + t0 * rows;
+            switch (4 * (nr - 1) + tn - 1) {
+                DENSE_CASE(1, 1) DENSE_CASE(1, 2) DENSE_CASE(1, 3) DENSE_CASE(1, 4)
+                DENSE_CASE(2, 1) DENSE_CASE(2, 2) DENSE_CASE(2, 3) DENSE_CASE(2, 4)
+                DENSE_CASE(3, 1) DENSE_CASE(3, 2) DENSE_CASE(3, 3) DENSE_CASE(3, 4)
+                DENSE_CASE(4, 1) DENSE_CASE(4, 2) DENSE_CASE(4, 3) DENSE_CASE(4, 4)
+            }
         }
     }
 }
@@ -395,9 +419,9 @@ void lrc_csr_dense(int bf16, const void *vals, const int16_t *col, const int32_t
                    int64_t cols, void *out, int threads) {
     csr_dense(bf16, vals, col, offs, rows, cols, out, threads);
 }
-void lrc_dense_mv_bf16(const uint16_t *w, const uint16_t *bias, int64_t rows, int64_t cols, const uint16_t *x,
-                       uint16_t *y, int threads) {
-    dense_mv_bf16(w, bias, rows, cols, x, y, threads);
+void lrc_dense_mm_bf16(const uint16_t *w, const uint16_t *bias, int64_t rows, int64_t cols, const uint16_t *x,
+                       int64_t tokens, uint16_t *y, int threads) {
+    dense_mm_bf16(w, bias, rows, cols, x, tokens, y, threads);
 }
 """
 
@@ -408,9 +432,10 @@ _SIGNATURES = {
     "lrc_bitmask_dense": [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _INT],
     "lrc_csr_mm": [_INT, _P, _P, _P, _I64, _I64, _P, _I64, _P, _INT],
     "lrc_csr_dense": [_INT, _P, _P, _P, _I64, _I64, _P, _INT],
-    "lrc_dense_mv_bf16": [_P, _P, _I64, _I64, _P, _P, _INT],
+    "lrc_dense_mm_bf16": [_P, _P, _I64, _I64, _P, _I64, _P, _INT],
 }
 _DTYPES = (torch.float32, torch.bfloat16)
+DENSE_KERNEL_MAX_TOKENS = 4  # `linear` runs the C kernel up to this many bfloat16 tokens per call (measured: from 5 tokens torch's AMX product wins at 1536 x 576)
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
@@ -541,20 +566,22 @@ def csr_dense(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torc
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """nn.functional.linear(x, weight, bias): x (..., in), weight (out, in), bias (out,) -> (..., out).
 
-    One token in bfloat16 on CPU (decoding) runs the dense C kernel, 3-4x faster there than torch's bfloat16
-    matrix-vector product at this package's factor shapes (accumulated in float32, bias added, rounded once);
-    anything else, or where gradients flow, is torch's."""
-    if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.numel() == weight.shape[-1] == x.shape[-1]
-            and x.device.type == "cpu" and weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous()
-            and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu" and bias.is_contiguous()))
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))
-            and ENABLED and library() is not None):
-        lib = library()
-        assert lib is not None
-        x = x.contiguous()
-        y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.bfloat16)
-        lib.lrc_dense_mv_bf16(weight.data_ptr(), None if bias is None else bias.data_ptr(), weight.shape[0],
-                              weight.shape[1], x.data_ptr(), y.data_ptr(), torch.get_num_threads())
-        return y
-    return torch.nn.functional.linear(x, weight, bias)
+    Up to DENSE_KERNEL_MAX_TOKENS tokens in bfloat16 on CPU (decoding) run the dense C kernel, 3-4x faster
+    there than torch's bfloat16 product at this package's factor shapes (accumulated in float32, bias
+    added, rounded once); anything else, or where gradients flow, is torch's."""
+    # checks cheapest first: this runs once per factor per decoded token
+    if x.dtype is not torch.bfloat16 or not ENABLED or not x.is_cpu or x.dim() == 0:
+        return torch.nn.functional.linear(x, weight, bias)
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    lib = _library if _tried else library()
+    if (lib is None or not 0 < tokens <= DENSE_KERNEL_MAX_TOKENS or weight.dtype is not torch.bfloat16
+            or not weight.is_cpu or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or not weight.is_contiguous()
+            or (bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_cpu or not bias.is_contiguous()))
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))):
+        return torch.nn.functional.linear(x, weight, bias)
+    x = x.contiguous()
+    y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.bfloat16)
+    lib.lrc_dense_mm_bf16(weight.data_ptr(), None if bias is None else bias.data_ptr(), weight.shape[0],
+                          weight.shape[1], x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
+    return y

@@ -1,5 +1,5 @@
-"""`cpu_kernels.linear`: one bfloat16 token through the C kernel, against a float64 product; everything else
-is torch's own."""
+"""`cpu_kernels.linear`: a few bfloat16 tokens through the C kernel, against a float64 product; everything
+else is torch's own."""
 
 from __future__ import annotations
 
@@ -14,26 +14,27 @@ needs_kernels = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C c
 @needs_kernels
 @pytest.mark.parametrize("rows, cols", [(1, 5), (3, 16), (7, 33), (61, 300), (130, 576)])
 @pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
-def test_one_bf16_token_runs_the_kernel_and_matches_float64(monkeypatch, rows, cols, bias):
+@pytest.mark.parametrize("tokens", [1, 3, cpu_kernels.DENSE_KERNEL_MAX_TOKENS])
+def test_few_bf16_tokens_run_the_kernel_and_match_float64(monkeypatch, rows, cols, bias, tokens):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(rows, cols, generator=g).bfloat16()
     b = torch.randn(rows, generator=g).bfloat16() if bias else None
-    x = torch.randn(1, 1, cols, generator=g).bfloat16()
+    x = torch.randn(tokens, 1, cols, generator=g).bfloat16()
     exact = x.double() @ w.double().T + (0 if b is None else b.double())
     monkeypatch.setattr(torch.nn.functional, "linear", None)  # the kernel must not fall back to torch
     y = cpu_kernels.linear(x, w, b)
-    assert y.dtype == torch.bfloat16 and y.shape == (1, 1, rows)
+    assert y.dtype == torch.bfloat16 and y.shape == (tokens, 1, rows)
     # float32 accumulation, then one rounding to bfloat16 (relative 2^-9)
     bound = 2.0**-8 * exact.abs() + 1e-5 * (x.double().abs() @ w.double().abs().T)
     assert ((y.double() - exact).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("case", ["two tokens", "float32", "gradient"])
+@pytest.mark.parametrize("case", ["more tokens", "float32", "gradient"])
 def test_other_calls_are_torchs_linear(case):
     g = torch.Generator().manual_seed(0)
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     w = torch.randn(9, 40, generator=g).to(dtype).requires_grad_(case == "gradient")
-    x = torch.randn(2 if case == "two tokens" else 1, 40, generator=g).to(dtype)
+    x = torch.randn(cpu_kernels.DENSE_KERNEL_MAX_TOKENS + 1 if case == "more tokens" else 1, 40, generator=g).to(dtype)
     y = cpu_kernels.linear(x, w)
     assert torch.equal(y, torch.nn.functional.linear(x, w))
     if case == "gradient":
