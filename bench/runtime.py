@@ -10,7 +10,8 @@ budget 0.3), in float32 and bfloat16, each model in its own process, loaded with
 - peak RSS: the process's peak resident set during a 512-token prefill and the decode steps (VmHWM, reset
   after loading and a warm-up, memory freed while loading handed back to the OS first: the model,
   activations, KV cache and transients, plus the Python / torch runtime);
-- prefill tok/s (one 512-token forward) and decode tok/s (greedy steps with the KV cache), the fastest of
+- prefill tok/s (one 512-token forward) and decode tok/s (greedy steps with the KV cache, one over the
+  median step time of a run, so a stall of the machine within a run does not count), the fastest of
   `--repeats` runs after a warm-up (other work on the machine only ever adds time);
 each also as a ratio to the dense model measured in the same round. Rounds interleave the models, so a
 change in the machine's load touches all of them alike.
@@ -29,6 +30,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -118,12 +120,13 @@ def child(args: argparse.Namespace) -> None:
             t1 = now()
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             del out
-            t2 = now()
+            steps = []
             for _ in range(args.decode):
+                t2 = now()
                 step = model(token, past_key_values=cache, use_cache=True)
                 cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
-            t3 = now()
-        return args.seq_len / (t1 - t0), args.decode / (t3 - t2)
+                steps.append(now() - t2)
+        return args.seq_len / (t1 - t0), 1.0 / statistics.median(steps)
 
     with torch.inference_mode():  # warm-up: first-use work (kernels, caches) out of the timings
         model(ids[:, :16], use_cache=True)

@@ -3,8 +3,14 @@
 `LayerCostTable.seconds(entry)` is the time of one forward pass of `tokens` tokens through one layer: a
 dense nn.Linear (m x n), a LowRankLinear of rank r, or a sparse layer with k atoms / rank r and nnz stored
 entries, built with random values (a sparse factor's entries at random places). Each is timed after one
-warm-up call as the least of 7 rounds, each round long enough to last at least 10 ms, and of 2 passes
-over all the entries to measure (the least is the time with the least interference from other processes). `resident_bytes(entry)` is what the layer
+warm-up call as the least of 7 rounds, each round long enough to last at least 10 ms (the least is the
+time with the least interference from other processes). A dense layer's time is the least over every
+measurement of its shape. Every other form is timed right after the dense layer of its shape, in each of
+2 passes over the entries, and priced at the mean ratio of the two times, times the dense layer's time:
+on a machine whose speed drifts (a shared virtual machine, up to 30% from minute to minute) a ratio
+measured back to back holds where times taken a minute apart do not (measured: gate/up's dense entry
+timed in a slow minute made every low-rank option of that shape look 1.45x cheaper against dense than it
+timed back to back). `resident_bytes(entry)` is what the layer
 holds after that forward: every tensor reachable from the module (parameters, buffers, and caches such
 as a sparse layer's kernel copy), each storage counted once.
 
@@ -203,6 +209,7 @@ class LayerCostTable:
         self.identity = {
             "device": device_name(self.device), "torch": str(torch.__version__), "threads": torch.get_num_threads(),
             "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
+            "timing": "ratio to dense, back to back",  # tables timed otherwise are measured again
         }
         digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
         self.path = (cache_dir or default_cache_dir()) / "latency" / f"{digest}.json"
@@ -221,13 +228,13 @@ class LayerCostTable:
         """The measured time; for a low-rank layer, its shape's line fitted over the ranks measured."""
         from ..forms import LowRankLinear
 
-        entry = self._entry(shape)["seconds"]
+        entry = self._time(rounded(shape).key(), self._entry(shape))
         if shape.kind != LowRankLinear.kind:
             return entry
         series = (shape.out_features, shape.in_features)
         if series not in self._fits:
             prefix = f"{shape.kind}:{shape.out_features}x{shape.in_features}:r"
-            measured = sorted((int(key[len(prefix):].split(":")[0]), value["seconds"])
+            measured = sorted((int(key[len(prefix):].split(":")[0]), self._time(key, value))
                               for key, value in self.entries.items() if key.startswith(prefix))
             fitted = linear_fit([float(rank) for rank, _ in measured], [t for _, t in measured])
             floor = min(t for _, t in measured)  # the line may cross zero below the ranks measured
@@ -238,17 +245,39 @@ class LayerCostTable:
         return self._entry(shape)["resident_bytes"]
 
     def fill(self, shapes: list[LayerShape]) -> None:
-        """Measure every shape not in the table yet, then save the table (once)."""
+        """Measure every shape not in the table yet (each non-dense form back to back with the dense layer of
+        its shape), then save the table (once)."""
         missing = {rounded(s).key(): rounded(s) for s in shapes if rounded(s).key() not in self.entries}
-        measured: dict[str, dict[str, float]] = {}
+        order = sorted(missing.items(), key=lambda item: (item[1].out_features, item[1].in_features))
+        dense_seconds: dict[str, float] = {}
+        ratios: dict[str, list[float]] = {}
+        held: dict[str, float] = {}
         for _ in range(PASSES):  # passes apart in time: a burst of load elsewhere spoils one, not all
-            for key, shape in missing.items():
+            dense_layer: nn.Module | None = None
+            dense_key = ""
+            for key, shape in order:  # grouped by shape: one dense layer built (and held) at a time
+                dense = LayerShape(DENSE_KIND, shape.out_features, shape.in_features)
+                if dense.key() != dense_key:
+                    dense_layer, dense_key = build_layer(dense, self.dtype, self.device), dense.key()
+                    held[dense_key] = float(held_bytes(dense_layer))
+                assert dense_layer is not None
+                t_dense = measure(dense_layer, self.tokens, shape.in_features, self.dtype, self.device)
+                dense_seconds[dense_key] = min(t_dense, dense_seconds.get(dense_key, math.inf))
+                if shape.kind == DENSE_KIND:
+                    continue
                 layer = build_layer(shape, self.dtype, self.device)
-                seconds = measure(layer, self.tokens, shape.in_features, self.dtype, self.device)
-                best = min(seconds, measured[key]["seconds"]) if key in measured else seconds
-                measured[key] = {"seconds": best, "resident_bytes": float(held_bytes(layer))}
-        self.entries.update(measured)
-        self.measured += len(measured)
+                t = measure(layer, self.tokens, shape.in_features, self.dtype, self.device)
+                held[key] = float(held_bytes(layer))
+                ratios.setdefault(key, []).append(t / t_dense)
+            del dense_layer
+        for key, t in dense_seconds.items():  # the least of every measurement of the shape, earlier ones too
+            previous = self.entries.get(key, {}).get("seconds", math.inf)
+            self.entries[key] = {"seconds": min(t, previous), "resident_bytes": held[key]}
+        for key, measured in ratios.items():
+            ratio = sum(measured) / len(measured)
+            self.entries[key] = {"dense_ratio": ratio, "resident_bytes": held[key]}
+            self.entries[key]["seconds"] = self._time(key, self.entries[key])
+        self.measured += len(missing)
         if missing:
             self._fits.clear()
             self.save()
@@ -257,6 +286,13 @@ class LayerCostTable:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(self.path) as tmp:
             tmp.write_text(json.dumps({"identity": self.identity, "entries": self.entries}, indent=1, sort_keys=True))
+
+    def _time(self, key: str, entry: dict[str, float]) -> float:
+        """An entry's seconds: its ratio to the dense layer of its shape times that layer's time, where measured
+        so (key: LayerShape.key())."""
+        if "dense_ratio" not in entry:
+            return entry["seconds"]
+        return entry["dense_ratio"] * self.entries[f"{DENSE_KIND}:{key.split(':')[1]}:r0:nnz0:"]["seconds"]
 
     def _entry(self, shape: LayerShape) -> dict[str, float]:
         key = rounded(shape).key()

@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 import yaml
+from torch import nn
 
-from lrc.allocate import objective
+from lrc.allocate import layer_costs, objective
 from lrc.allocate.base import DENSE, MatrixCandidates
 from lrc.allocate.knapsack import KnapsackAllocator
 from lrc.allocate.layer_costs import LayerCostTable, LayerShape, linear_fit, rounded, time_outside
@@ -176,3 +177,22 @@ def test_time_outside_splits_a_forward_into_the_hooked_modules_and_the_rest():
     assert 0.02 <= outside < 0.03  # the pause (and the little else) is outside
     assert 0 < inside < 0.005  # two small matmuls
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # hooks removed
+
+
+def test_forms_are_priced_by_their_ratio_to_dense_timed_back_to_back(tmp_path, monkeypatch):
+    """A machine that runs 3x slower while the dense layer is first timed (another run's table) and at full
+    speed when a low-rank layer of its shape is: the low rank is priced at its true ratio to dense (0.5),
+    not at its fast time against dense's slow one."""
+    from lrc.forms import LowRankLinear
+
+    speed = {"now": 3.0}
+    cost = {nn.Linear: 1.0, LowRankLinear: 0.5}
+    monkeypatch.setattr(layer_costs, "measure", lambda layer, *args: speed["now"] * cost[type(layer)])
+    dense, low = LayerShape("dense", 48, 32), LayerShape("low-rank", 48, 32, 8)
+    table = LayerCostTable(tokens=16, cache_dir=tmp_path)
+    table.fill([dense])
+    assert table.seconds(dense) == 3.0
+    speed["now"] = 1.0
+    table.fill([low])
+    assert table.seconds(low) / table.seconds(dense) == pytest.approx(0.5)
+    assert table.seconds(dense) == 1.0  # the least of every measurement of the shape
