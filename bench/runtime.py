@@ -11,10 +11,14 @@ budget 0.3), in float32 and bfloat16, each model in its own process, loaded with
   after loading and a warm-up, memory freed while loading handed back to the OS first: the model,
   activations, KV cache and transients, plus the Python / torch runtime);
 - prefill tok/s (one 512-token forward) and decode tok/s (greedy steps with the KV cache, one over the
-  median step time of a run, so a stall of the machine within a run does not count), the fastest of
-  `--repeats` runs after a warm-up (other work on the machine only ever adds time);
-each also as a ratio to the dense model measured in the same round. Rounds interleave the models, so a
-change in the machine's load touches all of them alike.
+  median step time of a run, so a stall of the machine within a run does not count), measured in one more
+  process per dtype that loads every model and runs them in turn, `--alternations` rounds with the order
+  rotated: the models of a round run seconds apart. Reported: each model's fastest run (other work on the
+  machine only ever adds time) as a ratio to dense's fastest, and the range of the ratios within rounds.
+  On this project's shared 2-core VM, one process per model gave per-round ratios spread over 0.7-2.0
+  for one model, the machine's speed changing between processes; alternating in one process, 0.9-1.1.
+  (`--alternations 0`: speeds from the per-model processes, the fastest of `--repeats` runs each.)
+Memory rounds interleave the models too, so a change in the machine's load touches all of them alike.
 
     python bench/runtime.py --rounds 2                   # writes bench/results/runtime.md and .yaml
     python bench/runtime.py --models dense=FOLDER mine=OUT --dtypes float32 --rounds 1 --out /tmp/rt
@@ -82,62 +86,90 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def child(args: argparse.Namespace) -> None:
-    """One model in this process: load, measure, print one JSON line."""
+def setup(args: argparse.Namespace) -> tuple[Any, Any]:
+    """torch with the run's threads, and the run's device."""
     import torch
 
     torch.set_num_threads(args.threads)
+    import lrc  # noqa: F401  (registers the lrc loader with transformers)
+
+    return torch, torch.device(args.device)
+
+
+def load(folder: Path, args: argparse.Namespace) -> Any:
+    import torch
     import transformers
 
-    import lrc  # noqa: F401  (registers the lrc loader with transformers)
-    from lrc.peak_memory import held_tensor_bytes
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
+    return model.to(args.device).eval()
 
-    dtype = getattr(torch, args.dtype)
-    device = torch.device(args.device)
-    folder = Path(args.child)
-    start = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
-    model.eval()
-    load_s = time.perf_counter() - start
+
+def prompt(folder: Path, args: argparse.Namespace) -> Any:
+    """The first seq_len tokens of the evaluation text, as the model's tokenizer splits them."""
+    import transformers
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    text = Path(args.text).read_text()[:200000]
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.seq_len].to(device)
+    ids = tokenizer(Path(args.text).read_text()[:200000], return_tensors="pt").input_ids[:, : args.seq_len]
     assert ids.shape[1] == args.seq_len, "not enough evaluation text for the prefill"
+    return ids.to(args.device)
+
+
+def timed_run(model: Any, ids: Any, args: argparse.Namespace) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s): one forward of `ids`, then args.decode greedy steps with the KV
+    cache, decode speed one over the median step time (a stall within the run does not count)."""
+    import torch
 
     def now() -> float:  # on a GPU, after the queued work
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize(ids.device)
         return time.perf_counter()
+
+    with torch.inference_mode():
+        t0 = now()
+        out = model(ids, use_cache=True)
+        t1 = now()
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        del out
+        steps = []
+        for _ in range(args.decode):
+            t2 = now()
+            step = model(token, past_key_values=cache, use_cache=True)
+            cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+            steps.append(now() - t2)
+    return args.seq_len / (t1 - t0), 1.0 / statistics.median(steps)
+
+
+def warm_up(model: Any, ids: Any) -> None:
+    """First-use work (kernels, caches) out of the timings."""
+    import torch
+
+    with torch.inference_mode():
+        model(ids[:, :16], use_cache=True)
+
+
+def child(args: argparse.Namespace) -> None:
+    """One model in this process: load, measure memory (and speed alone), print one JSON line."""
+    torch, device = setup(args)
+    from lrc.peak_memory import held_tensor_bytes
+
+    folder = Path(args.child)
+    start = time.perf_counter()
+    model = load(folder, args)
+    load_s = time.perf_counter() - start
+    ids = prompt(folder, args)
     gc.collect()
     return_freed_memory()
     held_after_load = held_tensor_bytes(model)
     rss_after_load = proc_status("VmRSS")
-
-    def run() -> tuple[float, float]:
-        with torch.inference_mode():
-            t0 = now()
-            out = model(ids, use_cache=True)
-            t1 = now()
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            del out
-            steps = []
-            for _ in range(args.decode):
-                t2 = now()
-                step = model(token, past_key_values=cache, use_cache=True)
-                cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
-                steps.append(now() - t2)
-        return args.seq_len / (t1 - t0), 1.0 / statistics.median(steps)
-
-    with torch.inference_mode():  # warm-up: first-use work (kernels, caches) out of the timings
-        model(ids[:, :16], use_cache=True)
+    warm_up(model, ids)
     gc.collect()
     return_freed_memory()
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    speeds = [run()]
+    speeds = [timed_run(model, ids, args)]
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else proc_status("VmHWM")
-    speeds += [run() for _ in range(args.repeats - 1)]
+    speeds += [timed_run(model, ids, args) for _ in range(args.repeats - 1)]
     print(json.dumps({
         "load_s": load_s,
         "tensors_after_load": held_after_load,
@@ -149,14 +181,35 @@ def child(args: argparse.Namespace) -> None:
     }))
 
 
-def measure(folder: Path, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", str(folder), "--dtypes", dtype, "--threads", str(args.threads),
+def alternating_child(args: argparse.Namespace) -> None:
+    """Every model in this process, run in turn (the order rotated each round) for args.alternations rounds:
+    the speeds of one round are seconds apart, so their ratios hold while the machine's speed drifts.
+    Prints one JSON line {model: {"prefill_tok_s": [per round], "decode_tok_s": [per round]}}."""
+    setup(args)
+    models = dict(pair.split("=", 1) for pair in args.alternate)
+    loaded = {name: load(Path(folder), args) for name, folder in models.items()}
+    ids = prompt(Path(models["dense"]), args)
+    for model in loaded.values():
+        warm_up(model, ids)
+    speeds: dict[str, dict[str, list[float]]] = {name: {"prefill_tok_s": [], "decode_tok_s": []} for name in loaded}
+    names = list(loaded)
+    for rnd in range(args.alternations):
+        for name in names[rnd % len(names):] + names[: rnd % len(names)]:
+            prefill, decode = timed_run(loaded[name], ids, args)
+            speeds[name]["prefill_tok_s"].append(prefill)
+            speeds[name]["decode_tok_s"].append(decode)
+    print(json.dumps(speeds))
+
+
+def run_child(extra: list[str], dtype: str, args: argparse.Namespace) -> Any:
+    """A child process of this script (one dtype), its last stdout line as JSON."""
+    cmd = [sys.executable, __file__, *extra, "--dtypes", dtype, "--threads", str(args.threads),
            "--seq-len", str(args.seq_len), "--decode", str(args.decode), "--repeats", str(args.repeats),
-           "--device", args.device, "--text", str(args.text)]
+           "--alternations", str(args.alternations), "--device", args.device, "--text", str(args.text)]
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise SystemExit(f"{folder} ({dtype}) failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(extra)} ({dtype}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -177,9 +230,12 @@ def span(values: list[float], fmt: str) -> str:
     return f"{format(lo, fmt)}{' to ' if lo < 0 else '-'}{format(hi, fmt)}"
 
 
-def table(rows: list[dict[str, Any]], models: list[str], dtypes: list[str]) -> list[str]:
-    """The markdown table. Speeds: the fastest of all rounds and its ratio to the fastest dense run (noise on a
-    shared machine only ever slows a run down), then the range of the ratios within each round."""
+def table(rows: list[dict[str, Any]], models: list[str], dtypes: list[str],
+          alternations: dict[str, Any] | None = None) -> list[str]:
+    """The markdown table. Speeds, from the alternating process where there is one (else from the per-model
+    processes, a round being one process per model): the fastest run of each model and its ratio to the
+    fastest dense run (noise on a shared machine only ever slows a run down), then the range of the
+    ratios within each round."""
     lines = ["| model | dtype | file MiB | tensors MiB (x file) | peak RSS MiB (x dense) | dense - RSS, share of file saving "
              "| prefill tok/s (x dense; per round) | decode tok/s (x dense; per round) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -195,8 +251,13 @@ def table(rows: list[dict[str, Any]], models: list[str], dtypes: list[str]) -> l
                       for r in mine if name != "dense"]
             speeds = []
             for key, fmt in (("prefill_tok_s", ".0f"), ("decode_tok_s", ".1f")):
-                best, best_dense = max(r[key] for r in mine), max(r[key] for r in dense.values())
-                per_round = [r[key] / dense[r["round"]][key] for r in mine]
+                if alternations and dtype in alternations:
+                    series, dense_series = alternations[dtype][name][key], alternations[dtype]["dense"][key]
+                else:
+                    series = [r[key] for r in mine]
+                    dense_series = [dense[r["round"]][key] for r in mine]
+                best, best_dense = max(series), max(dense_series)
+                per_round = [mine_s / dense_s for mine_s, dense_s in zip(series, dense_series)]
                 speeds.append(f"{best:{fmt}} ({best / best_dense:.2f}; {span(per_round, '.2f')})")
             lines.append(
                 f"| {name} | {dtype} | {file:.0f} | {span([r['tensors_after_run'] / MIB for r in mine], '.0f')} "
@@ -215,16 +276,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--alternations", type=int, default=12, help="rounds of the process that runs every "
+                        "model in turn, for the speed columns (0: speeds from the per-model processes)")
     parser.add_argument("--out", default="bench/results/runtime")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda the peak column is torch's peak "
                         "allocated device memory)")
     parser.add_argument("--text", default=str(WIKI_TEST), help="text whose first tokens are the prefill")
     parser.add_argument("--rows", help="the .yaml of an earlier run: write its table again, measure nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--alternate", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
+    if args.child or args.alternate:
         args.dtype = args.dtypes[0]
-        return child(args)
+        return child(args) if args.child else alternating_child(args)
     if args.rows:
         import yaml
 
@@ -234,7 +298,9 @@ def main() -> None:
             setattr(args, key, saved.get(key, getattr(args, key)))
         args.rounds = 1 + max(r["round"] for r in rows)
         args.dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
-        return write_table(args, rows, list(dict.fromkeys(r["model"] for r in rows)))
+        alternations = saved.get("alternations") or {}
+        args.alternations = len(next(iter(next(iter(alternations.values())).values()))["prefill_tok_s"]) if alternations else 0
+        return write_table(args, rows, list(dict.fromkeys(r["model"] for r in rows)), alternations)
     if args.models:
         pairs = [m.split("=", 1) for m in args.models]
         models = {("dense" if i == 0 else name): Path(folder) for i, (name, folder) in enumerate(pairs)}
@@ -245,35 +311,45 @@ def main() -> None:
             raise SystemExit(f"{name}: no model at {folder} (for the defaults: lrc compress smollm2-135m --budget 0.3 "
                              "--calib wiki.valid.tokens [--method loss-aware] -o FOLDER)")
     rows = []
+    alternations: dict[str, Any] = {}
     for dtype in args.dtypes:
         width = 4 if dtype == "float32" else 2
         for rnd in range(args.rounds):
             for name, folder in models.items():
-                result = measure(folder, dtype, args)
+                result = run_child(["--child", str(folder)], dtype, args)
                 on_disk, at_dtype = file_bytes(folder, width)
                 rows.append({"model": name, "dtype": dtype, "round": rnd, "folder": str(folder),
                              "file_bytes_on_disk": on_disk, "file_bytes": at_dtype, **result})
                 print(json.dumps(rows[-1]), flush=True)
-    write_table(args, rows, list(models))
+        if args.alternations:
+            pairs = [f"{name}={folder}" for name, folder in models.items()]
+            alternations[dtype] = run_child(["--alternate", *pairs], dtype, args)
+            print(json.dumps({"alternations": dtype, **alternations[dtype]}), flush=True)
+    write_table(args, rows, list(models), alternations)
 
 
-def write_table(args: argparse.Namespace, rows: list[dict[str, Any]], models: list[str]) -> None:
+def write_table(args: argparse.Namespace, rows: list[dict[str, Any]], models: list[str],
+                alternations: dict[str, Any]) -> None:
     import torch
 
+    speeds = (f"speeds: one process running every model in turn, {args.alternations} rounds (the order rotated), "
+              f"so the models of a round ran seconds apart" if alternations else
+              f"speeds: the per-model processes, the fastest of {args.repeats} runs each")
     lines = [
-        f"{', '.join(models)}: loaded with transformers after `import lrc`, one process "
-        f"per model and dtype, {args.rounds} rounds (ranges shown); {device_name(args)}, "
+        f"{', '.join(models)}: loaded with transformers after `import lrc`; memory: one process "
+        f"per model and dtype, {args.rounds} rounds (ranges shown); {speeds}; {device_name(args)}, "
         f"torch {torch.__version__}; prefill = 1 x {args.seq_len} tokens, decode = {args.decode} greedy steps after "
-        f"it, the fastest of {args.repeats} runs. file: safetensors bytes at that dtype; tensors: bytes held by the "
+        f"it (one over the median step). file: safetensors bytes at that dtype; tensors: bytes held by the "
         f"model's tensors after the run; peak RSS: the process during prefill and decode (on a GPU: the peak of "
         f"torch's allocated device memory); 'dense - RSS' is the "
         f"peak-memory saving against dense as a share of the file-size saving.", "",
-        *table(rows, models, args.dtypes),
+        *table(rows, models, args.dtypes, alternations),
     ]
     from results_files import write_results
 
     write_results(args.out, lines, {"threads": args.threads, "seq_len": args.seq_len, "decode": args.decode,
-                                    "repeats": args.repeats, "device": args.device, "rows": rows})
+                                    "repeats": args.repeats, "device": args.device, "rows": rows,
+                                    "alternations": alternations})
 
 
 def device_name(args: argparse.Namespace) -> str:
