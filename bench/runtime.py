@@ -15,8 +15,9 @@ budget 0.3), in float32 and bfloat16, each model in its own process, loaded with
   process per dtype that loads every model and runs them in turn, `--alternations` rounds with the order
   rotated: the models of a round run seconds apart. Reported: each model's fastest run (other work on the
   machine only ever adds time) as a ratio to dense's fastest, and the range of the ratios within rounds.
-  On this project's shared 2-core VM, one process per model gave per-round ratios spread over 0.7-2.0
-  for one model, the machine's speed changing between processes; alternating in one process, 0.9-1.1.
+  On this project's shared 2-core VM the speed changes from second to second too (a pure-Python loop's
+  time varied by 87-121 ms over 20 runs in a row), so the per-round ratios spread widely and the fastest
+  runs are the figure to read.
   (`--alternations 0`: speeds from the per-model processes, the fastest of `--repeats` runs each.)
 Memory rounds interleave the models too, so a change in the machine's load touches all of them alike.
 

@@ -9,7 +9,7 @@ measurement of its shape. Every other form is timed right after the dense layer 
 2 passes over the entries, and priced at the mean ratio of the two times, times the dense layer's time:
 on a machine whose speed drifts (a shared virtual machine, up to 30% from minute to minute) a ratio
 measured back to back holds where times taken a minute apart do not (measured: gate/up's dense entry
-timed in a slow minute made every low-rank option of that shape look 1.45x cheaper against dense than it
+timed in a slow minute made every low-rank option of that shape look about 1.4x cheaper against dense than it
 timed back to back). `resident_bytes(entry)` is what the layer
 holds after that forward: every tensor reachable from the module (parameters, buffers, and caches such
 as a sparse layer's kernel copy), each storage counted once.
