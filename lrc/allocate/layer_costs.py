@@ -9,16 +9,15 @@ measurement of its shape. Every other form is timed right after the dense layer 
 2 passes over the entries, and priced at the mean ratio of the two times, times the dense layer's time:
 on a machine whose speed drifts (a shared virtual machine, up to 30% from minute to minute) a ratio
 measured back to back holds where times taken a minute apart do not (measured: gate/up's dense entry
-timed in a slow minute made every low-rank option of that shape look about 1.4x cheaper against dense than it
-timed back to back). `resident_bytes(entry)` is what the layer
-holds after that forward: every tensor reachable from the module (parameters, buffers, and caches such
-as a sparse layer's kernel copy), each storage counted once.
+timed in a slow minute made every low-rank option of that shape look about 1.4x cheaper against dense
+than it timed back to back). `resident_bytes(entry)` is what the layer holds after that forward: every
+tensor reachable from the module (parameters, buffers, and caches such as a sparse layer's kernel copy),
+each storage counted once.
 
 A low-rank layer's time is priced by the least-squares line t(r) = a + b r (b >= 0) through its shape's
 measured ranks: its work is two products of r (m + n) tokens multiply-adds plus a fixed cost per call,
 and on a shared machine single measurements are noisy enough (±50% seen) that a knapsack pricing each
-rank by its own measurement picks the ranks that measured fast by chance. Load that drifts between the
-measurements of one shape still misleads it (see the README's figures).
+rank by its own measurement picks the ranks that measured fast by chance.
 
 `time_outside` times one forward of a whole model and splits it into the targeted layers' time (by hooks)
 and the rest (attention, norms, embeddings, the head): the latency objective's budget counts both.
@@ -292,7 +291,8 @@ class LayerCostTable:
         so (key: LayerShape.key())."""
         if "dense_ratio" not in entry:
             return entry["seconds"]
-        return entry["dense_ratio"] * self.entries[f"{DENSE_KIND}:{key.split(':')[1]}:r0:nnz0:"]["seconds"]
+        out_features, in_features = (int(v) for v in key.split(":")[1].split("x"))
+        return entry["dense_ratio"] * self.entries[LayerShape(DENSE_KIND, out_features, in_features).key()]["seconds"]
 
     def _entry(self, shape: LayerShape) -> dict[str, float]:
         key = rounded(shape).key()

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-ENABLED = os.environ.get("LRC_SPARSE_KERNELS", "1") != "0"  # "0": always the torch fallback
+ENABLED = os.environ.get("LRC_CPU_KERNELS", "1") != "0"  # "0": torch everywhere (same numbers, slower)
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -435,7 +435,9 @@ _SIGNATURES = {
     "lrc_dense_mm_bf16": [_P, _P, _I64, _I64, _P, _I64, _P, _INT],
 }
 _DTYPES = (torch.float32, torch.bfloat16)
-DENSE_KERNEL_MAX_TOKENS = 4  # `linear` runs the C kernel up to this many bfloat16 tokens per call (measured: from 5 tokens torch's AMX product wins at 1536 x 576)
+# `linear` runs the C kernel up to this many bfloat16 tokens per call (from 5, torch's AMX product was as
+# fast or faster at 1536 x 576, measured)
+DENSE_KERNEL_MAX_TOKENS = 4
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False

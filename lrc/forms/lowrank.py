@@ -79,7 +79,7 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # functional calls, not the factor modules': at one token per call their hook machinery cost as much as the
-        # matmul; one bfloat16 token on CPU runs lrc's kernel (see cpu_kernels.linear)
+        # matmul; a few bfloat16 tokens on CPU run lrc's kernel (see cpu_kernels.linear)
         return linear(first_product(self, self.down, x), self.up.weight, self.up.bias)
 
     def dense_weight(self) -> torch.Tensor:
