@@ -15,6 +15,7 @@ from torch import nn
 
 from .allocate import ALLOCATORS, allocate_ranks, compile_patterns
 from .allocate.curve import allocation_curve
+from .allocate.objective import predicted_cost
 from .config import CompressionConfig
 from .device import resolve_device
 from .distributed import is_main
@@ -89,7 +90,8 @@ def compress(
         analysis = decompose_all(loaded, config, stats, progress)
     timing.update(analysis.timing)
     t = time.perf_counter()
-    allocation = allocate_ranks(analysis, config, loaded.model)  # with the model: options near the choices refined
+    allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
+    allocation = allocate_ranks(analysis, config, loaded.model, allocator=allocator)  # options near the choices refined
     timing["allocation_s"] = time.perf_counter() - t
     timing["refine_s"] = analysis.timing.get("refine_s", 0.0)  # the part of allocation_s spent refining
     t = time.perf_counter()  # the allocator's error-vs-size curve, for `lrc report --plot`
@@ -100,6 +102,9 @@ def compress(
     timing.update(apply_timing)
     report = build_report(loaded, config, analysis.stats, results, original_params, resolve_device(config.device))
     report["allocation_curve"] = curve
+    predicted = predicted_cost(allocator, *allocation, config.objective)
+    if predicted is not None:
+        report["predicted_cost"] = predicted
     report["held_out"] = held_out.compare(loaded.model)  # raises QualityError past config.heldout_max_ratio
     timing["total_s"] = time.perf_counter() - start
     report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}

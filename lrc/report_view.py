@@ -26,6 +26,17 @@ BUDGET_UNITS = {"disk": "targeted parameters", "memory": "targeted resident byte
                 "latency": "the measured forward time"}
 
 
+def predicted_rows(predicted: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The allocation's cost by the measured prices it was chosen with (memory, latency objectives)."""
+    if not predicted:
+        return []
+    text = f"{predicted['fraction_of_dense']:.1%} of dense ({predicted['counts']}; measured per layer shape)"
+    if "outside_share" in predicted:
+        text += (f"; targeted layers {predicted['targeted_layers_fraction']:.1%} of theirs, the rest of the model "
+                 f"{predicted['outside_share']:.2f}x their dense time")
+    return [("predicted cost", text)]
+
+
 def summary_table(report: dict[str, Any]) -> Table:
     table = Table(title="lrc compression report", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -40,6 +51,7 @@ def summary_table(report: dict[str, Any]) -> Table:
         ("budget", f"{report.get('budget')} of {BUDGET_UNITS.get(report.get('objective', 'disk'), 'cost')}"),
         ("targeted params", f"{tgt['original']:,} -> {tgt['compressed']:,}  (removed {tgt['removed_fraction']:.1%})"),
         ("model params", f"{whole['original']:,} -> {whole['compressed']:,}  (removed {whole['removed_fraction']:.1%})"),
+        *predicted_rows(report.get("predicted_cost")),
         ("calibration", f"{calib.get('source')}: {calib.get('samples')} x {calib.get('seq_len')} tokens"),
         ("seed", str(report.get("seed"))),
     ]

@@ -13,7 +13,7 @@ from torch import nn
 from ..config import CompressionConfig
 from ..errors import ConfigError
 from ..model.targets import matrix_type
-from .base import ALLOCATORS, Choice, MatrixCandidates
+from .base import ALLOCATORS, Allocator, Choice, MatrixCandidates
 
 if TYPE_CHECKING:
     from ..engine import Analysis
@@ -58,20 +58,21 @@ def build_candidates(analysis: Analysis, config: CompressionConfig) -> list[Matr
 
 def allocate_ranks(
     analysis: Analysis, config: CompressionConfig, model: nn.Module | None = None,
-    problems: ProblemGroups | None = None,
+    problems: ProblemGroups | None = None, allocator: Allocator | None = None,
 ) -> tuple[list[MatrixCandidates], Mapping[str, Choice]]:
     """The allocator's choice of a rank, DENSE or a sparse option for every targeted matrix under config.budget,
     the options priced by config.objective (see lrc.allocate.objective).
 
     model: the model the analysis decomposed (or `problems`, its weights and statistics group by group); with
     it, sparse options next to the choices that carry a first fit's error are refined and the allocation made
-    again (lrc.allocate.refine).
+    again (lrc.allocate.refine). allocator: config's allocator made by the caller, to read its pricing after
+    (see objective.predicted_cost); else one is made here.
     """
     from .knapsack import KnapsackAllocator
     from .objective import price_for
     from .refine import model_problems, refine_near_choices
 
-    allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
+    allocator = allocator or ALLOCATORS.create(config.allocator, config.allocator_options)
     candidates = build_candidates(analysis, config)
     if isinstance(allocator, KnapsackAllocator):  # the other allocators count parameters (config.validate)
         pricing = price_for(config, candidates, allocator.rank_step, model)  # by layer shape: refining keeps it

@@ -16,7 +16,7 @@ With several processes, rank 0 measures and every rank prices by its numbers (th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..factorize.base import SparseOption
-from .base import DENSE, Choice, MatrixCandidates
+from .base import DENSE, Allocator, Choice, MatrixCandidates
 from .layer_costs import DENSE_KIND, LayerCostTable, LayerShape, time_outside
 
 if TYPE_CHECKING:
@@ -72,6 +72,28 @@ class Pricing:
 
     price: Price
     outside: float = 0.0
+
+
+def predicted_cost(allocator: Allocator, matrices: list[MatrixCandidates], choices: Mapping[str, Choice],
+                   objective: str) -> dict[str, float | str] | None:
+    """What the allocation costs by the allocator's measured prices, as a fraction of the dense model's:
+    (Σ price(choice) + outside) / (Σ price(dense) + outside), with the outside share (latency). None where
+    the allocator priced parameters (disk: the report's params already say it)."""
+    from .knapsack import KnapsackAllocator
+
+    if not isinstance(allocator, KnapsackAllocator) or allocator.price is None:
+        return None
+    price = allocator.price
+    dense = sum(price(m, DENSE) for m in matrices)
+    chosen = sum(price(m, choices[m.name]) for m in matrices)
+    predicted: dict[str, float | str] = {
+        "counts": {"latency": "forward time, whole model", "memory": "resident bytes, targeted layers"}.get(objective, objective),
+        "fraction_of_dense": round((chosen + allocator.outside) / (dense + allocator.outside), 4),
+    }
+    if objective == "latency":
+        predicted["targeted_layers_fraction"] = round(chosen / dense, 4)
+        predicted["outside_share"] = round(allocator.outside / dense, 4)  # outside time / targeted layers' time
+    return predicted
 
 
 def outside_share(model: nn.Module, names: list[str], tokens: int) -> float:

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from ..allocate import ALLOCATORS, allocate_ranks
 from ..allocate.curve import allocation_curve
+from ..allocate.objective import predicted_cost
 from ..allocate.refine import ProblemGroups
 from ..calibration.sufficiency import check_sufficiency
 from ..config import CompressionConfig
@@ -111,7 +112,9 @@ def compress_streamed(
         analysis = decompose_layers(loaded, config, store, stats, progress)
         timing.update(analysis.timing)
         t = time.perf_counter()
-        allocation = allocate_ranks(analysis, config, problems=streamed_problems(loaded, config, store, stats))
+        allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
+        allocation = allocate_ranks(analysis, config, problems=streamed_problems(loaded, config, store, stats),
+                                    allocator=allocator)
         timing["allocation_s"] = time.perf_counter() - t
         timing["refine_s"] = analysis.timing.get("refine_s", 0.0)  # the part of allocation_s spent refining
         t = time.perf_counter()
@@ -128,6 +131,9 @@ def compress_streamed(
             device = resolve_device(config.device)
             report = build_report(loaded, config, analysis.stats, results, original_params, device)
             report["allocation_curve"] = curve
+            predicted = predicted_cost(allocator, *allocation, config.objective)
+            if predicted is not None:
+                report["predicted_cost"] = predicted
             report["held_out"] = held_out_entry
             timing["total_s"] = time.perf_counter() - start
             report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}

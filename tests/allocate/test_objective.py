@@ -118,7 +118,8 @@ def test_latency_objective_prices_by_the_cached_table(tmp_path, calib_file, caps
     """`--objective latency --budget B` reads the device's table from the cache (prepared here with made-up
     times that do not follow the parameter counts: dense 1, rank r 0.3 + r / 100), measures nothing more,
     and the chosen layers' times plus the rest of the model's (set here to a share s = 0.25 of the dense
-    layers') sum to at most (1 - B) of the dense model's; the report names the objective."""
+    layers') sum to at most (1 - B) of the dense model's; the report names the objective and states that
+    predicted fraction."""
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(objective, "outside_share", lambda model, names, tokens: 0.25)
     model = save_tiny_model(tmp_path / "model", "llama")
@@ -142,6 +143,12 @@ def test_latency_objective_prices_by_the_cached_table(tmp_path, calib_file, caps
     assert chosen > 0.6 * 1.25 * dense - 0.25 * dense - 0.05 * dense  # the time was spent, up to a rank step
     # by parameters, the same budget keeps ranks up to half the break-even rank; by these times ranks cost little
     assert report["params"]["targeted"]["removed_fraction"] < 0.4
+    predicted = report["predicted_cost"]  # the same sums, as the report states them
+    assert predicted["fraction_of_dense"] == pytest.approx((chosen + 0.25 * dense) / (1.25 * dense), abs=1e-4)
+    assert predicted["targeted_layers_fraction"] == pytest.approx(chosen / dense, abs=1e-4)
+    assert predicted["outside_share"] == pytest.approx(0.25)
+    code, stdout, _ = run_main(capsys, "report", out)
+    assert code == 0 and "predicted cost" in stdout and f"{predicted['fraction_of_dense']:.1%} of dense" in stdout
 
 
 def test_low_rank_times_are_priced_by_a_line_in_rank(tmp_path):
