@@ -301,10 +301,11 @@ class LayerCostTable:
         return self.entries[key]
 
 
-def time_outside(model: nn.Module, names: list[str], forward: Callable[[], Any], rounds: int = 5) -> tuple[float, float]:
+def time_outside(model: nn.Module, names: list[str], forward: Callable[[], Any], rounds: int = 7) -> tuple[float, float]:
     """(seconds inside the modules `names`, seconds outside them) of one call of `forward` through `model`,
-    timed in the model: the modules by forward hooks, the rest as the call's time minus theirs; from the
-    fastest of `rounds` calls after a warm-up one (on CUDA, synchronized around every hooked call)."""
+    timed in the model: the modules by forward hooks, the rest as the call's time minus theirs; of the call
+    whose outside / inside ratio is the median of `rounds` calls after a warm-up one (the split of a single
+    call moves when the machine's speed changes within it; on CUDA, synchronized around every hooked call)."""
     device = next(model.parameters()).device
 
     def sync() -> None:
@@ -326,8 +327,8 @@ def time_outside(model: nn.Module, names: list[str], forward: Callable[[], Any],
     for name in names:
         module = model.get_submodule(name)
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    splits: list[tuple[float, float]] = []
     try:
-        best: tuple[float, float] | None = None
         with torch.no_grad():
             forward()
             for _ in range(rounds):
@@ -337,10 +338,9 @@ def time_outside(model: nn.Module, names: list[str], forward: Callable[[], Any],
                 forward()
                 sync()
                 total = time.perf_counter() - start
-                if best is None or total < sum(best):
-                    best = (inside[0], total - inside[0])
+                splits.append((inside[0], total - inside[0]))
     finally:
         for handle in handles:
             handle.remove()
-    assert best is not None
-    return best
+    splits.sort(key=lambda split: split[1] / max(split[0], 1e-12))
+    return splits[len(splits) // 2]
