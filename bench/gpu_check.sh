@@ -120,7 +120,7 @@ done
 step compress_lowrank "${LIMIT_RUN[0]}" python -m lrc compress "${RUN_ARGS[@]}" --method loss-aware --device "$DEVICE" \
     -o "$WORK/out_lowrank"
 if [ -f "$WORK/out_device/lrc_report.yaml" ] && [ -f "$WORK/out_lowrank/lrc_report.yaml" ]; then
-    step runtime "$LIMIT_RUNTIME" python bench/runtime.py --device "$DEVICE" --dtypes bfloat16 --rounds 1 \
+    step runtime "$LIMIT_RUNTIME" python bench/runtime.py --device "$DEVICE" --dtypes bfloat16 --rounds 1 --alternations 6 \
         --seq-len "$SEQ" --text "$WORK/calib.txt" --out "$RESULTS/runtime_$DEVICE" \
         --models dense="$WORK/model" "default recipe=$WORK/out_device" "loss-aware=$WORK/out_lowrank"
     tail -n 5 "$RESULTS/runtime_$DEVICE.md" 2>/dev/null | sed 's/^/    /' | tee -a "$SUMMARY"
