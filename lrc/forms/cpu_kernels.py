@@ -500,8 +500,8 @@ def library() -> ctypes.CDLL | None:
 
 def available(values: torch.Tensor, x: torch.Tensor | None = None) -> bool:
     """Whether the kernels run for these stored values (and input): CPU, float32 or bfloat16, one dtype."""
-    ok = ENABLED and values.device.type == "cpu" and values.dtype in _DTYPES
-    ok = ok and (x is None or (x.device.type == "cpu" and x.dtype == values.dtype))
+    ok = ENABLED and values.is_cpu and values.dtype in _DTYPES
+    ok = ok and (x is None or (x.is_cpu and x.dtype == values.dtype))
     return ok and library() is not None
 
 
@@ -572,16 +572,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     there than torch's bfloat16 product at this package's factor shapes (accumulated in float32, bias
     added, rounded once); anything else, or where gradients flow, is torch's."""
     # checks cheapest first: this runs once per factor per decoded token
-    if x.dtype is not torch.bfloat16 or not ENABLED or not x.is_cpu or x.dim() == 0:
+    if x.dtype is not torch.bfloat16 or x.dim() == 0 or not available(weight, x):
         return torch.nn.functional.linear(x, weight, bias)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    lib = _library if _tried else library()
-    if (lib is None or not 0 < tokens <= DENSE_KERNEL_MAX_TOKENS or weight.dtype is not torch.bfloat16
-            or not weight.is_cpu or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or not weight.is_contiguous()
+    if (not 0 < tokens <= DENSE_KERNEL_MAX_TOKENS or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
+            or not weight.is_contiguous()
             or (bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_cpu or not bias.is_contiguous()))
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad)))):
         return torch.nn.functional.linear(x, weight, bias)
+    lib = library()
+    assert lib is not None
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.bfloat16)
     lib.lrc_dense_mm_bf16(weight.data_ptr(), None if bias is None else bias.data_ptr(), weight.shape[0],
