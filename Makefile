@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 DATA ?= ../shared/data/wikitext-2
 DEMO_OUT ?= demo-out
 
-.PHONY: install lint test test-fast demo bench clean
+.PHONY: install lint test test-fast compat demo bench clean
 
 # the extras the tests exercise (plot: `lrc report --plot`; tasks: `lrc eval --tasks`) are installed too, so
 # their tests run in CI instead of being skipped.
@@ -24,6 +24,16 @@ test: install lint
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not real_model"
+
+# the loading tests against the oldest transformers lrc supports, in a virtual environment beside the
+# project's (it takes the other packages from the project's environment)
+OLDEST_TRANSFORMERS ?= 5.8.0
+compat:
+	$(PYTHON) -m venv --system-site-packages .venv-compat
+	.venv-compat/bin/pip install -q --no-deps transformers==$(OLDEST_TRANSFORMERS)
+	.venv-compat/bin/pip install -q httpx "tokenizers>=0.22,<=0.23.0"
+	.venv-compat/bin/python -m pytest -q -p no:cacheprovider tests/io tests/model tests/trust/test_load_strictness.py \
+		tests/test_remote_code.py
 
 demo: install
 	lrc compress smollm2-135m --recipe recipes/sparse-dictionary-fast.yaml --budget 0.3 --calib $(DATA)/wiki.valid.tokens \
@@ -45,4 +55,4 @@ bench: install
 	$(PYTHON) bench/runtime.py
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(DEMO_OUT) .venv-compat .pytest_cache .mypy_cache .ruff_cache *.egg-info

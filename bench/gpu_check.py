@@ -10,6 +10,7 @@ Nothing here reads a file outside the checkout or the network: the tokenizer is 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -71,10 +72,28 @@ def compare(cuda_out: Path, cpu_out: Path, md: Path, log: Path | None) -> None:
     if diffs:
         values = [d for d, _ in diffs]
         lines += [f"Relative difference ||device - cpu|| / ||cpu|| over same-shaped tensors: max {values[0]:.2e} "
-                  f"({diffs[0][1]}), median {values[len(values) // 2]:.2e}.", ""]
+                  f"({diffs[0][1]}), median {values[len(values) // 2]:.2e} (factors are free up to signs and the order "
+                  "of atoms: the layers' products below are what must agree).", ""]
+    products = sorted(((relative(w, dense_weights(cpu_out)[k]), k) for k, w in dense_weights(cuda_out).items()
+                       if k in dense_weights(cpu_out)), reverse=True)
+    if products:
+        values = [d for d, _ in products]
+        lines += [f"Layer products W = the factors multiplied out, ||W_device - W_cpu|| / ||W_cpu|| over {len(values)} "
+                  f"compressed layers: max {values[0]:.2e} ({products[0][1]}), median {values[len(values) // 2]:.2e}.", ""]
     md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(json.dumps({"max_relative_difference": diffs[0][0] if diffs else None}))
+    print(json.dumps({"max_relative_difference": products[0][0] if products else None}))
+
+
+@functools.cache
+def dense_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """{layer name: its weight multiplied out (out x in)} for every compressed layer of the lrc output `folder`."""
+    import lrc
+
+    model = lrc.load(str(folder), need_tokenizer=False).model
+    with torch.no_grad():
+        return {name: module.dense_weight().float().cpu() for name, module in model.named_modules()
+                if callable(getattr(module, "dense_weight", None))}
 
 
 def main() -> None:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check: one command, at most 11 minutes on one GPU (the sum of the steps' limits), needing only
+# The GPU check: one command, at most 9.5 minutes on one GPU (the sum of the steps' limits), needing only
 # this checkout and torch, transformers, typer, rich, safetensors, pyyaml (and pytest for step 1; skipped,
 # and said so, without it).
 #
 #   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU
 #   bash bench/gpu_check.sh --device cpu --quick   # a dry run of every step on the CPU (tiny sizes)
+#   bash bench/gpu_check.sh --tar "$OUT/gpu_check.tgz"   # also pack the results into one file (a lent machine
+#                                                        # returns few files from $OUT; unpack into bench/results/gpu_check)
 #
 # Steps, each under its own time limit (a step that runs out is recorded as such, the others still run):
 #   1. pytest -m gpu: CUDA statistics and decompositions against the float64 CPU path (tests/test_gpu.py)
@@ -25,11 +27,13 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 DEVICE=cuda
 QUICK=0
+TAR=
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --quick) QUICK=1; shift ;;
-        *) echo "usage: bash bench/gpu_check.sh [--device cuda|cpu] [--quick]" >&2; exit 2 ;;
+        --tar) TAR="$2"; shift 2 ;;
+        *) echo "usage: bash bench/gpu_check.sh [--device cuda|cpu] [--quick] [--tar FILE.tgz]" >&2; exit 2 ;;
     esac
 done
 
@@ -47,8 +51,8 @@ if [ "$QUICK" = 1 ]; then  # dry-run sizes: every step in seconds to a few minut
 else  # SmolLM2-135M's widths with 6 of its 30 layers and 64 of the default 128 x 512 windows: the cpu run
       # (about 1/10 of the full run's work) fits its limit on 16 cores
     LAYERS=6; SAMPLES=64; SEQ=512; CHARS=400000; METHOD=(); SHAPES=(llama3-8b llama3-70b)
-    SCALE_ARGS=(--samples 8 --seq-len 512 --job-budget-s 40); LIMIT_TESTS=60; LIMIT_BUILD=60; LIMIT_RUN=(60 150); LIMIT_SCALE=(60 90)
-    LIMIT_RUNTIME=90
+    SCALE_ARGS=(--samples 8 --seq-len 512 --job-budget-s 40); LIMIT_TESTS=60; LIMIT_BUILD=45; LIMIT_RUN=(60 120); LIMIT_SCALE=(60 80)
+    LIMIT_RUNTIME=80
 fi
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
@@ -72,8 +76,9 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $RESULTS
 note "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
 note ""
 python - <<'EOF' 2>&1 | tee -a "$SUMMARY"
-import platform, torch
-print(f"- torch {torch.__version__}, python {platform.python_version()}, cuda available: {torch.cuda.is_available()}")
+import platform, torch, transformers
+print(f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
+      f"cuda available: {torch.cuda.is_available()}")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"- device: {p.name}, {p.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} visible")
@@ -130,3 +135,6 @@ fi
 
 note ""
 note "total: $(( $(date +%s) - START )) s"
+if [ -n "$TAR" ]; then
+    tar czf "$TAR" -C "$RESULTS" . && echo "results packed into $TAR"
+fi

@@ -81,9 +81,12 @@ def convert_gguf(path: Path, folder: Path, progress: Progress = no_progress) -> 
 def whole_model_reason(architecture: str) -> str | None:
     """Why a GGUF of `architecture` (its general.architecture) needs the whole-model path, from the architecture
     alone; None when transformers reads it tensor by tensor (`load_gguf_checkpoint` with a per-tensor processor)."""
-    from transformers.integrations.gguf import GGUF_ARCHS
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
+    try:
+        from transformers.integrations.gguf import GGUF_ARCHS
+    except ImportError:  # transformers before 5.17 has no newer GGUF loader
+        GGUF_ARCHS = {}
     if architecture in GGUF_ARCHS:
         return f"transformers converts {architecture} GGUF files with its own load operations"
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor).__name__

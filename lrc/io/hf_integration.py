@@ -12,6 +12,7 @@ is an error naming it. Format 1 (ranks only, before sparse layers existed) still
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -114,6 +115,9 @@ def copy_indices_out_of_file(model: Any) -> int:
     return copied
 
 
+_BASE_CONVERSIONS_TAKE_MODEL = "model" in inspect.signature(HfQuantizer.update_weight_conversions).parameters
+
+
 def _has_module(model: Any, name: str) -> bool:
     try:
         model.get_submodule(name)
@@ -127,6 +131,7 @@ class LrcHfQuantizer(HfQuantizer):
 
     requires_calibration = True
     quantization_config: LrcConfig
+    _prepared_model: Any = None
 
     def _process_model_before_weight_loading(self, model: Any, checkpoint_files: Any = None, **kwargs: Any) -> Any:
         """Swap in the factorized layers, then check the files against them before any weight is read:
@@ -137,6 +142,7 @@ class LrcHfQuantizer(HfQuantizer):
         from ..model.targets import skip_init_of_parents
 
         config = self.quantization_config
+        self._prepared_model = model
         adapter_for(model).prepare(model)  # the structure lrc wrote: fused experts unfused
         replace_with_low_rank(model, config.ranks, config.sparse)
         skip_init_of_parents(model, [*config.ranks, *config.sparse])
@@ -152,10 +158,17 @@ class LrcHfQuantizer(HfQuantizer):
         copy_indices_out_of_file(model)
         return model
 
-    def update_weight_conversions(self, weight_conversions: Any, model: Any) -> Any:
+    def update_weight_conversions(self, weight_conversions: Any, model: Any = None) -> Any:
+        """Drop transformers' expert merges for the experts lrc wrote unfused. transformers 5.8-5.21 pass no
+        model: it is then the one `_process_model_before_weight_loading` prepared (that runs first)."""
         from ..model.experts import drop_merges_into_unfused
 
-        return drop_merges_into_unfused(super().update_weight_conversions(weight_conversions, model), model)
+        model = self._prepared_model if model is None else model
+        if _BASE_CONVERSIONS_TAKE_MODEL:
+            conversions = super().update_weight_conversions(weight_conversions, model)
+        else:
+            conversions = super().update_weight_conversions(weight_conversions)  # type: ignore[call-arg]
+        return drop_merges_into_unfused(conversions, model)
 
     def is_serializable(self) -> bool:
         return True

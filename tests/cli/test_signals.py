@@ -30,8 +30,8 @@ def paused(target):
         print(f"TEMPORARY {tmp}", file=sys.stderr, flush=True)
         time.sleep(120)
 
-for module in list(sys.modules.values()):  # wherever it was imported by name
-    if getattr(module, "atomic_directory", None) is real:
+for name, module in list(sys.modules.items()):  # wherever lrc imported it by name
+    if name.startswith("lrc") and getattr(module, "atomic_directory", None) is real:
         module.atomic_directory = paused
 from lrc.cli import main
 sys.exit(main(sys.argv[1:]))

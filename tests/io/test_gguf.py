@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +158,8 @@ def test_whole_model_kept_for_merging_processors():
 
     assert whole_model_reason("llama") is None and whole_model_reason("gpt2") is None
     assert "Qwen2MoeTensorProcessor" in (whole_model_reason("qwen3moe") or "")
-    assert whole_model_reason("qwen35") is not None  # transformers' newer loader, with its own operations
+    if importlib.util.find_spec("transformers.integrations.gguf"):  # transformers' newer loader (5.17 on)
+        assert whole_model_reason("qwen35") is not None  # its architectures have their own operations
 
 
 @pytest.mark.parametrize(
