@@ -25,15 +25,17 @@ test: install lint
 test-fast:
 	$(PYTHON) -m pytest -q -m "not real_model"
 
-# the loading tests against the oldest transformers lrc supports, in a virtual environment beside the
-# project's (it takes the other packages from the project's environment)
-OLDEST_TRANSFORMERS ?= 5.8.0
-compat:
+# the whole suite again on the oldest versions pyproject.toml allows (uv's lowest-direct resolution, extras
+# included; torch stays this environment's CPU build), in .venv-compat (about 10 minutes)
+PYVER = $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+compat: install
+	rm -rf .venv-compat
 	$(PYTHON) -m venv --system-site-packages .venv-compat
-	.venv-compat/bin/pip install -q --no-deps transformers==$(OLDEST_TRANSFORMERS)
-	.venv-compat/bin/pip install -q httpx "tokenizers>=0.22,<=0.23.0"
-	.venv-compat/bin/python -m pytest -q -p no:cacheprovider tests/io tests/model tests/trust/test_load_strictness.py \
-		tests/test_remote_code.py
+	$(PYTHON) -m uv pip compile pyproject.toml --all-extras --resolution lowest-direct --python-version $(PYVER) \
+		-q --no-header --no-annotate -o .venv-compat/lowest.txt
+	grep -vE '^(torch|triton|nvidia-|cuda-)' .venv-compat/lowest.txt > .venv-compat/install.txt
+	.venv-compat/bin/pip install -q --no-deps -r .venv-compat/install.txt
+	.venv-compat/bin/python -m pytest -q -p no:cacheprovider
 
 demo: install
 	lrc compress smollm2-135m --recipe recipes/sparse-dictionary-fast.yaml --budget 0.3 --calib $(DATA)/wiki.valid.tokens \
