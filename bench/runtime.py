@@ -10,7 +10,8 @@ budget 0.3), in float32 and bfloat16, each model in its own process, loaded with
 - peak RSS: the process's peak resident set during a 512-token prefill and the decode steps (VmHWM, reset
   after loading and a warm-up, memory freed while loading handed back to the OS first: the model,
   activations, KV cache and transients, plus the Python / torch runtime);
-- prefill tok/s (one 512-token forward) and decode tok/s (greedy steps with the KV cache, one over the
+- prefill tok/s (one 512-token forward that, as transformers' generate() does, computes the logits of the
+  last position only; `--all-logits` for all 512, as a perplexity evaluation does) and decode tok/s (greedy steps with the KV cache, one over the
   median step time of a run, so a stall of the machine within a run does not count), measured in one more
   process per dtype that loads every model and runs them in turn, `--alternations` rounds with the order
   rotated: the models of a round run seconds apart. Reported: each model's fastest run (other work on the
@@ -125,9 +126,10 @@ def timed_run(model: Any, ids: Any, args: argparse.Namespace) -> tuple[float, fl
             torch.cuda.synchronize(ids.device)
         return time.perf_counter()
 
+    last_only = {} if args.all_logits else {"logits_to_keep": 1}  # generate()'s prefill: the last position's logits
     with torch.inference_mode():
         t0 = now()
-        out = model(ids, use_cache=True)
+        out = model(ids, use_cache=True, **last_only)
         t1 = now()
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         del out
@@ -206,7 +208,8 @@ def run_child(extra: list[str], dtype: str, args: argparse.Namespace) -> Any:
     """A child process of this script (one dtype), its last stdout line as JSON."""
     cmd = [sys.executable, __file__, *extra, "--dtypes", dtype, "--threads", str(args.threads),
            "--seq-len", str(args.seq_len), "--decode", str(args.decode), "--repeats", str(args.repeats),
-           "--alternations", str(args.alternations), "--device", args.device, "--text", str(args.text)]
+           "--alternations", str(args.alternations), "--device", args.device, "--text", str(args.text),
+           *(["--all-logits"] if args.all_logits else [])]
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -234,11 +237,14 @@ def span(values: list[float], fmt: str) -> str:
 def table(rows: list[dict[str, Any]], models: list[str], dtypes: list[str],
           alternations: dict[str, Any] | None = None) -> list[str]:
     """The markdown table. Speeds, from the alternating process where there is one (else from the per-model
-    processes, a round being one process per model): the fastest run of each model and its ratio to the
-    fastest dense run (noise on a shared machine only ever slows a run down), then the range of the
-    ratios within each round."""
+    processes, a round being one process per model): each model's median run, then against dense the
+    median of the ratios within each round (the models of a round ran seconds apart: the figure to read),
+    the ratio of the fastest runs, and the range of the ratios within rounds. The fastest-run ratio alone
+    misled on this VM: dense bfloat16 prefill ranged 1181-2409 tokens/s within one run, and one fast burst
+    for one model moved it by a third."""
     lines = ["| model | dtype | file MiB | tensors MiB (x file) | peak RSS MiB (x dense) | dense - RSS, share of file saving "
-             "| prefill tok/s (x dense; per round) | decode tok/s (x dense; per round) |",
+             "| prefill tok/s (x dense: median per round; fastest; range) | decode tok/s (x dense: median per round; "
+             "fastest; range) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for dtype in dtypes:
         for name in models:
@@ -259,7 +265,8 @@ def table(rows: list[dict[str, Any]], models: list[str], dtypes: list[str],
                     dense_series = [dense[r["round"]][key] for r in mine]
                 best, best_dense = max(series), max(dense_series)
                 per_round = [mine_s / dense_s for mine_s, dense_s in zip(series, dense_series)]
-                speeds.append(f"{best:{fmt}} ({best / best_dense:.2f}; {span(per_round, '.2f')})")
+                speeds.append(f"{statistics.median(series):{fmt}} (**{statistics.median(per_round):.2f}**; "
+                              f"{best / best_dense:.2f}; {span(per_round, '.2f')})")
             lines.append(
                 f"| {name} | {dtype} | {file:.0f} | {span([r['tensors_after_run'] / MIB for r in mine], '.0f')} "
                 f"({span(held, '.3f')}) | {span(rss, '.0f')} ({span(rss_x, '.2f')}) | "
@@ -283,6 +290,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda the peak column is torch's peak "
                         "allocated device memory)")
     parser.add_argument("--text", default=str(WIKI_TEST), help="text whose first tokens are the prefill")
+    parser.add_argument("--all-logits", action="store_true", help="prefill computes the logits of every "
+                        "position (as a perplexity evaluation does), not only the last one's (as generate() does)")
     parser.add_argument("--rows", help="the .yaml of an earlier run: write its table again, measure nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--alternate", nargs="*", help=argparse.SUPPRESS)
@@ -297,6 +306,7 @@ def main() -> None:
         rows = saved["rows"]
         for key in ("threads", "seq_len", "decode", "repeats", "device"):
             setattr(args, key, saved.get(key, getattr(args, key)))
+        args.all_logits = saved.get("all_logits", True)  # runs before the option computed every position's logits
         args.rounds = 1 + max(r["round"] for r in rows)
         args.dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
         alternations = saved.get("alternations") or {}
@@ -339,7 +349,8 @@ def write_table(args: argparse.Namespace, rows: list[dict[str, Any]], models: li
     lines = [
         f"{', '.join(models)}: loaded with transformers after `import lrc`; memory: one process "
         f"per model and dtype, {args.rounds} rounds (ranges shown); {speeds}; {device_name(args)}, "
-        f"torch {torch.__version__}; prefill = 1 x {args.seq_len} tokens, decode = {args.decode} greedy steps after "
+        f"torch {torch.__version__}; prefill = 1 x {args.seq_len} tokens "
+        f"({'logits of every position' if args.all_logits else 'logits of the last position, as generate() computes'}), decode = {args.decode} greedy steps after "
         f"it (one over the median step). file: safetensors bytes at that dtype; tensors: bytes held by the "
         f"model's tensors after the run; peak RSS: the process during prefill and decode (on a GPU: the peak of "
         f"torch's allocated device memory); 'dense - RSS' is the "
@@ -349,7 +360,8 @@ def write_table(args: argparse.Namespace, rows: list[dict[str, Any]], models: li
     from results_files import write_results
 
     write_results(args.out, lines, {"threads": args.threads, "seq_len": args.seq_len, "decode": args.decode,
-                                    "repeats": args.repeats, "device": args.device, "rows": rows,
+                                    "repeats": args.repeats, "device": args.device, "all_logits": args.all_logits,
+                                    "rows": rows,
                                     "alternations": alternations})
 
 

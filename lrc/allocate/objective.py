@@ -6,8 +6,9 @@
   form keeps to run: a sparse layer's kernel copy), measured per shape (see layer_costs).
 - `latency`: seconds of one forward pass of `latency_tokens` tokens through the layer on the run's
   device, at the written dtype and the current thread count, measured per shape (see layer_costs).
-  The budget B makes the whole forward pass B faster: the time outside the targeted matrices
-  (attention, norms, embeddings, the head) is measured in the dense model (`layer_costs.time_outside`,
+  The budget B makes the whole forward pass B faster, the pass that generate() makes (the head computes
+  the last position's logits only, `logits_to_keep=1`, where the model takes it): the time outside the
+  targeted matrices (attention, norms, embeddings, the head) is measured in the dense model (`layer_costs.time_outside`,
   as a share s of the targeted layers' time there) and priced at s Σ dense price, so with T = Σ dense
   price the constraint is Σ price + s T ≤ (1 − B)(1 + s) T.
 Every option's price is its own measurement; for disk and memory Σ price ≤ (1 − B) Σ dense price.
@@ -16,6 +17,7 @@ With several processes, rank 0 measures and every rank prices by its numbers (th
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -98,7 +100,8 @@ def predicted_cost(allocator: Allocator, matrices: list[MatrixCandidates], choic
 
 def outside_share(model: nn.Module, names: list[str], tokens: int) -> float:
     """The dense model's forward time outside the modules `names`, as a share of theirs (one forward of
-    `tokens` random tokens; names that are not modules count as outside)."""
+    `tokens` random tokens, logits of the last position only as generate() computes them; names that are
+    not modules count as outside)."""
     from ..model.adapters import adapter_for
 
     present = [name for name in names if _is_module(model, name)]
@@ -106,6 +109,8 @@ def outside_share(model: nn.Module, names: list[str], tokens: int) -> float:
     vocab = int(model.config.vocab_size)  # type: ignore[union-attr, arg-type]  # a transformers model
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
     inputs = adapter_for(model).forward_inputs(ids)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        inputs["logits_to_keep"] = 1
     inside, outside = time_outside(model, present, lambda: model(**inputs))
     return outside / inside
 

@@ -203,3 +203,22 @@ def test_forms_are_priced_by_their_ratio_to_dense_timed_back_to_back(tmp_path, m
     table.fill([low])
     assert table.seconds(low) / table.seconds(dense) == pytest.approx(0.5)
     assert table.seconds(dense) == 1.0  # the least of every measurement of the shape
+
+
+def test_outside_share_times_the_prefill_generate_makes(monkeypatch):
+    """The dense model's rest is timed on a forward that computes the last position's logits only, as
+    generate()'s prefill does, not the head over every position."""
+    import transformers
+
+    from tests.conftest import tiny_config
+
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    seen = []
+
+    def timed(model, names, forward, rounds=7):
+        seen.append(forward())
+        return 1.0, 0.5
+
+    monkeypatch.setattr(objective, "time_outside", timed)
+    assert objective.outside_share(model, ["model.layers.0.mlp.up_proj"], tokens=8) == pytest.approx(0.5)
+    assert seen[0].logits.shape[1] == 1  # one position's logits, not 8
