@@ -10,7 +10,6 @@ Nothing here reads a file outside the checkout or the network: the tokenizer is 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -74,8 +73,8 @@ def compare(cuda_out: Path, cpu_out: Path, md: Path, log: Path | None) -> None:
         lines += [f"Relative difference ||device - cpu|| / ||cpu|| over same-shaped tensors: max {values[0]:.2e} "
                   f"({diffs[0][1]}), median {values[len(values) // 2]:.2e} (factors are free up to signs and the order "
                   "of atoms: the layers' products below are what must agree).", ""]
-    products = sorted(((relative(w, dense_weights(cpu_out)[k]), k) for k, w in dense_weights(cuda_out).items()
-                       if k in dense_weights(cpu_out)), reverse=True)
+    on_device, on_cpu = dense_weights(cuda_out), dense_weights(cpu_out)
+    products = sorted(((relative(w, on_cpu[k]), k) for k, w in on_device.items() if k in on_cpu), reverse=True)
     if products:
         values = [d for d, _ in products]
         lines += [f"Layer products W = the factors multiplied out, ||W_device - W_cpu|| / ||W_cpu|| over {len(values)} "
@@ -85,7 +84,6 @@ def compare(cuda_out: Path, cpu_out: Path, md: Path, log: Path | None) -> None:
     print(json.dumps({"max_relative_difference": products[0][0] if products else None}))
 
 
-@functools.cache
 def dense_weights(folder: Path) -> dict[str, torch.Tensor]:
     """{layer name: its weight multiplied out (out x in)} for every compressed layer of the lrc output `folder`."""
     import lrc

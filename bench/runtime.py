@@ -14,11 +14,10 @@ budget 0.3), in float32 and bfloat16, each model in its own process, loaded with
   last position only; `--all-logits` for all 512, as a perplexity evaluation does) and decode tok/s (greedy steps with the KV cache, one over the
   median step time of a run, so a stall of the machine within a run does not count), measured in one more
   process per dtype that loads every model and runs them in turn, `--alternations` rounds with the order
-  rotated: the models of a round run seconds apart. Reported: each model's fastest run (other work on the
-  machine only ever adds time) as a ratio to dense's fastest, and the range of the ratios within rounds.
-  On this project's shared 2-core VM the speed changes from second to second too (a pure-Python loop's
-  time varied by 87-121 ms over 20 runs in a row), so the per-round ratios spread widely and the fastest
-  runs are the figure to read.
+  rotated: the models of a round run seconds apart. Reported: each model's median run, and against dense
+  the median of the per-round ratios (the figure to read), the ratio of the fastest runs and the range of
+  the per-round ratios. On this project's shared 2-core VM the speed changes from second to second (dense
+  bfloat16 prefill 1181-2409 tokens/s within one run), so a fastest-run ratio can be one lucky burst.
   (`--alternations 0`: speeds from the per-model processes, the fastest of `--repeats` runs each.)
 Memory rounds interleave the models too, so a change in the machine's load touches all of them alike.
 
@@ -310,7 +309,7 @@ def main() -> None:
         args.rounds = 1 + max(r["round"] for r in rows)
         args.dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
         alternations = saved.get("alternations") or {}
-        args.alternations = len(next(iter(next(iter(alternations.values())).values()))["prefill_tok_s"]) if alternations else 0
+        args.alternations = len(next(iter(alternations.values()))["dense"]["prefill_tok_s"]) if alternations else 0
         return write_table(args, rows, list(dict.fromkeys(r["model"] for r in rows)), alternations)
     if args.models:
         pairs = [m.split("=", 1) for m in args.models]

@@ -169,9 +169,10 @@ def measure_shape(label: str, args: argparse.Namespace, device: torch.device) ->
     stats_s = clock.now() - t
     per_token = (stats_s - half_s) / (tokens - half.numel()) if tokens > half.numel() else stats_s / tokens
     floor = stats_s / tokens / 10  # timing noise must not make the rate vanish; a rate at the floor is a lower bound
+    rate = max(per_token, floor)
     result["statistics"] = {"seconds": round(stats_s, 3), "seconds_half": round(half_s, 3),
-                            "per_token_s": max(per_token, floor), "per_token_at_floor": per_token <= floor,
-                            "fixed_s": max(0.0, stats_s - max(per_token, floor) * tokens), "peak_bytes": peak.peak,
+                            "per_token_s": rate, "per_token_at_floor": per_token <= floor,
+                            "fixed_s": max(0.0, stats_s - rate * tokens), "peak_bytes": peak.peak,
                             **{k: round(v, 3) for k, v in stats.timing.items()}}
     ridged(stats)
 
