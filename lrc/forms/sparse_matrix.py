@@ -123,15 +123,22 @@ class SparseMatrix(nn.Module):
 
     def row_ids(self) -> torch.Tensor:
         counts = (self.row_offsets[1:] - self.row_offsets[:-1]).long()
-        return torch.repeat_interleave(torch.arange(self.rows, device=counts.device), counts)
+        rows = torch.arange(self.rows, device=counts.device)
+        return torch.repeat_interleave(rows, counts, output_size=self.nnz)  # sized: no device-to-host sync
 
     def to_dense(self) -> torch.Tensor:
-        dense = torch.zeros(self.rows, self.cols, dtype=self.values.dtype, device=self.values.device)
-        if self.layout == "bitmask":
-            dense[unpack_bits(self.bitmask, self.cols)] = self.values
-        else:
+        """The rows x cols matrix, zeros included, built with torch ops whose output sizes are known up front
+        (no boolean-mask indexing), so that on a GPU nothing waits for the device: entry k of the bitmask's
+        row-major set bits is values[k], found as (number of set bits up to and including it) - 1."""
+        if self.layout == "csr":
+            dense = torch.zeros(self.rows, self.cols, dtype=self.values.dtype, device=self.values.device)
             dense[self.row_ids(), self.col_indices.long()] = self.values
-        return dense
+            return dense
+        mask = unpack_bits(self.bitmask, self.cols).reshape(-1)
+        if self.nnz == 0:
+            return torch.zeros(self.rows, self.cols, dtype=self.values.dtype, device=self.values.device)
+        positions = mask.cumsum(0, dtype=torch.int32).sub_(1).clamp_(min=0)
+        return torch.where(mask, self.values[positions], 0).reshape(self.rows, self.cols)
 
     def stored_bytes(self) -> int:
         """Bytes of every tensor this matrix stores (values, indices or bitmask, offsets)."""
