@@ -1,0 +1,154 @@
+"""What one compressed projection costs against its dense layer, at a model's real widths, on a device.
+
+For the projections of one decoder layer of a model shape (Llama-3-8B: q/o 4096 x 4096, k/v 1024 x 4096,
+gate/up 14336 x 4096, down 4096 x 14336), random weights, times y = layer(x) for a decode step (1 token) and a
+prefill (512 tokens) in three forms holding the same share `--keep` of the dense layer's weight bytes:
+- dense: nn.Linear (the baseline);
+- low rank (lrc's LowRankLinear): rank r = keep · out · in / (out + in);
+- sparse dictionary (lrc's SparseDictionaryLinear): half of the out x k mixing entries stored (bitmask layout,
+  1/8 byte per entry) and k atoms such that it too holds `keep` of the dense bytes (at bfloat16),
+  k = keep · out · in / (in + (1/2 + 1/16) · out); on SmolLM2-135M's gate / up (1536 x 576) that is 430 atoms,
+  where the default recipe at budget 0.3 chose 413-418 atoms with half the mixing stored.
+Each form's time is the median over `--rounds` rounds (forms in rotated order within a round, seconds apart) of
+the mean of `--calls` back-to-back calls; on CUDA timed after a synchronize. The decoder-layer row sums the
+seven projections. Attention, norms and the head are not here: bench/runtime.py measures whole models.
+
+    python bench/layer_speed.py --device cuda --dtype bfloat16        # writes bench/results/layer_speed_cuda.md
+    python bench/layer_speed.py --device cpu --shape test-tiny --out /tmp/ls   # a dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lrc.forms.lowrank import LowRankLinear  # noqa: E402
+from lrc.forms.sparse_linear import SparseDictionaryLinear  # noqa: E402
+
+SHAPES = {  # name: (hidden, MLP, attention heads, KV heads)
+    "llama3-8b": (4096, 14336, 32, 8),
+    "llama3-70b": (8192, 28672, 64, 8),
+    "smollm2-135m": (576, 1536, 9, 3),
+    "test-tiny": (256, 512, 4, 2),
+}
+MIXING_DENSITY = 0.5
+
+
+def projections(hidden: int, mlp: int, heads: int, kv: int) -> dict[str, tuple[int, int]]:
+    """name: (out, in) of one decoder layer's projections."""
+    kv_width = hidden // heads * kv
+    return {"q": (hidden, hidden), "k": (kv_width, hidden), "v": (kv_width, hidden), "o": (hidden, hidden),
+            "gate": (mlp, hidden), "up": (mlp, hidden), "down": (hidden, mlp)}
+
+
+def forms(out: int, inp: int, keep: float, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> dict[str, nn.Module]:
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).div_(shape[-1] ** 0.5)
+
+    dense = nn.Linear(inp, out, bias=False)
+    dense.weight.data = randn(out, inp)
+    rank = max(1, round(keep * out * inp / (out + inp)))
+    low_rank = LowRankLinear.from_factors(randn(out, rank), randn(rank, inp))
+    atoms = max(1, round(keep * out * inp / (inp + (MIXING_DENSITY + 1 / 16) * out)))
+    mixing = randn(out, atoms) * (torch.rand(out, atoms, generator=gen) < MIXING_DENSITY)
+    sparse = SparseDictionaryLinear.from_factors(mixing, randn(atoms, inp), layout="bitmask")
+    return {name: layer.to(device=device, dtype=dtype).eval() for name, layer in
+            {"dense": dense, "low rank": low_rank, "sparse dictionary": sparse}.items()}
+
+
+def weight_bytes(layer: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
+
+
+@torch.inference_mode()
+def call_seconds(layer: nn.Module, x: torch.Tensor, calls: int, device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        layer(x)
+    sync()
+    return (time.perf_counter() - start) / calls
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, object]]:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, (out, inp) in projections(*SHAPES[args.shape]).items():
+        layers = forms(out, inp, args.keep, device, dtype, gen)
+        for tokens in args.tokens:
+            x = torch.randn(tokens, inp, generator=gen).to(device=device, dtype=dtype)
+            for layer in layers.values():  # warm-up: kernels chosen, caches built
+                call_seconds(layer, x, 3, device)
+            times: dict[str, list[float]] = {form: [] for form in layers}
+            order = list(layers)
+            for r in range(args.rounds):
+                for form in order[r % len(order):] + order[:r % len(order)]:
+                    times[form].append(call_seconds(layers[form], x, args.calls, device))
+            for form, layer in layers.items():
+                rows.append({"projection": name, "shape": f"{out} x {inp}", "tokens": tokens, "form": form,
+                             "bytes": weight_bytes(layer), "seconds": statistics.median(times[form])})
+    return rows
+
+
+def table(rows: list[dict[str, object]], args: argparse.Namespace, device_name: str) -> list[str]:
+    lines = [f"# One decoder layer's projections, {args.shape} widths, {args.dtype} on {device_name}", "",
+             f"Random weights; every form holds {args.keep} of dense's bytes at bfloat16 (sparse dictionary: "
+             f"{MIXING_DENSITY} of the mixing stored, bitmask layout). Times: median over {args.rounds} rounds "
+             f"of the mean of {args.calls} calls; x dense = dense time / form time (above 1: faster). "
+             f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads.", "",
+             "| projection | out x in | form | bytes x dense | " + " | ".join(f"{t} tok: µs (x dense)" for t in args.tokens) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in args.tokens) + " |"]
+    key = {(r["projection"], r["tokens"], r["form"]): r for r in rows}
+    names = list(dict.fromkeys(str(r["projection"]) for r in rows))
+    forms_ = list(dict.fromkeys(str(r["form"]) for r in rows))
+    for name in [*names, "decoder layer"]:
+        for form in forms_:
+            picked = [r for r in rows if r["form"] == form and (name == "decoder layer" or r["projection"] == name)]
+            dense = [r for r in rows if r["form"] == "dense" and (name == "decoder layer" or r["projection"] == name)]
+            ratio_bytes = sum(int(r["bytes"]) for r in picked if r["tokens"] == args.tokens[0]) / sum(
+                int(r["bytes"]) for r in dense if r["tokens"] == args.tokens[0])
+            cells = []
+            for t in args.tokens:
+                s = sum(float(r["seconds"]) for r in picked if r["tokens"] == t)
+                d = sum(float(r["seconds"]) for r in dense if r["tokens"] == t)
+                cells.append(f"{s * 1e6:.1f} ({d / s:.2f})")
+            shape = "all seven" if name == "decoder layer" else key[(name, args.tokens[0], form)]["shape"]
+            label = f"**{name}**" if name == "decoder layer" else name
+            lines.append(f"| {label} | {shape} | {form} | {ratio_bytes:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
+    parser.add_argument("--keep", type=float, default=0.7, help="low rank's share of the dense bytes")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--out", default=None, help="path without suffix (default bench/results/layer_speed_DEVICE)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    lines = table(measure(args), args, name)
+    print("\n".join(lines))
+    out = Path(args.out or f"bench/results/layer_speed_{device.type}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
