@@ -48,19 +48,24 @@ def projections(hidden: int, mlp: int, heads: int, kv: int) -> dict[str, tuple[i
             "gate": (mlp, hidden), "up": (mlp, hidden), "down": (hidden, mlp)}
 
 
-def forms(out: int, inp: int, keep: float, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> dict[str, nn.Module]:
+def aligned(value: float, multiple: int) -> int:
+    return max(multiple, round(value / multiple) * multiple)
+
+
+def forms(out: int, inp: int, keep: float, align: int, wanted: list[str], device: torch.device, dtype: torch.dtype,
+          gen: torch.Generator) -> dict[str, nn.Module]:
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).div_(shape[-1] ** 0.5)
 
     dense = nn.Linear(inp, out, bias=False)
     dense.weight.data = randn(out, inp)
-    rank = max(1, round(keep * out * inp / (out + inp)))
+    rank = aligned(keep * out * inp / (out + inp), align)
     low_rank = LowRankLinear.from_factors(randn(out, rank), randn(rank, inp))
-    atoms = max(1, round(keep * out * inp / (inp + (MIXING_DENSITY + 1 / 16) * out)))
+    atoms = aligned(keep * out * inp / (inp + (MIXING_DENSITY + 1 / 16) * out), align)
     mixing = randn(out, atoms) * (torch.rand(out, atoms, generator=gen) < MIXING_DENSITY)
     sparse = SparseDictionaryLinear.from_factors(mixing, randn(atoms, inp), layout="bitmask")
     return {name: layer.to(device=device, dtype=dtype).eval() for name, layer in
-            {"dense": dense, "low rank": low_rank, "sparse dictionary": sparse}.items()}
+            {"dense": dense, "low rank": low_rank, "sparse dictionary": sparse}.items() if name in wanted}
 
 
 def weight_bytes(layer: nn.Module) -> int:
@@ -86,7 +91,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, (out, inp) in projections(*SHAPES[args.shape]).items():
-        layers = forms(out, inp, args.keep, device, dtype, gen)
+        layers = forms(out, inp, args.keep, args.align, args.forms, device, dtype, gen)
         for tokens in args.tokens:
             x = torch.randn(tokens, inp, generator=gen).to(device=device, dtype=dtype)
             for layer in layers.values():  # warm-up: kernels chosen, caches built
@@ -105,7 +110,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
 def table(rows: list[dict[str, object]], args: argparse.Namespace, device_name: str) -> list[str]:
     lines = [f"# One decoder layer's projections, {args.shape} widths, {args.dtype} on {device_name}", "",
              f"Random weights; every form holds {args.keep} of dense's bytes at bfloat16 (sparse dictionary: "
-             f"{MIXING_DENSITY} of the mixing stored, bitmask layout). Times: median over {args.rounds} rounds "
+             f"{MIXING_DENSITY} of the mixing stored, bitmask layout), ranks and atom counts rounded to a multiple of "
+             f"{args.align}. Times: median over {args.rounds} rounds "
              f"of the mean of {args.calls} calls; x dense = dense time / form time (above 1: faster). "
              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads.", "",
              "| projection | out x in | form | bytes x dense | " + " | ".join(f"{t} tok: µs (x dense)" for t in args.tokens) + " |",
@@ -136,6 +142,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
     parser.add_argument("--keep", type=float, default=0.7, help="low rank's share of the dense bytes")
+    parser.add_argument("--align", type=int, default=1, help="round ranks and atom counts to a multiple of this")
+    parser.add_argument("--forms", nargs="+", default=["dense", "low rank", "sparse dictionary"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=20)

@@ -17,7 +17,9 @@ each storage counted once.
 A low-rank layer's time is priced by the least-squares line t(r) = a + b r (b >= 0) through its shape's
 measured ranks: its work is two products of r (m + n) tokens multiply-adds plus a fixed cost per call,
 and on a shared machine single measurements are noisy enough (±50% seen) that a knapsack pricing each
-rank by its own measurement picks the ranks that measured fast by chance.
+rank by its own measurement picks the ranks that measured fast by chance. So only RANK_SAMPLES ranks per
+shape are measured, spread over its candidate ranks (`sample_ranks`): a Llama-3-8B gate projection has
+about 400 candidate ranks at the knapsack's step of 8.
 
 `time_outside` times one forward of a whole model and splits it into the targeted layers' time (by hooks)
 and the rest (attention, norms, embeddings, the head): the latency objective's budget counts both.
@@ -50,6 +52,7 @@ NNZ_STEPS = 64
 ROUNDS = 7
 PASSES = 2
 MIN_ROUND_S = 0.01
+RANK_SAMPLES = 16  # low ranks measured per shape; the rest are priced by the line through them
 
 
 @dataclass(frozen=True)
@@ -187,14 +190,22 @@ def measure(layer: nn.Module, tokens: int, in_features: int, dtype: torch.dtype,
     return best
 
 
-def linear_fit(x: list[float], y: list[float]) -> list[float]:
-    """The least-squares line a + b x through (x, y) with b >= 0 (a flat line at the mean if the best slope is
-    negative), evaluated at x."""
+def linear_fit(x: list[float], y: list[float]) -> tuple[float, float]:
+    """(a, b) of the least-squares line a + b x through (x, y) with b >= 0 (a flat line at the mean if the best
+    slope is negative)."""
     n = len(x)
     mx, my = sum(x) / n, sum(y) / n
     sxx = sum((v - mx) ** 2 for v in x)
     slope = max(0.0, sum((u - mx) * (v - my) for u, v in zip(x, y)) / sxx) if sxx > 0 else 0.0
-    return [my + slope * (v - mx) for v in x]
+    return my - slope * mx, slope
+
+
+def sample_ranks(ranks: list[int], samples: int = RANK_SAMPLES) -> list[int]:
+    """At most `samples` of `ranks` (sorted), evenly spread over them, the least and the greatest included."""
+    ranks = sorted(set(ranks))
+    if len(ranks) <= samples:
+        return ranks
+    return sorted({ranks[round(i * (len(ranks) - 1) / (samples - 1))] for i in range(samples)})
 
 
 class LayerCostTable:
@@ -214,7 +225,7 @@ class LayerCostTable:
         self.path = (cache_dir or default_cache_dir()) / "latency" / f"{digest}.json"
         self.entries: dict[str, dict[str, float]] = {}
         self.measured = 0  # entries measured by this object (the rest came from the cache)
-        self._fits: dict[tuple[int, int], dict[int, float]] = {}  # low-rank series: rank -> fitted seconds
+        self._fits: dict[tuple[int, int], tuple[float, float, float]] = {}  # low-rank series: (a, b, floor)
         if self.path.is_file():
             try:
                 stored = json.loads(self.path.read_text())
@@ -224,23 +235,32 @@ class LayerCostTable:
                 self.entries = dict(stored.get("entries", {}))
 
     def seconds(self, shape: LayerShape) -> float:
-        """The measured time; for a low-rank layer, its shape's line fitted over the ranks measured."""
+        """The measured time; for a low-rank layer, its shape's line fitted over the ranks measured (the shape
+        itself is measured only when none of its ranks is)."""
         from ..forms import LowRankLinear
 
-        entry = self._time(rounded(shape).key(), self._entry(shape))
         if shape.kind != LowRankLinear.kind:
-            return entry
+            return self._time(rounded(shape).key(), self._entry(shape))
         series = (shape.out_features, shape.in_features)
         if series not in self._fits:
             prefix = f"{shape.kind}:{shape.out_features}x{shape.in_features}:r"
-            measured = sorted((int(key[len(prefix):].split(":")[0]), self._time(key, value))
-                              for key, value in self.entries.items() if key.startswith(prefix))
-            fitted = linear_fit([float(rank) for rank, _ in measured], [t for _, t in measured])
-            floor = min(t for _, t in measured)  # the line may cross zero below the ranks measured
-            self._fits[series] = {rank: max(t, floor) for (rank, _), t in zip(measured, fitted)}
-        return self._fits[series][shape.rank]
+            if not any(key.startswith(prefix) for key in self.entries):
+                self.fill([shape])
+            measured = [(float(key[len(prefix):].split(":")[0]), self._time(key, value))
+                        for key, value in self.entries.items() if key.startswith(prefix)]
+            a, b = linear_fit([rank for rank, _ in measured], [t for _, t in measured])
+            self._fits[series] = (a, b, min(t for _, t in measured))  # the line may cross zero below the ranks measured
+        a, b, floor = self._fits[series]
+        return max(a + b * shape.rank, floor)
 
     def resident_bytes(self, shape: LayerShape) -> float:
+        """Measured; for a low-rank layer not measured, r (m + n) values at the table's dtype (what a measured
+        one holds)."""
+        from ..forms import LowRankLinear
+
+        key = rounded(shape).key()
+        if shape.kind == LowRankLinear.kind and key not in self.entries:
+            return float(shape.rank * (shape.out_features + shape.in_features) * self.dtype.itemsize)
         return self._entry(shape)["resident_bytes"]
 
     def fill(self, shapes: list[LayerShape]) -> None:

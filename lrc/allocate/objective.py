@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..factorize.base import SparseOption
 from .base import DENSE, Allocator, Choice, MatrixCandidates
-from .layer_costs import DENSE_KIND, LayerCostTable, LayerShape, time_outside
+from .layer_costs import DENSE_KIND, LayerCostTable, LayerShape, sample_ranks, time_outside
 
 if TYPE_CHECKING:
     from ..config import CompressionConfig
@@ -128,6 +128,7 @@ def price_for(config: CompressionConfig, matrices: list[MatrixCandidates], rank_
     """The pricing of config.objective, its table filled for every option of `matrices` (None for disk); for
     latency, `model` (dense, in memory) gives the time outside the targeted matrices."""
     from ..distributed import from_main
+    from ..forms import LowRankLinear
     from ..io.checkpoint import DTYPES
 
     check_objective(config.objective)
@@ -136,13 +137,15 @@ def price_for(config: CompressionConfig, matrices: list[MatrixCandidates], rank_
     if config.objective == "latency" and model is None:
         raise ConfigError(LATENCY_NEEDS_MODEL)
     table = LayerCostTable(config.device, DTYPES[config.dtype or "float32"], config.latency_tokens)
-    shapes = []
+    shapes: list[LayerShape] = []
+    ranks: dict[tuple[int, int], set[int]] = {}  # every candidate low rank of each (m, n) shape; a sample is measured
     for m in matrices:
         choices: list[Choice] = [DENSE]
         if not m.keep_dense:
-            choices += [r for r in range(rank_step, m.max_rank + 1, rank_step) if r >= m.min_rank]
+            ranks.setdefault(m.shape, set()).update(r for r in range(rank_step, m.max_rank + 1, rank_step) if r >= m.min_rank)
             choices += [o for o in m.sparse if o.cost < m.dense_params]
         shapes += [layer_shape(m, c) for c in choices]
+    shapes += [LayerShape(LowRankLinear.kind, *shape, r) for shape, rs in ranks.items() for r in sample_ranks(list(rs))]
 
     def measure() -> tuple[dict[str, dict[str, float]], float]:
         table.fill(shapes)

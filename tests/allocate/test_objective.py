@@ -154,7 +154,7 @@ def test_latency_objective_prices_by_the_cached_table(tmp_path, calib_file, caps
 def test_low_rank_times_are_priced_by_a_line_in_rank(tmp_path):
     """A low rank is priced by the least-squares line through its shape's measured ranks (slope >= 0), so a
     rank that measured fast by chance is not picked for it; other forms are priced as measured."""
-    assert linear_fit([1.0, 2.0], [2.0, 1.0]) == [1.5, 1.5]
+    assert linear_fit([1.0, 2.0], [2.0, 1.0]) == (1.5, 0.0)
     table = LayerCostTable(cache_dir=tmp_path)
     measured = {8: 1.0, 16: 3.0, 24: 2.0, 32: 4.0}
     for rank, seconds in measured.items():
@@ -167,6 +167,30 @@ def test_low_rank_times_are_priced_by_a_line_in_rank(tmp_path):
     for rank, seconds in {8: 0.01, 16: 0.02, 24: 2.0, 32: 4.0}.items():
         table.entries[LayerShape("low-rank", 64, 32, rank).key()] = {"seconds": seconds, "resident_bytes": 0.0}
     assert table.seconds(LayerShape("low-rank", 64, 32, 8)) == 0.01
+
+
+def test_latency_pricing_measures_a_sample_of_ranks_and_prices_the_rest_on_their_line(tmp_path, monkeypatch):
+    """A matrix with hundreds of candidate ranks (Llama-3-8B's gate has about 400 at a step of 8) gets at most
+    RANK_SAMPLES of them measured, the least and the greatest among them; every other rank is priced on the
+    line through the measured ones: here times are made exactly linear in rank (t = 1 + r / 100 against dense
+    10), so each rank's price is that line, measured or not."""
+    monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path))
+
+    def made_up(layer, tokens, in_features, dtype, device):
+        rank = getattr(layer, "rank", None)
+        return 1.0 + rank / 100 if rank is not None else 10.0
+
+    monkeypatch.setattr(layer_costs, "measure", made_up)
+    errors = torch.linspace(1, 0, 1025, dtype=torch.float64)
+    matrix = MatrixCandidates("mlp.gate_proj", (2048, 2048), errors, max_rank=1024)
+    config = CompressionConfig(objective="memory")  # no model needed; the same table (seconds and bytes) is filled
+    pricing = objective.price_for(config, [matrix], rank_step=8)
+    table = LayerCostTable(cache_dir=tmp_path)
+    measured = sorted(int(key.split(":r")[1].split(":")[0]) for key in table.entries if key.startswith("low-rank"))
+    assert len(measured) == layer_costs.RANK_SAMPLES and measured[0] == 8 and measured[-1] == 1024
+    for rank in (8, 16, 520, 1000, 1024):
+        assert table.seconds(LayerShape("low-rank", 2048, 2048, rank)) == pytest.approx(1 + rank / 100)
+        assert pricing.price(matrix, rank) == pytest.approx(rank * 4096 * 4)  # float32 bytes, measured or not
 
 
 class Pause(torch.nn.Module):
