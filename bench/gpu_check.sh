@@ -17,8 +17,11 @@
 #   3. bench/scale.py on cuda: one Llama-3-8B and one Llama-3-70B layer, projected to the whole models
 #   4. bench/runtime.py on cuda, bfloat16: the dense model of step 2, its default-recipe output and a
 #      loss-aware (pure low rank) output: bytes, peak device memory, prefill and decode tokens/s
+#   5. bench/layer_speed.py on cuda: one Llama-3-8B decoder layer's projections, dense / low rank / sparse
+#      dictionary at equal bytes, 1 and 512 tokens
+# The latency objective at a big model's widths is a second command: bench/gpu_latency.sh.
 # Results: bench/results/gpu_check/ (logs, summary.md, compare.md, the scale tables scale_SHAPE_cuda.md/.yaml,
-# runtime_cuda.md/.yaml).
+# runtime_cuda.md/.yaml, layer_speed_cuda_llama3-8b.md).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -38,6 +41,7 @@ while [ $# -gt 0 ]; do
 done
 
 RESULTS=bench/results/gpu_check
+[ "$DEVICE" = cpu ] && RESULTS="${TMPDIR:-/tmp}/lrc-gpu_check-dry-run"  # a dry run leaves the GPU results alone
 mkdir -p "$RESULTS"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/lrc-gpu-check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -47,12 +51,12 @@ START=$(date +%s)
 if [ "$QUICK" = 1 ]; then  # dry-run sizes: every step in seconds to a few minutes on a small CPU
     LAYERS=2; SAMPLES=16; SEQ=128; CHARS=60000; METHOD=(--method loss-aware); SHAPES=(test-tiny)
     SCALE_ARGS=(--samples 2 --seq-len 64); LIMIT_TESTS=300; LIMIT_BUILD=300; LIMIT_RUN=(300 300); LIMIT_SCALE=(300)
-    LIMIT_RUNTIME=300
+    LIMIT_RUNTIME=300; LIMIT_LAYERS=300
 else  # SmolLM2-135M's widths with 6 of its 30 layers and 64 of the default 128 x 512 windows: the cpu run
       # (about 1/10 of the full run's work) fits its limit on 16 cores
     LAYERS=6; SAMPLES=64; SEQ=512; CHARS=400000; METHOD=(); SHAPES=(llama3-8b llama3-70b)
-    SCALE_ARGS=(--samples 8 --seq-len 512 --job-budget-s 40); LIMIT_TESTS=60; LIMIT_BUILD=45; LIMIT_RUN=(60 120); LIMIT_SCALE=(60 80)
-    LIMIT_RUNTIME=80
+    SCALE_ARGS=(--samples 8 --seq-len 512 --job-budget-s 40); LIMIT_TESTS=45; LIMIT_BUILD=30; LIMIT_RUN=(60 90); LIMIT_SCALE=(50 95)
+    LIMIT_RUNTIME=80; LIMIT_LAYERS=60
 fi
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
@@ -132,6 +136,13 @@ if [ -f "$WORK/out_device/lrc_report.yaml" ] && [ -f "$WORK/out_lowrank/lrc_repo
 else
     note "- runtime: not measured (a compression did not finish)"
 fi
+
+# 5. one big decoder layer's projections in each form
+LAYER_SHAPE=llama3-8b
+[ "$QUICK" = 1 ] && LAYER_SHAPE=test-tiny
+step layer_speed "$LIMIT_LAYERS" python bench/layer_speed.py --device "$DEVICE" --shape "$LAYER_SHAPE" \
+    --out "$RESULTS/layer_speed_${DEVICE}_$LAYER_SHAPE"
+grep -F "**decoder layer**" "$RESULTS/layer_speed_${DEVICE}_$LAYER_SHAPE.md" 2>/dev/null | sed 's/^/    /' | tee -a "$SUMMARY"
 
 note ""
 note "total: $(( $(date +%s) - START )) s"

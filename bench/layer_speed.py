@@ -142,7 +142,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
     parser.add_argument("--keep", type=float, default=0.7, help="low rank's share of the dense bytes")
-    parser.add_argument("--align", type=int, default=1, help="round ranks and atom counts to a multiple of this")
+    parser.add_argument("--align", type=int, default=8,
+                        help="round ranks and atom counts to a multiple of this (8: the knapsack's rank step)")
     parser.add_argument("--forms", nargs="+", default=["dense", "low rank", "sparse dictionary"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
     parser.add_argument("--rounds", type=int, default=7)

@@ -116,3 +116,47 @@ def test_compression_on_the_gpu_matches_the_cpu(model_and_text, tmp_path):
     assert gpu["compressed_perplexity"] == pytest.approx(cpu["compressed_perplexity"], rel=0.01)
     assert gpu["dense_perplexity"] == pytest.approx(cpu["dense_perplexity"], rel=1e-4)
     assert (tmp_path / "gpu" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("layout", ["csr", "bitmask"])
+def test_sparse_layers_on_the_gpu_compute_their_dense_product(layout):
+    """On the GPU a sparse factor is densified with torch for each call: the matrix equals the CPU's exactly, and
+    a layer's output equals x @ Wᵀ with W its multiplied-out weight (float32, 1e-5 relative)."""
+    from lrc.forms import LowRankSparseLinear, SparseDictionaryLinear
+    from lrc.forms.sparse_matrix import SparseMatrix
+
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(96, 40, generator=g) * (torch.rand(96, 40, generator=g) < 0.3)
+    matrix = SparseMatrix.from_dense(dense, dense != 0, layout)
+    assert torch.equal(matrix.to(DEVICE).to_dense().cpu(), dense)
+    x = torch.randn(3, 17, 64, generator=g)
+    layers = [SparseDictionaryLinear.from_factors(dense, torch.randn(40, 64, generator=g), layout=layout),
+              LowRankSparseLinear.from_factors(torch.randn(96, 8, generator=g), torch.randn(8, 64, generator=g),
+                                               torch.randn(96, 64, generator=g) * (torch.rand(96, 64, generator=g) < 0.2),
+                                               layout=layout)]
+    for layer in layers:
+        reference = x.double() @ layer.dense_weight().double().T
+        with torch.no_grad():
+            y = layer.to(DEVICE)(x.to(DEVICE)).cpu()
+        assert relative(y, reference) < 1e-5
+    if DEVICE != "cpu":  # the user is told, once, what this costs
+        from lrc.forms import sparse_matrix
+
+        sparse_matrix._warned_devices.clear()
+        with pytest.warns(UserWarning, match="densified for every call"):
+            layers[0](x.to(DEVICE))
+
+
+def test_latency_table_is_measured_on_the_gpu(tmp_path):
+    """`--objective latency --device cuda` prices layers by times measured on the GPU (synchronized): every entry
+    positive, the table keyed by the GPU's name, a low-rank layer holding r (m + n) bfloat16 values."""
+    from lrc.allocate.layer_costs import LayerCostTable, LayerShape
+
+    shapes = [LayerShape("dense", 256, 128), LayerShape("low-rank", 256, 128, 32),
+              LayerShape("sparse-dictionary", 256, 128, 64, 4096, "bitmask")]
+    table = LayerCostTable(DEVICE, torch.bfloat16, tokens=64, cache_dir=tmp_path)
+    table.fill(shapes)
+    assert table.measured == 3 and all(table.seconds(s) > 0 for s in shapes)
+    expected = torch.cuda.get_device_name(0) if DEVICE != "cpu" else table.identity["device"]
+    assert table.identity["device"] == expected
+    assert table.resident_bytes(shapes[1]) == 32 * (256 + 128) * 2

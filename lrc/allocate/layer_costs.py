@@ -99,33 +99,36 @@ def rounded(shape: LayerShape) -> LayerShape:
 
 
 def random_sparse(rows: int, cols: int, nnz: int, generator: torch.Generator) -> torch.Tensor:
-    """A rows x cols matrix with exactly nnz non-zero N(0, 1) entries at random places."""
-    flat = torch.zeros(rows * cols)
-    where = torch.randperm(rows * cols, generator=generator)[:nnz]
-    flat[where] = torch.randn(nnz, generator=generator).abs() + 0.1
+    """A rows x cols matrix with exactly nnz non-zero N(0, 1) entries at random places, on the generator's device."""
+    device = generator.device
+    flat = torch.zeros(rows * cols, device=device)
+    where = torch.randperm(rows * cols, generator=generator, device=device)[:nnz]
+    flat[where] = torch.randn(nnz, generator=generator, device=device).abs() + 0.1
     return flat.view(rows, cols)
 
 
 def build_layer(shape: LayerShape, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """A layer of `shape`'s form with random values (see module doc)."""
+    """A layer of `shape`'s form with random values (see module doc), drawn on `device`: at a big model's widths
+    drawing them on the host took longer than timing the layer on a GPU."""
     from ..forms import LowRankLinear, LowRankSparseLinear, SparseDictionaryLinear
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     m, n, r = shape.out_features, shape.in_features, shape.rank
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=g, device=device)
+
     layer: nn.Module
     if shape.kind == DENSE_KIND:
-        layer = nn.Linear(n, m, bias=False, dtype=dtype)
+        layer = nn.Linear(n, m, bias=False, dtype=dtype, device=device)
     elif shape.kind == LowRankLinear.kind:
-        layer = LowRankLinear.from_factors(torch.randn(m, r, generator=g), torch.randn(r, n, generator=g), dtype=dtype)
+        layer = LowRankLinear.from_factors(randn(m, r), randn(r, n), dtype=dtype)
     elif shape.kind == SparseDictionaryLinear.kind:
-        layer = SparseDictionaryLinear.from_factors(
-            random_sparse(m, r, shape.nnz, g), torch.randn(r, n, generator=g), dtype=dtype, layout=shape.layout
-        )
+        layer = SparseDictionaryLinear.from_factors(random_sparse(m, r, shape.nnz, g), randn(r, n), dtype=dtype,
+                                                    layout=shape.layout)
     elif shape.kind == LowRankSparseLinear.kind:
-        layer = LowRankSparseLinear.from_factors(
-            torch.randn(m, r, generator=g), torch.randn(r, n, generator=g), random_sparse(m, n, shape.nnz, g),
-            dtype=dtype, layout=shape.layout,
-        )
+        layer = LowRankSparseLinear.from_factors(randn(m, r), randn(r, n), random_sparse(m, n, shape.nnz, g),
+                                                 dtype=dtype, layout=shape.layout)
     else:
         raise ValueError(f"no latency measurement for layer form {shape.kind!r}")
     return layer.to(device).requires_grad_(False)

@@ -13,6 +13,7 @@ non-zero. Every tensor is in the state dict, so the checkpoint holds exactly wha
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -24,6 +25,12 @@ LAYOUTS = ("csr", "bitmask")
 # the matrix is densified for the call and one dense matmul runs (measured on SmolLM2-135M's mixing shapes,
 # 2 CPU threads: see bench/runtime.py and notes in docs/design.md).
 KERNEL_MAX_TOKENS = 16
+DENSIFIED_ON_DEVICE = (
+    "sparse layers on {device} are densified for every call (measured on an NVIDIA H100, bfloat16: 10-30x a dense "
+    "layer's time); to run on a GPU, use the dense equivalent (`lrc export OUT --dense -o DIR`) or an output of "
+    "`lrc compress --objective latency --device cuda`, which prices forms by their time there"
+)
+_warned_devices: set[str] = set()
 
 
 def index_dtype(cols: int) -> torch.dtype:
@@ -148,6 +155,9 @@ class SparseMatrix(nn.Module):
         x = h.reshape(-1, self.cols)
         starts = self.kernel_row_starts()
         if starts is None or x.dtype != self.values.dtype or x.device.type != "cpu":
+            if x.device.type != "cpu" and x.device.type not in _warned_devices:  # once per process and device type
+                _warned_devices.add(x.device.type)
+                warnings.warn(DENSIFIED_ON_DEVICE.format(device=x.device.type), stacklevel=2)
             y = nn.functional.linear(x, self.to_dense())
         elif x.shape[0] > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
             y = nn.functional.linear(x, self.kernel_dense(starts))

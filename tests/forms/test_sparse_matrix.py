@@ -161,3 +161,18 @@ def test_a_matrix_made_under_inference_mode_multiplies(layout):
         matrix = SparseMatrix.from_dense(dense, mask, layout)
         torch.testing.assert_close(matrix(h), h @ dense.T)
     torch.testing.assert_close(matrix(h), h @ dense.T)
+
+
+def test_a_sparse_matrix_off_the_cpu_warns_once_that_it_is_densified_per_call(monkeypatch):
+    """Off the CPU (no C kernel there) each call densifies the matrix: the user is told once per device type.
+    Run here on the meta device, which takes the same path as a GPU."""
+    from lrc.forms import sparse_matrix
+
+    monkeypatch.setattr(sparse_matrix, "_warned_devices", set())
+    dense, mask = random_sparse(8, 12, 0.5, seed=1)
+    matrix = SparseMatrix.from_dense(dense, mask).to("meta")
+    x = torch.empty(3, 12, device="meta")
+    with pytest.warns(UserWarning, match="densified for every call") as record:
+        assert matrix(x).shape == (3, 8)
+        matrix(x)
+    assert len(record) == 1 and "meta" in str(record[0].message)
