@@ -7,6 +7,7 @@
 #   bash bench/gpu_check.sh --device cpu --quick   # a dry run of every step on the CPU (tiny sizes)
 #   bash bench/gpu_check.sh --tar "$OUT/gpu_check.tgz"   # also pack the results into one file (a lent machine
 #                                                        # returns few files from $OUT; unpack into bench/results/gpu_check)
+#   bash bench/gpu_check.sh --part latency --tar "$OUT/gpu_latency.tgz"   # the second command (below)
 #
 # Steps, each under its own time limit (a step that runs out is recorded as such, the others still run):
 #   1. pytest -m gpu: CUDA statistics and decompositions against the float64 CPU path (tests/test_gpu.py)
@@ -19,7 +20,11 @@
 #      loss-aware (pure low rank) output: bytes, peak device memory, prefill and decode tokens/s
 #   5. bench/layer_speed.py on cuda: one Llama-3-8B decoder layer's projections, dense / low rank / sparse
 #      dictionary at equal bytes, 1 and 512 tokens
-# The latency objective at a big model's widths is a second command: bench/gpu_latency.sh.
+#
+# `--part latency`, a second command (at most 5.5 minutes; results in bench/results/gpu_latency/): compress a
+# config-built model with Llama-3-8B's layer widths (random weights, 2 layers, loss-aware) for
+# `--objective latency --budget 0.3` on the device (half the budget if that cannot be met there), then time
+# it against its dense model with bench/runtime.py (`--widths smollm2-135m` for a CPU dry run's sizes).
 # Results: bench/results/gpu_check/ (logs, summary.md, compare.md, the scale tables scale_SHAPE_cuda.md/.yaml,
 # runtime_cuda.md/.yaml, layer_speed_cuda_llama3-8b.md).
 set -u -o pipefail
@@ -31,17 +36,23 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEVICE=cuda
 QUICK=0
 TAR=
+PART=check
+WIDTHS=llama3-8b
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --quick) QUICK=1; shift ;;
         --tar) TAR="$2"; shift 2 ;;
-        *) echo "usage: bash bench/gpu_check.sh [--device cuda|cpu] [--quick] [--tar FILE.tgz]" >&2; exit 2 ;;
+        --part) PART="$2"; shift 2 ;;
+        --widths) WIDTHS="$2"; shift 2 ;;
+        *) echo "usage: bash bench/gpu_check.sh [--part check|latency] [--device cuda|cpu] [--quick] [--widths W] [--tar FILE.tgz]" >&2
+           exit 2 ;;
     esac
 done
 
-RESULTS=bench/results/gpu_check
-[ "$DEVICE" = cpu ] && RESULTS="${TMPDIR:-/tmp}/lrc-gpu_check-dry-run"  # a dry run leaves the GPU results alone
+case "$PART" in check|latency) ;; *) echo "--part is check or latency, got $PART" >&2; exit 2 ;; esac
+RESULTS=bench/results/gpu_$PART
+[ "$DEVICE" = cpu ] && RESULTS="${TMPDIR:-/tmp}/lrc-gpu_$PART-dry-run"  # a dry run leaves the GPU results alone
 mkdir -p "$RESULTS"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/lrc-gpu-check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -77,7 +88,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $RESULTS
 }
 
 : >"$SUMMARY"
-note "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
+note "# GPU check ($PART), $(date -u +%Y-%m-%dT%H:%MZ)"
 note ""
 python - <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import platform, torch, transformers
@@ -97,52 +108,78 @@ if [ "$DEVICE" = cpu ]; then
 fi
 note ""
 
-# 1. the gpu-marked tests
-if python -c 'import pytest' 2>/dev/null; then
-    step tests "$LIMIT_TESTS" python -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider
-    tail -n 3 "$RESULTS/tests.log" | sed 's/^/    /' | tee -a "$SUMMARY"
-else
-    note "- tests: SKIPPED, pytest is not installed here"
-fi
+check_part() {
+    # 1. the gpu-marked tests
+    if python -c 'import pytest' 2>/dev/null; then
+        step tests "$LIMIT_TESTS" python -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider
+        tail -n 3 "$RESULTS/tests.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+    else
+        note "- tests: SKIPPED, pytest is not installed here"
+    fi
 
-# 2. the default compression on the device, then on the cpu
-step build "$LIMIT_BUILD" python bench/gpu_check.py build "$WORK" --layers "$LAYERS" --chars "$CHARS"
-RUN_ARGS=("$WORK/model" --calib "$WORK/calib.txt" --samples "$SAMPLES" --seq-len "$SEQ" "${METHOD[@]}" --quiet)
-step compress_device "${LIMIT_RUN[0]}" python -m lrc compress "${RUN_ARGS[@]}" --device "$DEVICE" -o "$WORK/out_device"
-step compress_cpu "${LIMIT_RUN[1]}" python -m lrc compress "${RUN_ARGS[@]}" --device cpu -o "$WORK/out_cpu"
-if [ -f "$WORK/out_device/lrc_report.yaml" ] && [ -f "$WORK/out_cpu/lrc_report.yaml" ]; then
-    python bench/gpu_check.py compare "$WORK/out_device" "$WORK/out_cpu" "$RESULTS/compare.md" \
-        >"$RESULTS/compare.log" 2>&1 && note "- comparison: $RESULTS/compare.md"
-    cp "$WORK/out_device/lrc_report.yaml" "$RESULTS/report_device.yaml"
-    cp "$WORK/out_cpu/lrc_report.yaml" "$RESULTS/report_cpu.yaml"
-else
-    note "- comparison: not made (a run did not finish)"
-fi
+    # 2. the default compression on the device, then on the cpu
+    step build "$LIMIT_BUILD" python bench/gpu_check.py build "$WORK" --layers "$LAYERS" --chars "$CHARS"
+    RUN_ARGS=("$WORK/model" --calib "$WORK/calib.txt" --samples "$SAMPLES" --seq-len "$SEQ" "${METHOD[@]}" --quiet)
+    step compress_device "${LIMIT_RUN[0]}" python -m lrc compress "${RUN_ARGS[@]}" --device "$DEVICE" -o "$WORK/out_device"
+    step compress_cpu "${LIMIT_RUN[1]}" python -m lrc compress "${RUN_ARGS[@]}" --device cpu -o "$WORK/out_cpu"
+    if [ -f "$WORK/out_device/lrc_report.yaml" ] && [ -f "$WORK/out_cpu/lrc_report.yaml" ]; then
+        python bench/gpu_check.py compare "$WORK/out_device" "$WORK/out_cpu" "$RESULTS/compare.md" \
+            >"$RESULTS/compare.log" 2>&1 && note "- comparison: $RESULTS/compare.md"
+        cp "$WORK/out_device/lrc_report.yaml" "$RESULTS/report_device.yaml"
+        cp "$WORK/out_cpu/lrc_report.yaml" "$RESULTS/report_cpu.yaml"
+    else
+        note "- comparison: not made (a run did not finish)"
+    fi
 
-# 3. per-layer cost at 8B / 70B shapes on the device, projected (one shape per step: the first lands alone)
-for i in "${!SHAPES[@]}"; do
-    step "scale_${SHAPES[$i]}" "${LIMIT_SCALE[$i]}" python bench/scale.py --device "$DEVICE" --shapes "${SHAPES[$i]}" \
-        "${SCALE_ARGS[@]}" --scratch "$WORK" --out "$RESULTS/scale_${SHAPES[$i]}_$DEVICE"
-done
+    # 3. per-layer cost at 8B / 70B shapes on the device, projected (one shape per step: the first lands alone)
+    for i in "${!SHAPES[@]}"; do
+        step "scale_${SHAPES[$i]}" "${LIMIT_SCALE[$i]}" python bench/scale.py --device "$DEVICE" --shapes "${SHAPES[$i]}" \
+            "${SCALE_ARGS[@]}" --scratch "$WORK" --out "$RESULTS/scale_${SHAPES[$i]}_$DEVICE"
+    done
 
-# 4. what the outputs cost where they run: dense, default recipe, pure low rank, bfloat16 on the device
-step compress_lowrank "${LIMIT_RUN[0]}" python -m lrc compress "${RUN_ARGS[@]}" --method loss-aware --device "$DEVICE" \
-    -o "$WORK/out_lowrank"
-if [ -f "$WORK/out_device/lrc_report.yaml" ] && [ -f "$WORK/out_lowrank/lrc_report.yaml" ]; then
-    step runtime "$LIMIT_RUNTIME" python bench/runtime.py --device "$DEVICE" --dtypes bfloat16 --rounds 1 --alternations 6 \
-        --seq-len "$SEQ" --text "$WORK/calib.txt" --out "$RESULTS/runtime_$DEVICE" \
-        --models dense="$WORK/model" "default recipe=$WORK/out_device" "loss-aware=$WORK/out_lowrank"
-    tail -n 5 "$RESULTS/runtime_$DEVICE.md" 2>/dev/null | sed 's/^/    /' | tee -a "$SUMMARY"
-else
-    note "- runtime: not measured (a compression did not finish)"
-fi
+    # 4. what the outputs cost where they run: dense, default recipe, pure low rank, bfloat16 on the device
+    step compress_lowrank "${LIMIT_RUN[0]}" python -m lrc compress "${RUN_ARGS[@]}" --method loss-aware --device "$DEVICE" \
+        -o "$WORK/out_lowrank"
+    if [ -f "$WORK/out_device/lrc_report.yaml" ] && [ -f "$WORK/out_lowrank/lrc_report.yaml" ]; then
+        step runtime "$LIMIT_RUNTIME" python bench/runtime.py --device "$DEVICE" --dtypes bfloat16 --rounds 1 --alternations 6 \
+            --seq-len "$SEQ" --text "$WORK/calib.txt" --out "$RESULTS/runtime_$DEVICE" \
+            --models dense="$WORK/model" "default recipe=$WORK/out_device" "loss-aware=$WORK/out_lowrank"
+        tail -n 5 "$RESULTS/runtime_$DEVICE.md" 2>/dev/null | sed 's/^/    /' | tee -a "$SUMMARY"
+    else
+        note "- runtime: not measured (a compression did not finish)"
+    fi
 
-# 5. one big decoder layer's projections in each form
-LAYER_SHAPE=llama3-8b
-[ "$QUICK" = 1 ] && LAYER_SHAPE=test-tiny
-step layer_speed "$LIMIT_LAYERS" python bench/layer_speed.py --device "$DEVICE" --shape "$LAYER_SHAPE" \
-    --out "$RESULTS/layer_speed_${DEVICE}_$LAYER_SHAPE"
-grep -F "**decoder layer**" "$RESULTS/layer_speed_${DEVICE}_$LAYER_SHAPE.md" 2>/dev/null | sed 's/^/    /' | tee -a "$SUMMARY"
+    # 5. one big decoder layer's projections in each form
+    LAYER_SHAPE=llama3-8b
+    [ "$QUICK" = 1 ] && LAYER_SHAPE=test-tiny
+    step layer_speed "$LIMIT_LAYERS" python bench/layer_speed.py --device "$DEVICE" --shape "$LAYER_SHAPE" \
+        --out "$RESULTS/layer_speed_${DEVICE}_$LAYER_SHAPE"
+    grep -F "**decoder layer**" "$RESULTS/layer_speed_${DEVICE}_$LAYER_SHAPE.md" 2>/dev/null | sed 's/^/    /' | tee -a "$SUMMARY"
+
+}
+
+latency_part() {  # the latency objective at a big model's widths, then the output against its dense model
+    local budget=0.3
+    step build 60 python bench/gpu_check.py build "$WORK" --widths "$WIDTHS" --layers 2 --chars 200000
+    local compress=(python -m lrc compress "$WORK/model" --calib "$WORK/calib.txt" --samples 32 --seq-len 512
+                    --method loss-aware --objective latency --dtype bfloat16 --device "$DEVICE" -o "$WORK/latency" --quiet)
+    step compress 150 "${compress[@]}" --budget "$budget"
+    if grep -q "cannot be met" "$RESULTS/compress.log"; then  # infeasible there: half the budget (layer table cached)
+        tail -n 1 "$RESULTS/compress.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+        budget=0.15
+        step compress_retry 60 "${compress[@]}" --budget "$budget"
+    fi
+    if [ -f "$WORK/latency/lrc_report.yaml" ]; then
+        cp "$WORK/latency/lrc_report.yaml" "$RESULTS/report_$DEVICE.yaml"
+        grep -A6 "predicted_cost" "$RESULTS/report_$DEVICE.yaml" | sed 's/^/    /' | tee -a "$SUMMARY"
+        step runtime 60 python bench/runtime.py --device "$DEVICE" --dtypes bfloat16 --rounds 1 --alternations 6 \
+            --seq-len 512 --text "$WORK/calib.txt" --out "$RESULTS/runtime_$DEVICE" \
+            --models dense="$WORK/model" "latency objective, $budget=$WORK/latency"
+        grep -F "| bfloat16 |" "$RESULTS/runtime_$DEVICE.md" 2>/dev/null | sed 's/^/    /' | tee -a "$SUMMARY"
+    fi
+}
+
+"${PART}_part"
 
 note ""
 note "total: $(( $(date +%s) - START )) s"

@@ -119,32 +119,37 @@ def test_compression_on_the_gpu_matches_the_cpu(model_and_text, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["csr", "bitmask"])
-def test_sparse_layers_on_the_gpu_compute_their_dense_product(layout):
-    """On the GPU a sparse factor is densified with torch for each call: the matrix equals the CPU's exactly, and
-    a layer's output equals x @ Wᵀ with W its multiplied-out weight (float32, 1e-5 relative)."""
-    from lrc.forms import LowRankSparseLinear, SparseDictionaryLinear
+def test_sparse_layers_on_the_gpu_compute_their_dense_product(layout, recwarn):
+    """On the GPU a bitmask factor runs lrc's Triton kernels where torch has Triton (one token at a time up to
+    KERNEL_MAX_TOKENS, densified by a kernel above), anything else is densified with torch for each call and
+    says so once: every path's matrix equals the CPU's exactly, and a layer's output equals x @ Wᵀ with W its
+    multiplied-out weight (float32, 1e-5 relative) at 3 and at 40 tokens."""
+    from lrc.forms import LowRankSparseLinear, SparseDictionaryLinear, gpu_kernels, sparse_matrix
     from lrc.forms.sparse_matrix import SparseMatrix
 
+    sparse_matrix._warned_devices.clear()
     g = torch.Generator().manual_seed(0)
     dense = torch.randn(96, 40, generator=g) * (torch.rand(96, 40, generator=g) < 0.3)
-    matrix = SparseMatrix.from_dense(dense, dense != 0, layout)
-    assert torch.equal(matrix.to(DEVICE).to_dense().cpu(), dense)
-    x = torch.randn(3, 17, 64, generator=g)
+    matrix = SparseMatrix.from_dense(dense, dense != 0, layout).to(DEVICE)
+    assert torch.equal(matrix.to_dense().cpu(), dense)
     layers = [SparseDictionaryLinear.from_factors(dense, torch.randn(40, 64, generator=g), layout=layout),
               LowRankSparseLinear.from_factors(torch.randn(96, 8, generator=g), torch.randn(8, 64, generator=g),
                                                torch.randn(96, 64, generator=g) * (torch.rand(96, 64, generator=g) < 0.2),
                                                layout=layout)]
-    for layer in layers:
-        reference = x.double() @ layer.dense_weight().double().T
-        with torch.no_grad():
-            y = layer.to(DEVICE)(x.to(DEVICE)).cpu()
-        assert relative(y, reference) < 1e-5
-    if DEVICE != "cpu":  # the user is told, once, what this costs
-        from lrc.forms import sparse_matrix
-
-        sparse_matrix._warned_devices.clear()
-        with pytest.warns(UserWarning, match="densified for every call"):
-            layers[0](x.to(DEVICE))
+    for tokens in (3, 40):
+        x = torch.randn(tokens, 64, generator=g)
+        for layer in layers:
+            reference = x.double() @ layer.dense_weight().double().T
+            with torch.no_grad():
+                y = layer.to(DEVICE)(x.to(DEVICE)).cpu()
+            assert relative(y, reference) < 1e-5
+    if DEVICE != "cpu":
+        kernels = layout == "bitmask" and gpu_kernels.available(matrix.values)
+        told = [w for w in recwarn if "densified with torch for every call" in str(w.message)]
+        assert len(told) == (0 if kernels else 1)
+        if kernels:
+            starts = matrix.kernel_row_starts()
+            assert torch.equal(matrix.kernel_dense(starts).cpu(), dense)
 
 
 def test_latency_table_is_measured_on_the_gpu(tmp_path):

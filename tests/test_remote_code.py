@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -38,7 +39,9 @@ def test_layer_code_is_lrc_source(compressed_outputs):
         copied = (compressed_outputs["llama"] / f"{FORM_FILE_PREFIX}{name}.py").read_text()
         for sibling in files:
             copied = copied.replace(f"from .{FORM_FILE_PREFIX}{sibling} import", f"from .{sibling} import")
-            copied = copied.replace(f"from . import {FORM_FILE_PREFIX}{sibling} as {sibling}\n", f"from . import {sibling}\n")
+        # `from . import lrc_a as a, lrc_b as b` back to `from . import a, b`
+        copied = re.sub(r"^(\s*from \. import .*)$", lambda m: re.sub(rf"\b{FORM_FILE_PREFIX}(\w+) as \1\b", r"\1", m[1]),
+                        copied, flags=re.MULTILINE)
         assert copied == path.read_text()
 
 

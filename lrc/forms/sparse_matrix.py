@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import cpu_kernels
+from . import cpu_kernels, gpu_kernels
 
 LAYOUTS = ("csr", "bitmask")
 # Up to this many tokens per call (decoding) the C kernel multiplies from the stored layout; above (prefill)
@@ -26,9 +26,10 @@ LAYOUTS = ("csr", "bitmask")
 # 2 CPU threads: see bench/runtime.py and notes in docs/design.md).
 KERNEL_MAX_TOKENS = 16
 DENSIFIED_ON_DEVICE = (
-    "sparse layers on {device} are densified for every call (measured on an NVIDIA H100, bfloat16: 10-30x a dense "
-    "layer's time); to run on a GPU, use the dense equivalent (`lrc export OUT --dense -o DIR`) or an output of "
-    "`lrc compress --objective latency --device cuda`, which prices forms by their time there"
+    "sparse layers on {device} without lrc's kernels (there: the bitmask layout with Triton) are densified with torch "
+    "for every call (measured on an NVIDIA H100, bfloat16: 10-30x a dense layer's time); to run on a GPU, use the "
+    "dense equivalent (`lrc export OUT --dense -o DIR`) or an output of `lrc compress --objective latency --device "
+    "cuda`, which prices forms by their time there"
 )
 _warned_devices: set[str] = set()
 
@@ -72,10 +73,11 @@ class SparseMatrix(nn.Module):
 
     `to_dense()` rebuilds the matrix (zeros included); `forward(h)` = h @ Sᵀ, h (..., cols) -> (..., rows).
     In memory the matrix holds its stored tensors only (plus, for the bitmask, the start of each row's
-    values: 8 bytes per row). On CPU in float32 / bfloat16 the C kernels of `cpu_kernels` multiply from
-    the stored layout for up to KERNEL_MAX_TOKENS tokens, and densify the matrix for the call (one pass)
-    before a dense matmul above that; elsewhere (other devices or dtypes, no C compiler) it is densified
-    with torch on every call.
+    values: 8 bytes per row). On CPU in float32 / bfloat16 the C kernels of `cpu_kernels`, on a GPU (the
+    bitmask layout, where torch has Triton) the Triton kernels of `gpu_kernels`, multiply from the stored
+    layout for up to KERNEL_MAX_TOKENS tokens, and densify the matrix for the call (one pass) before a dense
+    matmul above that; elsewhere (other dtypes, the csr layout on a GPU, no C compiler or no Triton) it is
+    densified with torch on every call.
     """
 
     col_indices: torch.Tensor
@@ -153,22 +155,29 @@ class SparseMatrix(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.reshape(-1, self.cols)
-        starts = self.kernel_row_starts()
-        if starts is None or x.dtype != self.values.dtype or x.device.type != "cpu":
+        starts = self.kernel_row_starts() if x.dtype == self.values.dtype else None
+        if starts is not None and x.device.type != "cpu" and x.shape[0] and not gpu_kernels.agree(
+                self.values, self.bitmask, starts, self.cols, self.to_dense, x):
+            starts = None
+        if starts is None:
             if x.device.type != "cpu" and x.device.type not in _warned_devices:  # once per process and device type
                 _warned_devices.add(x.device.type)
                 warnings.warn(DENSIFIED_ON_DEVICE.format(device=x.device.type), stacklevel=2)
             y = nn.functional.linear(x, self.to_dense())
         elif x.shape[0] > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
             y = nn.functional.linear(x, self.kernel_dense(starts))
-        elif self.layout == "bitmask":  # memory bound: read the stored layout once
+        elif x.device.type != "cpu":  # memory bound: read the stored layout once per token
+            y = gpu_kernels.bitmask_matmul(self.values, self.bitmask, starts, self.cols, x)
+        elif self.layout == "bitmask":
             y = cpu_kernels.bitmask_matmul(self.values, self.bitmask, starts, self.cols, x)
         else:
             y = cpu_kernels.csr_matmul(self.values, self.col_indices, self.row_offsets, self.cols, x)
         return y.reshape(*h.shape[:-1], self.rows)
 
     def kernel_dense(self, starts: torch.Tensor) -> torch.Tensor:
-        """to_dense() through the C kernel (one pass over the stored layout); `starts` from kernel_row_starts."""
+        """to_dense() through a kernel (one pass over the stored layout); `starts` from kernel_row_starts."""
+        if self.values.device.type != "cpu":
+            return gpu_kernels.bitmask_dense(self.values, self.bitmask, starts, self.cols)
         if self.layout == "bitmask":
             return cpu_kernels.bitmask_dense(self.values, self.bitmask, starts, self.cols)
         return cpu_kernels.csr_dense(self.values, self.col_indices, self.row_offsets, self.cols)
@@ -177,26 +186,34 @@ class SparseMatrix(nn.Module):
         return (self.values, self.bitmask) if self.layout == "bitmask" else (self.values, self.col_indices, self.row_offsets)
 
     def kernel_row_starts(self) -> torch.Tensor | None:
-        """None where the C kernels do not run (not CPU, not float32 / bfloat16, int32 indices, no compiler);
-        else the start of each row's values ((rows + 1,) int64 for the bitmask, the row offsets for csr).
-        Checked once per state of the stored tensors (changed in place, reloaded or moved): what the kernels
-        read must be consistent (ValueError otherwise). Tensors made under torch.inference_mode have no
-        version counter: for them only a move or reload is seen, not a change in place."""
+        """None where no kernel runs (on CPU: not float32 / bfloat16, int32 indices, no compiler; on a GPU: not
+        the bitmask layout, no Triton); else the start of each row's values ((rows + 1,) int64 for the bitmask,
+        the row offsets for csr). Checked once per state of the stored tensors (changed in place, reloaded or
+        moved): what the kernels read must be consistent (ValueError otherwise). Tensors made under
+        torch.inference_mode have no version counter: for them only a move or reload is seen, not a change in place."""
         stored = self._stored()
         key = tuple(item for t in stored for item in (t.data_ptr(), 0 if t.is_inference() else t._version))
         if self._checked is None or self._checked[0] != key:
             starts = None
+            contiguous = all(t.is_contiguous() for t in stored)
+            on_cpu = self.values.device.type == "cpu"
             narrow = self.layout == "bitmask" or self.col_indices.dtype == torch.int16
-            if narrow and all(t.is_contiguous() for t in stored) and cpu_kernels.available(self.values):
-                if self.values.numel() != self.nnz:
-                    raise ValueError(f"sparse matrix holds {self.values.numel()} values for {self.nnz} entries")
+            if contiguous and on_cpu and narrow and cpu_kernels.available(self.values):
+                self._check_count()
                 if self.layout == "bitmask":
                     starts = cpu_kernels.bitmask_row_starts(self.bitmask, self.cols, self.nnz)
                 else:
                     self._check_csr()
                     starts = self.row_offsets
+            elif contiguous and not on_cpu and self.layout == "bitmask" and gpu_kernels.available(self.values):
+                self._check_count()
+                starts = gpu_kernels.bitmask_row_starts(self.bitmask, self.cols, self.nnz)
             self._checked = (key, starts)
         return self._checked[1]
+
+    def _check_count(self) -> None:
+        if self.values.numel() != self.nnz:
+            raise ValueError(f"sparse matrix holds {self.values.numel()} values for {self.nnz} entries")
 
     def _check_csr(self) -> None:
         offsets, cols = self.row_offsets, self.col_indices

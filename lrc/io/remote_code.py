@@ -6,7 +6,7 @@ Written into the output folder:
 - `lrc_<module>.py`: every module of lrc/forms that defines a registered layer form, and the sibling
   modules they import, copied from lrc's source at write time (only their `from .x import` lines are
   renamed to `.lrc_x`), so the folder's layers are lrc's layers byte for byte. A form module that imports
-  anything but torch, transformers, the standard library or its siblings is refused: the folder could not
+  anything but torch, transformers, Triton (optional there), the standard library or its siblings is refused: the folder could not
   run without lrc.
 - `modeling_lrc.py`: one class per checkpoint, `Lrc<Class>`, deriving from the transformers class lrc
   loaded (`LlamaForCausalLM`, `GPT2LMHeadModel`, `BertModel`, ...). Its `__init__` builds that model, unfuses
@@ -40,7 +40,7 @@ from ..errors import LrcError
 
 MODELING_FILE = "modeling_lrc.py"
 FORM_FILE_PREFIX = "lrc_"
-ALLOWED_PACKAGES = {"torch", "transformers"}
+ALLOWED_PACKAGES = {"torch", "transformers", "triton"}  # triton: imported only where present (gpu_kernels)
 SIBLING_IMPORT = re.compile(r"^(\s*from\s+)\.(\w+)(\s+import)", flags=re.MULTILINE)
 
 
@@ -90,7 +90,7 @@ def _check_package(module: str, path: Path) -> None:
     top = module.split(".")[0]
     if top not in ALLOWED_PACKAGES and top not in sys.stdlib_module_names:
         raise LrcError(f"layer form module {path.name} imports {module}: the output's modeling code may import "
-                       "only torch, transformers and the standard library")
+                       "only torch, transformers, triton and the standard library")
 
 
 def copied_source(path: Path) -> str:

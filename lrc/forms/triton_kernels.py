@@ -1,0 +1,51 @@
+"""The Triton kernels of `gpu_kernels` (imported by it on first use: importing Triton takes about a second).
+
+See gpu_kernels for the layout and the method; `_chunk` is the one tile both kernels read.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk(values, bitmask, r, live, offset, k0, cols, bytes_per_row, BLOCK_K: tl.constexpr):
+    """The BLOCK_R x BLOCK_K tile of S at columns k0.., float32 (zeros where nothing is stored), its
+    columns, and each row's count of stored entries in it."""
+    c = k0 + tl.arange(0, BLOCK_K)
+    inside = live[:, None] & (c < cols)[None, :]
+    byte = tl.load(bitmask + r[:, None] * bytes_per_row + (c[None, :] >> 3), mask=inside, other=0)
+    bit = (byte.to(tl.int32) >> (c[None, :] & 7)) & 1
+    before = tl.cumsum(bit, axis=1) - bit
+    w = tl.load(values + offset[:, None] + before, mask=inside & (bit != 0), other=0.0).to(tl.float32)
+    return w, c, tl.sum(bit, axis=1)
+
+
+@triton.jit
+def matmul_kernel(values, bitmask, starts, x, y, rows, cols, bytes_per_row, stride_x, stride_y,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    t = tl.program_id(1)
+    live = r < rows
+    offset = tl.load(starts + r, mask=live, other=0)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, cols, BLOCK_K):
+        w, c, stored = _chunk(values, bitmask, r, live, offset, k0, cols, bytes_per_row, BLOCK_K)
+        xv = tl.load(x + t * stride_x + c, mask=c < cols, other=0.0).to(tl.float32)
+        acc += tl.sum(w * xv[None, :], axis=1)
+        offset += stored
+    tl.store(y + t * stride_y + r, acc.to(y.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def dense_kernel(values, bitmask, starts, out, rows, cols, bytes_per_row,
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < rows
+    offset = tl.load(starts + r, mask=live, other=0)
+    for k0 in range(0, cols, BLOCK_K):
+        w, c, stored = _chunk(values, bitmask, r, live, offset, k0, cols, bytes_per_row, BLOCK_K)
+        tl.store(out + r[:, None] * cols + c[None, :], w.to(out.dtype.element_ty),
+                 mask=live[:, None] & (c < cols)[None, :])
+        offset += stored
