@@ -63,6 +63,7 @@ class SparseDictionary(LossAwareSVD):
     reselect: int = 8
     reselect_options: str = "near-choice"
     max_work: float | None = 1.0
+    atom_step: int = 8  # atom counts are multiples of this: GPU (and oneDNN) matrix products want aligned sizes
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,6 +77,8 @@ class SparseDictionary(LossAwareSVD):
             raise ConfigError(f"{KIND} reselect (rounds) must be >= 0")
         if self.max_work is not None and not self.max_work > 0:
             raise ConfigError(f"{KIND} max_work (multiply-adds per token as a share of dense) must be > 0 or null, got {self.max_work}")
+        if self.atom_step < 1:
+            raise ConfigError(f"{KIND} atom_step must be >= 1, got {self.atom_step}")
         if self.reselect_options not in ("chosen", "near-choice", "all"):
             raise ConfigError(f"{KIND} reselect_options must be 'chosen', 'near-choice' or 'all', got {self.reselect_options!r}")
 
@@ -95,7 +98,8 @@ class SparseDictionary(LossAwareSVD):
         shapes: dict[float, list[tuple[int, int]]] = {}
         for c in self.ratios:
             for q in self.sparsity_levels:
-                k, s = atoms_within(m, n, q, int((1 - c) * m * n * value_bytes), value_bytes, self.most_atoms(m, n))
+                k, s = atoms_within(m, n, q, int((1 - c) * m * n * value_bytes), value_bytes, self.most_atoms(m, n),
+                                    self.atom_step)
                 if k >= 1:
                     shapes.setdefault(c, []).append((k, s))
         if not shapes:
@@ -211,18 +215,21 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Te
     return torch.linalg.solve(gram + mu * torch.eye(k, dtype=gram.dtype, device=gram.device), rhs)
 
 
-def atoms_within(m: int, n: int, level: float, budget_bytes: int, value_bytes: int, most: int) -> tuple[int, int]:
-    """(k, s): the most atoms k <= `most`, s = round(k / level) >= 1, whose bytes fit `budget_bytes`; (0, 0) if none."""
+def atoms_within(m: int, n: int, level: float, budget_bytes: int, value_bytes: int, most: int,
+                 step: int = 1) -> tuple[int, int]:
+    """(k, s): the most atoms k <= `most`, a multiple of `step`, s = round(k / level) >= 1, whose bytes fit
+    `budget_bytes`; (0, 0) if none."""
 
     def cost(k: int) -> int:
         s = max(1, round(k / level))
         return k * n * value_bytes + best_layout(m, k, m * s, value_bytes)[1]
 
-    low, high = 0, most
+    low, high = 0, most // step  # in units of `step` atoms
     while low < high:  # largest k with cost(k) <= budget (cost grows with k)
         mid = (low + high + 1) // 2
-        if cost(mid) <= budget_bytes:
+        if cost(mid * step) <= budget_bytes:
             low = mid
         else:
             high = mid - 1
-    return (low, max(1, round(low / level))) if low >= 1 else (0, 0)
+    k = low * step
+    return (k, max(1, round(k / level))) if k >= 1 else (0, 0)

@@ -103,7 +103,7 @@ def test_row_top_mask_keeps_what_topk_keeps_even_with_ties():
 def test_sparse_dictionary_refit_is_the_least_squares_solution():
     """With ridge 0 the atoms minimise ||P_out (W - S U) P_in||: compare with torch.linalg.lstsq on that problem."""
     m, n = 40, 24
-    method = METHODS.create("sparse-dictionary", {"ridge": 0.0})
+    method = METHODS.create("sparse-dictionary", {"ridge": 0.0, "atom_step": 1})  # many options at this small size
     weight, inputs, outputs, problem, a, g = problem_and_reference(method, m, n, seed=5)
     option = method.decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs).sparse_options[3]
     factors = method.sparse_layer(problem, option)
@@ -186,7 +186,7 @@ def test_sparse_options_beat_plain_rank_of_the_same_bytes_on_a_decaying_spectrum
 def test_sparse_dictionary_options_do_no_more_multiply_adds_than_allowed(max_work):
     """A many-token forward of S U runs k (m + n) multiply-adds per token (the mixing expanded), dense m n."""
     m, n = 60, 24
-    method = METHODS.create("sparse-dictionary", {"max_work": max_work})
+    method = METHODS.create("sparse-dictionary", {"max_work": max_work, "atom_step": 1})
     weight, inputs, outputs, _, _, _ = problem_and_reference(method, m, n)
     ranks = [o.rank for o in method.decompose(weight, inputs, 5, outputs=outputs).sparse_options]
     assert ranks
@@ -200,3 +200,19 @@ def test_sparse_dictionary_options_do_no_more_multiply_adds_than_allowed(max_wor
 def test_sparse_dictionary_max_work_must_be_positive():
     with pytest.raises(ConfigError, match="max_work"):
         METHODS.create("sparse-dictionary", {"max_work": 0})
+
+
+def test_atom_step_makes_every_atom_count_its_multiple_and_the_largest_that_fits():
+    """With atom_step q (8 by default) every option's k is a multiple of q: the largest one whose bytes fit the option's budget
+    (checked against the unconstrained options: each rounded down, never more atoms than the budget allows)."""
+    m, n = 72, 40
+    free = METHODS.create("sparse-dictionary", {"reselect": 0, "atom_step": 1})
+    stepped = METHODS.create("sparse-dictionary", {"reselect": 0, "atom_step": 8})
+    weight, inputs, outputs, _, _, _ = problem_and_reference(free, m, n)
+    free_ranks = sorted(o.rank for o in free.decompose(weight, inputs, 5, outputs=outputs).sparse_options)
+    stepped_options = stepped.decompose(weight, inputs, 5, outputs=outputs).sparse_options
+    stepped_ranks = sorted(o.rank for o in stepped_options)
+    assert stepped_ranks and all(k % 8 == 0 for k in stepped_ranks)
+    assert {k // 8 * 8 for k in free_ranks} >= set(stepped_ranks)
+    with pytest.raises(ConfigError, match="atom_step"):
+        METHODS.create("sparse-dictionary", {"atom_step": 0})
