@@ -23,24 +23,25 @@ sys.path.insert(0, str(ROOT))
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
                     rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=256, eos_token_id=257)
-WIDTHS = {  # a decoder layer's widths; the vocabulary stays small (the byte tokenizer uses 258 ids)
-    "smollm2-135m": {},
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                      vocab_size=4096, tie_word_embeddings=False, rope_theta=500000.0),
-    "tiny": dict(hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
-}
 
 
 def build(folder: Path, layers: int, chars: int, widths: str = "smollm2-135m") -> None:
-    """A llama with SmolLM2-135M's shapes or another model's layer widths (random weights, `layers` blocks,
-    written in bfloat16 for widths other than SmolLM2-135M's), a byte tokenizer and a text."""
+    """A llama with SmolLM2-135M's shapes, or another model's layer widths (bench/scale.py's SHAPES) with a
+    4096-token vocabulary (the byte tokenizer uses 258 ids) written in bfloat16; random weights, `layers`
+    blocks, a byte tokenizer and a text."""
+    from scale import SHAPES
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.conftest import byte_tokenizer, synthetic_text
 
+    config = SMOLLM2_135M | {"num_hidden_layers": layers}
+    if widths != "smollm2-135m":
+        hidden, mlp, heads, kv, _ = SHAPES[widths]
+        config |= dict(hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv,
+                       vocab_size=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**(SMOLLM2_135M | WIDTHS[widths] | {"num_hidden_layers": layers})))
-    if WIDTHS[widths]:
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    if widths != "smollm2-135m":
         model = model.to(torch.bfloat16)
     model.save_pretrained(folder / "model")
     byte_tokenizer().save_pretrained(folder / "model")
@@ -110,7 +111,7 @@ def main() -> None:
     b.add_argument("folder", type=Path)
     b.add_argument("--layers", type=int, default=30)
     b.add_argument("--chars", type=int, default=400_000)
-    b.add_argument("--widths", default="smollm2-135m", choices=list(WIDTHS))
+    b.add_argument("--widths", default="smollm2-135m", help="a name in bench/scale.py's SHAPES")
     c = sub.add_parser("compare")
     c.add_argument("cuda_out", type=Path)
     c.add_argument("cpu_out", type=Path)

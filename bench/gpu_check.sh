@@ -155,7 +155,6 @@ check_part() {
     step layer_speed "$LIMIT_LAYERS" python bench/layer_speed.py --device "$DEVICE" --shape "$LAYER_SHAPE" \
         --out "$RESULTS/layer_speed_${DEVICE}_$LAYER_SHAPE"
     grep -F "**decoder layer**" "$RESULTS/layer_speed_${DEVICE}_$LAYER_SHAPE.md" 2>/dev/null | sed 's/^/    /' | tee -a "$SUMMARY"
-
 }
 
 latency_part() {  # the latency objective at a big model's widths, then the output against its dense model

@@ -13,7 +13,7 @@ Each form's time is the median over `--rounds` rounds (forms in rotated order wi
 the mean of `--calls` back-to-back calls; on CUDA timed after a synchronize. The decoder-layer row sums the
 seven projections. Attention, norms and the head are not here: bench/runtime.py measures whole models.
 
-    python bench/layer_speed.py --device cuda --dtype bfloat16        # writes bench/results/layer_speed_cuda.md
+    python bench/layer_speed.py --device cuda --dtype bfloat16   # bench/results/layer_speed/layer_speed_cuda_llama3-8b.md
     python bench/layer_speed.py --device cpu --shape test-tiny --out /tmp/ls   # a dry run
 """
 
@@ -29,19 +29,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scale import SHAPES  # noqa: E402  (bench/scale.py: name -> hidden, MLP, heads, KV heads, layers)
+
 from lrc.forms.lowrank import LowRankLinear  # noqa: E402
 from lrc.forms.sparse_linear import SparseDictionaryLinear  # noqa: E402
 
-SHAPES = {  # name: (hidden, MLP, attention heads, KV heads)
-    "llama3-8b": (4096, 14336, 32, 8),
-    "llama3-70b": (8192, 28672, 64, 8),
-    "smollm2-135m": (576, 1536, 9, 3),
-    "test-tiny": (256, 512, 4, 2),
-}
 MIXING_DENSITY = 0.5
 
 
-def projections(hidden: int, mlp: int, heads: int, kv: int) -> dict[str, tuple[int, int]]:
+def projections(hidden: int, mlp: int, heads: int, kv: int, *_: int) -> dict[str, tuple[int, int]]:
     """name: (out, in) of one decoder layer's projections."""
     kv_width = hidden // heads * kv
     return {"q": (hidden, hidden), "k": (kv_width, hidden), "v": (kv_width, hidden), "o": (hidden, hidden),
@@ -57,15 +53,22 @@ def forms(out: int, inp: int, keep: float, align: int, wanted: list[str], device
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).div_(shape[-1] ** 0.5)
 
-    dense = nn.Linear(inp, out, bias=False)
-    dense.weight.data = randn(out, inp)
-    rank = aligned(keep * out * inp / (out + inp), align)
-    low_rank = LowRankLinear.from_factors(randn(out, rank), randn(rank, inp))
-    atoms = aligned(keep * out * inp / (inp + (MIXING_DENSITY + 1 / 16) * out), align)
-    mixing = randn(out, atoms) * (torch.rand(out, atoms, generator=gen) < MIXING_DENSITY)
-    sparse = SparseDictionaryLinear.from_factors(mixing, randn(atoms, inp), layout="bitmask")
-    return {name: layer.to(device=device, dtype=dtype).eval() for name, layer in
-            {"dense": dense, "low rank": low_rank, "sparse dictionary": sparse}.items() if name in wanted}
+    def dense() -> nn.Module:
+        layer = nn.Linear(inp, out, bias=False)
+        layer.weight.data = randn(out, inp)
+        return layer
+
+    def low_rank() -> nn.Module:
+        rank = aligned(keep * out * inp / (out + inp), align)
+        return LowRankLinear.from_factors(randn(out, rank), randn(rank, inp))
+
+    def sparse() -> nn.Module:
+        atoms = aligned(keep * out * inp / (inp + (MIXING_DENSITY + 1 / 16) * out), align)
+        mixing = randn(out, atoms) * (torch.rand(out, atoms, generator=gen) < MIXING_DENSITY)
+        return SparseDictionaryLinear.from_factors(mixing, randn(atoms, inp), layout="bitmask")
+
+    builders = {"dense": dense, "low rank": low_rank, "sparse dictionary": sparse}
+    return {name: builders[name]().to(device=device, dtype=dtype).eval() for name in builders if name in wanted}
 
 
 def weight_bytes(layer: nn.Module) -> int:
@@ -148,13 +151,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--out", default=None, help="path without suffix (default bench/results/layer_speed_DEVICE)")
+    parser.add_argument("--out", default=None,
+                        help="path without suffix (default bench/results/layer_speed/layer_speed_DEVICE_SHAPE)")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = table(measure(args), args, name)
     print("\n".join(lines))
-    out = Path(args.out or f"bench/results/layer_speed_{device.type}")
+    out = Path(args.out or f"bench/results/layer_speed/layer_speed_{device.type}_{args.shape}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -57,6 +57,7 @@ from lrc.stats.collect import collect_statistics  # noqa: E402
 SHAPES = {  # name: (hidden, MLP, attention heads, KV heads, layers)
     "llama3-8b": (4096, 14336, 32, 8, 32),
     "llama3-70b": (8192, 28672, 64, 8, 80),
+    "smollm2-135m": (576, 1536, 9, 3, 30),
     "test-tiny": (256, 512, 4, 2, 2),  # for a dry run of this script
 }
 DEFAULT_TOKENS = 128 * 512
@@ -168,7 +169,7 @@ def measure_shape(label: str, args: argparse.Namespace, device: torch.device) ->
         stats = collect_statistics(loaded, config, windows=windows)
     stats_s = clock.now() - t
     per_token = (stats_s - half_s) / (tokens - half.numel()) if tokens > half.numel() else stats_s / tokens
-    floor = stats_s / tokens / 10  # timing noise must not make the rate vanish; a rate at the floor is a lower bound
+    floor = stats_s / tokens / 10  # noise or a fixed cost must not make the rate vanish; a rate at the floor is marked
     rate = max(per_token, floor)
     result["statistics"] = {"seconds": round(stats_s, 3), "seconds_half": round(half_s, 3),
                             "per_token_s": rate, "per_token_at_floor": per_token <= floor,

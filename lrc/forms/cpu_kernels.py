@@ -505,22 +505,9 @@ def available(values: torch.Tensor, x: torch.Tensor | None = None) -> bool:
     return ok and library() is not None
 
 
-def bitmask_row_starts(bitmask: torch.Tensor, cols: int, nnz: int) -> torch.Tensor:
-    """(rows + 1,) int64: where each row's values start, for a bitmask (rows, ⌈cols / 8⌉). Checks what the
-    kernels rely on: no bit set past column `cols` and exactly `nnz` bits set in all (else ValueError)."""
-    shifts = torch.arange(8, device=bitmask.device, dtype=torch.uint8)
-    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(bitmask.shape[0], -1)
-    if bool(bits[:, cols:].any()):
-        raise ValueError(f"sparse bitmask sets bits past its {cols} columns")
-    starts = torch.zeros(bitmask.shape[0] + 1, dtype=torch.int64, device=bitmask.device)
-    starts[1:] = bits.sum(1, dtype=torch.int64).cumsum(0)
-    if int(starts[-1]) != nnz:
-        raise ValueError(f"sparse bitmask sets {int(starts[-1])} bits for {nnz} stored values")
-    return starts
-
-
 def bitmask_matmul(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int, x: torch.Tensor) -> torch.Tensor:
-    """x (tokens, cols) @ Sᵀ -> (tokens, rows), S in the bitmask layout (`starts` from bitmask_row_starts)."""
+    """x (tokens, cols) @ Sᵀ -> (tokens, rows), S in the bitmask layout (`starts` from
+    sparse_matrix.bitmask_row_starts)."""
     lib = library()
     assert lib is not None
     x = x.contiguous()

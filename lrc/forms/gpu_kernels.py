@@ -2,9 +2,9 @@
 
 S (rows x cols) is stored as values (nnz,) in row-major order of the set bits and bitmask (rows, ⌈cols / 8⌉),
 bit j % 8 of byte j // 8 set where column j is stored; starts (rows + 1,) int64 is where each row's values
-begin. A program takes BLOCK_R rows and walks the columns BLOCK_K at a time: it expands the chunk's bits,
-counts the set bits before each column (a cumulative sum along the chunk) to find its value's index, and
-loads the stored values only, so the matrix's stored bytes are read once per token; nothing of the size of
+begin (`sparse_matrix.bitmask_row_starts`). A program takes BLOCK_R rows and walks the columns BLOCK_K at a
+time: it expands the chunk's bits, counts the set bits before each column (a cumulative sum along the chunk)
+to find its value's index, and loads the stored values only, so the matrix's stored bytes are read once per token; nothing of the size of
 S is written (matmul) or S itself is written once (dense). Accumulation is in float32.
 
 Used where torch is a CUDA build with Triton (which CUDA builds of torch ship); elsewhere `available` is
@@ -47,20 +47,6 @@ def available(values: torch.Tensor) -> bool:
     return _kernels() is not None
 
 
-def bitmask_row_starts(bitmask: torch.Tensor, cols: int, nnz: int) -> torch.Tensor:
-    """(rows + 1,) int64: where each row's values start; ValueError when the bits do not count `nnz` or a bit
-    lies past the last column (a corrupted file)."""
-    bits = (bitmask.unsqueeze(-1) >> torch.arange(8, device=bitmask.device, dtype=torch.uint8)) & 1
-    bits = bits.reshape(bitmask.shape[0], -1)
-    counts = bits[:, :cols].sum(1)
-    starts = torch.zeros(bitmask.shape[0] + 1, dtype=torch.int64, device=bitmask.device)
-    starts[1:] = counts.cumsum(0)
-    if int(starts[-1]) != nnz or bool(bits[:, cols:].any()):
-        raise ValueError(f"sparse matrix bitmask counts {int(starts[-1])} entries (or has bits past column {cols}) "
-                         f"for {nnz} stored values")
-    return starts
-
-
 def agree(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int,
           dense: Callable[[], torch.Tensor], x: torch.Tensor) -> bool:
     """Whether the kernels are used on values' device type: checked on their first use there in this process,
@@ -84,13 +70,6 @@ def agree(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, col
     return _status[device] == "ok"
 
 
-def kernels() -> ModuleType:
-    module = _kernels()
-    if module is None:
-        raise RuntimeError("lrc's GPU kernels need Triton (see gpu_kernels.available)")
-    return module
-
-
 def bitmask_matmul(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int,
                    x: torch.Tensor) -> torch.Tensor:
     """x (tokens, cols) -> x Sᵀ (tokens, rows) in x's dtype (which must be the values')."""
@@ -98,9 +77,11 @@ def bitmask_matmul(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Te
     x = x.contiguous()
     y = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
     if x.shape[0] and rows:
-        grid = (-(-rows // BLOCK_R), x.shape[0])
-        kernels().matmul_kernel[grid](values, bitmask, starts, x, y, rows, cols, bitmask.shape[1], x.stride(0), y.stride(0),
-                             BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
+        module = _kernels()
+        assert module is not None, "lrc's GPU kernels need Triton (see available)"
+        module.matmul_kernel[(-(-rows // BLOCK_R), x.shape[0])](
+            values, bitmask, starts, x, y, rows, cols, bitmask.shape[1], x.stride(0), y.stride(0),
+            BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
     return y
 
 
@@ -109,6 +90,8 @@ def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Ten
     rows = bitmask.shape[0]
     out = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
     if rows and cols:
-        kernels().dense_kernel[(-(-rows // BLOCK_R),)](values, bitmask, starts, out, rows, cols, bitmask.shape[1],
-                                                     BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
+        module = _kernels()
+        assert module is not None, "lrc's GPU kernels need Triton (see available)"
+        module.dense_kernel[(-(-rows // BLOCK_R),)](values, bitmask, starts, out, rows, cols, bitmask.shape[1],
+                                                    BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
     return out

@@ -68,6 +68,20 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
 
 
+def bitmask_row_starts(bitmask: torch.Tensor, cols: int, nnz: int) -> torch.Tensor:
+    """(rows + 1,) int64: where each row's values start, for a bitmask (rows, ⌈cols / 8⌉). Checks what the
+    kernels (CPU and GPU) rely on: no bit set past column `cols` and exactly `nnz` bits set in all (else ValueError)."""
+    shifts = torch.arange(8, device=bitmask.device, dtype=torch.uint8)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(bitmask.shape[0], -1)
+    if bool(bits[:, cols:].any()):
+        raise ValueError(f"sparse bitmask sets bits past its {cols} columns")
+    starts = torch.zeros(bitmask.shape[0] + 1, dtype=torch.int64, device=bitmask.device)
+    starts[1:] = bits.sum(1, dtype=torch.int64).cumsum(0)
+    if int(starts[-1]) != nnz:
+        raise ValueError(f"sparse bitmask sets {int(starts[-1])} bits for {nnz} stored values")
+    return starts
+
+
 class SparseMatrix(nn.Module):
     """A rows x cols matrix with `nnz` stored entries, in the "csr" or "bitmask" layout (see module doc).
 
@@ -143,9 +157,9 @@ class SparseMatrix(nn.Module):
             dense = torch.zeros(self.rows, self.cols, dtype=self.values.dtype, device=self.values.device)
             dense[self.row_ids(), self.col_indices.long()] = self.values
             return dense
-        mask = unpack_bits(self.bitmask, self.cols).reshape(-1)
         if self.nnz == 0:
             return torch.zeros(self.rows, self.cols, dtype=self.values.dtype, device=self.values.device)
+        mask = unpack_bits(self.bitmask, self.cols).reshape(-1)
         positions = mask.cumsum(0, dtype=torch.int32).sub_(1).clamp_(min=0)
         return torch.where(mask, self.values[positions], 0).reshape(self.rows, self.cols)
 
@@ -195,25 +209,21 @@ class SparseMatrix(nn.Module):
         key = tuple(item for t in stored for item in (t.data_ptr(), 0 if t.is_inference() else t._version))
         if self._checked is None or self._checked[0] != key:
             starts = None
-            contiguous = all(t.is_contiguous() for t in stored)
-            on_cpu = self.values.device.type == "cpu"
-            narrow = self.layout == "bitmask" or self.col_indices.dtype == torch.int16
-            if contiguous and on_cpu and narrow and cpu_kernels.available(self.values):
-                self._check_count()
+            if self.values.device.type == "cpu":
+                narrow = self.layout == "bitmask" or self.col_indices.dtype == torch.int16
+                kernel = narrow and cpu_kernels.available(self.values)
+            else:
+                kernel = self.layout == "bitmask" and gpu_kernels.available(self.values)
+            if kernel and all(t.is_contiguous() for t in stored):
+                if self.values.numel() != self.nnz:
+                    raise ValueError(f"sparse matrix holds {self.values.numel()} values for {self.nnz} entries")
                 if self.layout == "bitmask":
-                    starts = cpu_kernels.bitmask_row_starts(self.bitmask, self.cols, self.nnz)
+                    starts = bitmask_row_starts(self.bitmask, self.cols, self.nnz)
                 else:
                     self._check_csr()
                     starts = self.row_offsets
-            elif contiguous and not on_cpu and self.layout == "bitmask" and gpu_kernels.available(self.values):
-                self._check_count()
-                starts = gpu_kernels.bitmask_row_starts(self.bitmask, self.cols, self.nnz)
             self._checked = (key, starts)
         return self._checked[1]
-
-    def _check_count(self) -> None:
-        if self.values.numel() != self.nnz:
-            raise ValueError(f"sparse matrix holds {self.values.numel()} values for {self.nnz} entries")
 
     def _check_csr(self) -> None:
         offsets, cols = self.row_offsets, self.col_indices

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from lrc.forms import gpu_kernels
-from lrc.forms.sparse_matrix import SparseMatrix, pack_bits
+from lrc.forms.sparse_matrix import SparseMatrix, bitmask_row_starts
 
 CHILD = textwrap.dedent("""
     import torch
     from lrc.forms import gpu_kernels
-    from lrc.forms.sparse_matrix import SparseMatrix
+    from lrc.forms.sparse_matrix import SparseMatrix, bitmask_row_starts
 
     assert gpu_kernels.INTERPRETED and gpu_kernels.available(torch.zeros(1))
     g = torch.Generator().manual_seed(0)
@@ -28,7 +28,7 @@ CHILD = textwrap.dedent("""
         for dtype, tolerance in [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)]:
             dense = (torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) < density)).to(dtype)
             matrix = SparseMatrix.from_dense(dense, dense != 0, "bitmask")
-            starts = gpu_kernels.bitmask_row_starts(matrix.bitmask, cols, matrix.nnz)
+            starts = bitmask_row_starts(matrix.bitmask, cols, matrix.nnz)
             assert torch.equal(starts[1:] - starts[:-1], (dense != 0).sum(1))
             assert torch.equal(gpu_kernels.bitmask_dense(matrix.values, matrix.bitmask, starts, cols), dense)
             for tokens in (1, 3):
@@ -51,21 +51,6 @@ def test_kernels_compute_the_dense_product_and_matrix():
     assert done.returncode == 0 and "kernels match" in done.stdout, done.stderr[-3000:]
 
 
-def test_row_starts_refuse_a_bitmask_that_does_not_count_the_values():
-    """A bitmask whose bits count other than nnz, or with a bit past the last column, is an error before any
-    kernel reads it (torch only: runs without Triton)."""
-    mask = torch.rand(6, 10, generator=torch.Generator().manual_seed(3)) < 0.5
-    packed = pack_bits(mask)
-    starts = gpu_kernels.bitmask_row_starts(packed, 10, int(mask.sum()))
-    assert starts.tolist() == [0, *mask.sum(1).cumsum(0).tolist()]
-    with pytest.raises(ValueError, match="counts"):
-        gpu_kernels.bitmask_row_starts(packed, 10, int(mask.sum()) + 1)
-    padded = packed.clone()
-    padded[0, 1] |= 1 << 7  # column 15 of a 10-column matrix
-    with pytest.raises(ValueError, match="past column"):
-        gpu_kernels.bitmask_row_starts(padded, 10, int(mask.sum()) + 1)
-
-
 def test_a_cpu_matrix_does_not_use_them():
     """Without Triton's interpreter the kernels are for GPUs only: a CPU matrix keeps lrc's C kernels."""
     if gpu_kernels.INTERPRETED:
@@ -82,7 +67,7 @@ def test_kernels_are_used_only_where_they_agree_with_torch(monkeypatch):
     dense = torch.randn(9, 20, generator=torch.Generator().manual_seed(4))
     dense[dense.abs() < 0.5] = 0
     matrix = SparseMatrix.from_dense(dense, dense != 0, "bitmask")
-    starts = gpu_kernels.bitmask_row_starts(matrix.bitmask, 20, matrix.nnz)
+    starts = bitmask_row_starts(matrix.bitmask, 20, matrix.nnz)
     x = torch.randn(2, 20)
     args = (matrix.values, matrix.bitmask, starts, 20, matrix.to_dense, x)
 
