@@ -8,6 +8,7 @@
 #   bash bench/gpu_check.sh --tar "$OUT/gpu_check.tgz"   # also pack the results into one file (a lent machine
 #                                                        # returns few files from $OUT; unpack into bench/results/gpu_check)
 #   bash bench/gpu_check.sh --part latency --tar "$OUT/gpu_latency.tgz"   # the second command (below)
+#   bash bench/gpu_check.sh --skip scale_llama3-70b,compress_cpu   # leave steps out (names as in the summary)
 #
 # Steps, each under its own time limit (a step that runs out is recorded as such, the others still run):
 #   1. pytest -m gpu: CUDA statistics and decompositions against the float64 CPU path (tests/test_gpu.py)
@@ -22,7 +23,7 @@
 #      dictionary at equal bytes, 1 and 512 tokens
 #
 # `--part latency`, a second command (at most 5.5 minutes; results in bench/results/gpu_latency/): compress a
-# config-built model with Llama-3-8B's layer widths (random weights, 2 layers, loss-aware) for
+# config-built model with Llama-3-8B's layer widths (random weights, 4 layers, loss-aware) for
 # `--objective latency --budget 0.3` on the device (half the budget if that cannot be met there), then time
 # it against its dense model with bench/runtime.py (`--widths smollm2-135m` for a CPU dry run's sizes).
 # Results: bench/results/gpu_check/ (logs, summary.md, compare.md, the scale tables scale_SHAPE_cuda.md/.yaml,
@@ -38,6 +39,7 @@ QUICK=0
 TAR=
 PART=check
 WIDTHS=llama3-8b
+SKIP=
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
@@ -45,7 +47,8 @@ while [ $# -gt 0 ]; do
         --tar) TAR="$2"; shift 2 ;;
         --part) PART="$2"; shift 2 ;;
         --widths) WIDTHS="$2"; shift 2 ;;
-        *) echo "usage: bash bench/gpu_check.sh [--part check|latency] [--device cuda|cpu] [--quick] [--widths W] [--tar FILE.tgz]" >&2
+        --skip) SKIP=",$2,"; shift 2 ;;
+        *) echo "usage: bash bench/gpu_check.sh [--part check|latency] [--device cuda|cpu] [--quick] [--widths W] [--skip STEP,...] [--tar FILE.tgz]" >&2
            exit 2 ;;
     esac
 done
@@ -74,6 +77,10 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $RESULTS/NAME.log, record the outcome
     local name=$1 limit=$2
     shift 2
+    if [[ "$SKIP" == *",$name,"* ]]; then
+        note "- $name: skipped (--skip)"
+        return 3
+    fi
     local t0 rc
     t0=$(date +%s)
     timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$RESULTS/$name.log" 2>&1
@@ -159,7 +166,7 @@ check_part() {
 
 latency_part() {  # the latency objective at a big model's widths, then the output against its dense model
     local budget=0.3
-    step build 60 python bench/gpu_check.py build "$WORK" --widths "$WIDTHS" --layers 2 --chars 200000
+    step build 60 python bench/gpu_check.py build "$WORK" --widths "$WIDTHS" --layers 4 --chars 200000
     local compress=(python -m lrc compress "$WORK/model" --calib "$WORK/calib.txt" --samples 32 --seq-len 512
                     --method loss-aware --objective latency --dtype bfloat16 --device "$DEVICE" -o "$WORK/latency" --quiet)
     step compress 150 "${compress[@]}" --budget "$budget"
