@@ -139,7 +139,7 @@ def test_sparse_layers_on_the_gpu_compute_their_dense_product(layout, recwarn):
     for tokens in (3, 40):
         x = torch.randn(tokens, 64, generator=g)
         for layer in layers:
-            reference = x.double() @ layer.dense_weight().double().T
+            reference = x.double() @ layer.dense_weight().double().cpu().T
             with torch.no_grad():
                 y = layer.to(DEVICE)(x.to(DEVICE)).cpu()
             assert relative(y, reference) < 1e-5
