@@ -202,7 +202,7 @@ class SparseMatrix(nn.Module):
     def kernel_row_starts(self) -> torch.Tensor | None:
         """None where no kernel runs (on CPU: not float32 / bfloat16, int32 indices, no compiler; on a GPU: not
         the bitmask layout, no Triton); else the start of each row's values ((rows + 1,) int64 for the bitmask,
-        the row offsets for csr). Checked once per state of the stored tensors (changed in place, reloaded or
+        the row offsets for csr; on a GPU, per split of the columns: gpu_kernels.split_starts). Checked once per state of the stored tensors (changed in place, reloaded or
         moved): what the kernels read must be consistent (ValueError otherwise). Tensors made under
         torch.inference_mode have no version counter: for them only a move or reload is seen, not a change in place."""
         stored = self._stored()
@@ -219,6 +219,8 @@ class SparseMatrix(nn.Module):
                     raise ValueError(f"sparse matrix holds {self.values.numel()} values for {self.nnz} entries")
                 if self.layout == "bitmask":
                     starts = bitmask_row_starts(self.bitmask, self.cols, self.nnz)
+                    if self.values.device.type != "cpu":  # the GPU kernels start each split of the columns
+                        starts = gpu_kernels.split_starts(starts, self.bitmask, self.cols)
                 else:
                     self._check_csr()
                     starts = self.row_offsets

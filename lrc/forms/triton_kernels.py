@@ -23,28 +23,34 @@ def _chunk(values, bitmask, r, live, offset, k0, cols, bytes_per_row, BLOCK_K: t
 
 
 @triton.jit
-def matmul_kernel(values, bitmask, starts, x, y, rows, cols, bytes_per_row, stride_x, stride_y,
-                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def matmul_kernel(values, bitmask, starts, x, y, rows, cols, bytes_per_row, splits, stride_x, stride_y, stride_split,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr):
+    """y[s, t, r] = Σ over split s's columns of S[r, c] x[t, c] (program (row block, split s, token t))."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    t = tl.program_id(1)
+    s = tl.program_id(1)
+    t = tl.program_id(2)
     live = r < rows
-    offset = tl.load(starts + r, mask=live, other=0)
+    offset = tl.load(starts + r * splits + s, mask=live, other=0)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, cols, BLOCK_K):
+    for i in range(TILES):
+        k0 = (s * TILES + i) * BLOCK_K
         w, c, stored = _chunk(values, bitmask, r, live, offset, k0, cols, bytes_per_row, BLOCK_K)
         xv = tl.load(x + t * stride_x + c, mask=c < cols, other=0.0).to(tl.float32)
         acc += tl.sum(w * xv[None, :], axis=1)
         offset += stored
-    tl.store(y + t * stride_y + r, acc.to(y.dtype.element_ty), mask=live)
+    tl.store(y + s * stride_split + t * stride_y + r, acc.to(y.dtype.element_ty), mask=live)
 
 
 @triton.jit
-def dense_kernel(values, bitmask, starts, out, rows, cols, bytes_per_row,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def dense_kernel(values, bitmask, starts, out, rows, cols, bytes_per_row, splits,
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr):
+    """out[r, c] = S[r, c] for split s's columns (program (row block, split s))."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    s = tl.program_id(1)
     live = r < rows
-    offset = tl.load(starts + r, mask=live, other=0)
-    for k0 in range(0, cols, BLOCK_K):
+    offset = tl.load(starts + r * splits + s, mask=live, other=0)
+    for i in range(TILES):
+        k0 = (s * TILES + i) * BLOCK_K
         w, c, stored = _chunk(values, bitmask, r, live, offset, k0, cols, bytes_per_row, BLOCK_K)
         tl.store(out + r[:, None] * cols + c[None, :], w.to(out.dtype.element_ty),
                  mask=live[:, None] & (c < cols)[None, :])

@@ -23,13 +23,19 @@ CHILD = textwrap.dedent("""
 
     assert gpu_kernels.INTERPRETED and gpu_kernels.available(torch.zeros(1))
     g = torch.Generator().manual_seed(0)
-    # rows not a multiple of BLOCK_R, columns across several BLOCK_K chunks and a partial last byte; empty; full
-    for rows, cols, density in [(37, 300, 0.45), (5, 13, 0.0), (33, 129, 1.0)]:
+    # rows not a multiple of BLOCK_R, columns across several BLOCK_K chunks and a partial last byte; empty; full;
+    # columns across three splits (SPLIT_K) and a partial last one
+    assert gpu_kernels.SPLIT_K < 1100 < 3 * gpu_kernels.SPLIT_K
+    for rows, cols, density in [(37, 300, 0.45), (5, 13, 0.0), (33, 129, 1.0), (35, 1100, 0.3)]:
         for dtype, tolerance in [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)]:
             dense = (torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) < density)).to(dtype)
             matrix = SparseMatrix.from_dense(dense, dense != 0, "bitmask")
-            starts = bitmask_row_starts(matrix.bitmask, cols, matrix.nnz)
-            assert torch.equal(starts[1:] - starts[:-1], (dense != 0).sum(1))
+            row_starts = bitmask_row_starts(matrix.bitmask, cols, matrix.nnz)
+            assert torch.equal(row_starts[1:] - row_starts[:-1], (dense != 0).sum(1))
+            starts = gpu_kernels.split_starts(row_starts, matrix.bitmask, cols)
+            edges = torch.arange(starts.shape[1]) * gpu_kernels.SPLIT_K  # brute force: stored entries left of each split
+            before = torch.stack([(dense[:, :e] != 0).sum(1) for e in edges.tolist()], 1)
+            assert torch.equal(starts, row_starts[:-1, None] + before)
             assert torch.equal(gpu_kernels.bitmask_dense(matrix.values, matrix.bitmask, starts, cols), dense)
             for tokens in (1, 3):
                 x = torch.randn(tokens, cols, generator=g).to(dtype)
@@ -67,7 +73,7 @@ def test_kernels_are_used_only_where_they_agree_with_torch(monkeypatch):
     dense = torch.randn(9, 20, generator=torch.Generator().manual_seed(4))
     dense[dense.abs() < 0.5] = 0
     matrix = SparseMatrix.from_dense(dense, dense != 0, "bitmask")
-    starts = bitmask_row_starts(matrix.bitmask, 20, matrix.nnz)
+    starts = gpu_kernels.split_starts(bitmask_row_starts(matrix.bitmask, 20, matrix.nnz), matrix.bitmask, 20)
     x = torch.randn(2, 20)
     args = (matrix.values, matrix.bitmask, starts, 20, matrix.to_dense, x)
 
