@@ -53,6 +53,9 @@ _SOURCE = r"""
 #endif
 
 #define TOKEN_BLOCK 8
+#ifndef LRC_PREFETCH
+#define LRC_PREFETCH 4096  /* bytes ahead: a stream read once per token is fetched this far ahead */
+#endif
 
 static inline float bf16_to_f32(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
@@ -105,6 +108,8 @@ static inline __attribute__((always_inline)) void bitmask_row(const int TN, int 
         memcpy(&bits, mrow + (j >> 3), 4);
         __mmask16 m = (__mmask16)(bits & 0xffffu), m2 = (__mmask16)(bits >> 16);
         __m512 v, v2;
+        _mm_prefetch((const char *)vals + p * (bf16 ? 2 : 4) + LRC_PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)mrow + (j >> 3) + LRC_PREFETCH, _MM_HINT_T0);
         if (p + 32 <= nnz) {
             if (bf16) {
                 v = widen_bf16(_mm256_maskz_expand_epi16(m, _mm256_loadu_si256((const __m256i *)((const uint16_t *)vals + p))));
@@ -193,6 +198,9 @@ static inline __attribute__((always_inline)) void bitmask_four_rows(int bf16, co
             memcpy(&bits, mrow[r] + (j >> 3), 4);
             __mmask16 m = (__mmask16)(bits & 0xffffu), m2 = (__mmask16)(bits >> 16);
             __m512 v, v2;
+            /* streamed from memory once per token: fetch ahead of the hardware prefetcher (values, then bits) */
+            _mm_prefetch((const char *)vals + p[r] * (bf16 ? 2 : 4) + LRC_PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)mrow[r] + (j >> 3) + LRC_PREFETCH, _MM_HINT_T0);
             if (bf16) {
                 v = widen_bf16(_mm256_maskz_expand_epi16(m, _mm256_loadu_si256((const __m256i *)((const uint16_t *)vals + p[r]))));
                 p[r] += __builtin_popcount((unsigned)m);
@@ -351,6 +359,7 @@ static inline __attribute__((always_inline)) void dense_rows(const int R, const 
             __m512 xv2 = widen_bf16(_mm256_loadu_si256((const __m256i *)(x + j + 16)));
             for (int r = 0; r < R; ++r) {
                 const uint16_t *row = w + (i + r) * cols + j;
+                _mm_prefetch((const char *)row + LRC_PREFETCH, _MM_HINT_T0);  /* streamed once per token */
                 acc[r][0] = _mm512_fmadd_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)row)), xv, acc[r][0]);
                 acc2[r] = _mm512_fmadd_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)(row + 16))), xv2, acc2[r]);
             }
@@ -360,6 +369,7 @@ static inline __attribute__((always_inline)) void dense_rows(const int R, const 
         __m512 xv[4];
         for (int k = 0; k < TN; ++k) xv[k] = load_bf16(lanes, x + k * cols + j);
         for (int r = 0; r < R; ++r) {
+            _mm_prefetch((const char *)(w + (i + r) * cols + j) + LRC_PREFETCH, _MM_HINT_T0);
             __m512 v = load_bf16(lanes, w + (i + r) * cols + j);
             for (int k = 0; k < TN; ++k) acc[r][k] = _mm512_fmadd_ps(v, xv[k], acc[r][k]);
         }
@@ -458,11 +468,14 @@ def _kernel_dir() -> Path:
     return cache / "lrc" / "kernels"
 
 
-def _compile() -> ctypes.CDLL | None:
+def compile_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The kernels compiled with `extra_flags` too (e.g. -DLRC_PREFETCH=0 for a benchmark), cached per source,
+    compiler, flags and CPU; None where no compiler works. `library()` is the one the layers use."""
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         return None
-    key = hashlib.sha256("\0".join([_SOURCE, compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:20]
+    flags = [*_FLAGS, *extra_flags]
+    key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:20]
     for folder in (_kernel_dir(), Path(tempfile.gettempdir()) / f"lrc-kernels-{os.getuid()}"):
         target = folder / f"cpu_kernels_{key}.so"
         try:
@@ -471,7 +484,7 @@ def _compile() -> ctypes.CDLL | None:
                 with tempfile.TemporaryDirectory(dir=folder) as work:
                     src, lib = Path(work) / "kernels.c", Path(work) / "kernels.so"
                     src.write_text(_SOURCE)
-                    subprocess.run([compiler, *_FLAGS, str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
+                    subprocess.run([compiler, *flags, str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
                     os.replace(lib, target)  # atomic: a concurrent process sees the whole library or none
             library = ctypes.CDLL(str(target))
         except (OSError, subprocess.SubprocessError):
@@ -491,7 +504,7 @@ def library() -> ctypes.CDLL | None:
     with _lock:
         if not _tried:
             _tried = True
-            _library = _compile()
+            _library = compile_library()
             if _library is None:
                 warnings.warn("lrc: no C compiler could build lrc's CPU kernels; sparse layers densify with torch "
                               "and bfloat16 decoding uses torch's product instead (same results, slower)", RuntimeWarning, stacklevel=3)
