@@ -95,18 +95,18 @@ def bitmask_matmul(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Te
                    x: torch.Tensor) -> torch.Tensor:
     """x (tokens, cols) -> x Sᵀ (tokens, rows) in x's dtype (which must be the values'); starts from split_starts."""
     rows, splits = starts.shape
+    tokens = x.shape[0]
     x = x.contiguous()
-    y = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
-    if x.shape[0] and rows:
+    # one split writes y itself; several write float32 partial sums (splits, tokens, rows), added below
+    out = torch.empty(tokens, rows, dtype=x.dtype, device=x.device) if splits == 1 else \
+        torch.empty(splits, tokens, rows, dtype=torch.float32, device=x.device)
+    if tokens and rows:
         module = _kernels()
         assert module is not None, "lrc's GPU kernels need Triton (see available)"
-        partial = y if splits == 1 else torch.empty(splits, *y.shape, dtype=torch.float32, device=x.device)
-        module.matmul_kernel[(-(-rows // BLOCK_R), splits, x.shape[0])](
-            values, bitmask, starts, x, partial, rows, cols, bitmask.shape[1], splits, x.stride(0), y.stride(0),
-            0 if splits == 1 else partial.stride(0), BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, TILES=TILES)
-        if splits > 1:
-            y.copy_(partial.sum(0))
-    return y
+        module.matmul_kernel[(-(-rows // BLOCK_R), splits, tokens)](
+            values, bitmask, starts, x, out, rows, cols, bitmask.shape[1], splits, x.stride(0), rows,
+            tokens * rows, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, TILES=TILES)
+    return out if splits == 1 else out.sum(0).to(x.dtype)
 
 
 def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int) -> torch.Tensor:

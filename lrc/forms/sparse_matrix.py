@@ -202,9 +202,10 @@ class SparseMatrix(nn.Module):
     def kernel_row_starts(self) -> torch.Tensor | None:
         """None where no kernel runs (on CPU: not float32 / bfloat16, int32 indices, no compiler; on a GPU: not
         the bitmask layout, no Triton); else the start of each row's values ((rows + 1,) int64 for the bitmask,
-        the row offsets for csr; on a GPU, per split of the columns: gpu_kernels.split_starts). Checked once per state of the stored tensors (changed in place, reloaded or
-        moved): what the kernels read must be consistent (ValueError otherwise). Tensors made under
-        torch.inference_mode have no version counter: for them only a move or reload is seen, not a change in place."""
+        the row offsets for csr; on a GPU, per split of the columns: gpu_kernels.split_starts). Checked once per
+        state of the stored tensors (changed in place, reloaded or moved): what the kernels read must be
+        consistent (ValueError otherwise). Tensors made under torch.inference_mode have no version counter: for
+        them only a move or reload is seen, not a change in place."""
         stored = self._stored()
         key = tuple(item for t in stored for item in (t.data_ptr(), 0 if t.is_inference() else t._version))
         if self._checked is None or self._checked[0] != key:
