@@ -21,6 +21,7 @@
 #      loss-aware (pure low rank) output: bytes, peak device memory, prefill and decode tokens/s
 #   5. bench/layer_speed.py on cuda: one Llama-3-8B decoder layer's projections, dense / low rank / sparse
 #      dictionary at equal bytes, 1 and 512 tokens
+#   6. bench/gpu_kernel_sweep.py: the bitmask kernel's tile sizes, and what a sparse layer's call costs the CPU
 #
 # `--part latency`, a second command (at most 10 minutes; results in bench/results/gpu_latency/): compress a
 # config-built model with Llama-3-8B's layer widths (random weights, 4 layers, loss-aware) for
@@ -65,12 +66,12 @@ START=$(date +%s)
 if [ "$QUICK" = 1 ]; then  # dry-run sizes: every step in seconds to a few minutes on a small CPU
     LAYERS=2; SAMPLES=16; SEQ=128; CHARS=60000; METHOD=(--method loss-aware); SHAPES=(test-tiny)
     SCALE_ARGS=(--samples 2 --seq-len 64); LIMIT_TESTS=300; LIMIT_BUILD=300; LIMIT_RUN=(300 300); LIMIT_SCALE=(300)
-    LIMIT_RUNTIME=300; LIMIT_LAYERS=300
+    LIMIT_RUNTIME=300; LIMIT_LAYERS=300; LIMIT_KERNELS=300
 else  # SmolLM2-135M's widths with 6 of its 30 layers and 64 of the default 128 x 512 windows: the cpu run
       # (about 1/10 of the full run's work) fits its limit on 16 cores
     LAYERS=6; SAMPLES=64; SEQ=512; CHARS=400000; METHOD=(); SHAPES=(llama3-8b llama3-70b)
     SCALE_ARGS=(--samples 8 --seq-len 512 --job-budget-s 40); LIMIT_TESTS=45; LIMIT_BUILD=30; LIMIT_RUN=(60 90); LIMIT_SCALE=(50 95)
-    LIMIT_RUNTIME=100; LIMIT_LAYERS=40  # runtime: Triton compiles its kernels on first use
+    LIMIT_RUNTIME=100; LIMIT_LAYERS=40; LIMIT_KERNELS=60  # runtime: Triton compiles its kernels on first use
 fi
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
@@ -147,6 +148,7 @@ check_part() {
     # 4. what the outputs cost where they run: dense, default recipe, pure low rank, bfloat16 on the device
     step compress_lowrank "${LIMIT_RUN[0]}" python -m lrc compress "${RUN_ARGS[@]}" --method loss-aware --device "$DEVICE" \
         -o "$WORK/out_lowrank"
+    rm -f "$RESULTS/runtime_$DEVICE.md" "$RESULTS/layer_speed_${DEVICE}_"*.md  # no stale table quoted below
     if [ -f "$WORK/out_device/lrc_report.yaml" ] && [ -f "$WORK/out_lowrank/lrc_report.yaml" ]; then
         step runtime "$LIMIT_RUNTIME" python bench/runtime.py --device "$DEVICE" --dtypes bfloat16 --rounds 1 --alternations 6 \
             --seq-len "$SEQ" --text "$WORK/calib.txt" --out "$RESULTS/runtime_$DEVICE" \
@@ -162,6 +164,11 @@ check_part() {
     step layer_speed "$LIMIT_LAYERS" python bench/layer_speed.py --device "$DEVICE" --shape "$LAYER_SHAPE" \
         --out "$RESULTS/layer_speed_${DEVICE}_$LAYER_SHAPE"
     grep -F "**decoder layer**" "$RESULTS/layer_speed_${DEVICE}_$LAYER_SHAPE.md" 2>/dev/null | sed 's/^/    /' | tee -a "$SUMMARY"
+
+    # 6. the bitmask kernel's tile sizes and a sparse layer's CPU cost per call (GPU only: Triton compiled)
+    if [ "$DEVICE" != cpu ]; then
+        step kernels "$LIMIT_KERNELS" python bench/gpu_kernel_sweep.py --out "$RESULTS" $([ "$QUICK" = 1 ] && echo --quick)
+    fi
 }
 
 latency_part() {  # the latency objective at a big model's widths, then the output against its dense model

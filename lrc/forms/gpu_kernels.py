@@ -1,16 +1,17 @@
 """Triton kernels for a bitmask `SparseMatrix` on a GPU: y = x Sᵀ and S densified, read from the stored layout.
 
 S (rows x cols) is stored as values (nnz,) in row-major order of the set bits and bitmask (rows, ⌈cols / 8⌉),
-bit j % 8 of byte j // 8 set where column j is stored. The columns are cut into splits of SPLIT_K; `split_starts`
-(rows, splits) says where each row's values begin in each split (from `sparse_matrix.bitmask_row_starts`, kept
-by the matrix next to its stored tensors: 4 bytes per row and 512 columns, 0.7% of a bfloat16 matrix half
-full, 3% of one 1/16 full). A program takes BLOCK_R rows of one split and walks its columns BLOCK_K at a
-time: it expands the chunk's bits, counts the set bits before each column (a cumulative sum along the chunk)
-to find its value's index, and loads the stored values only, so the matrix's stored bytes are read once per
-token; nothing of the size of S is written (matmul) or S itself is written once (dense). Accumulation is in
-float32; a product over several splits adds their float32 partial sums in a fixed order (the same bytes every
-run). Splitting the columns gives a Llama-3-8B gate projection's mixing (14336 x 3380) 3136 programs per token
-instead of 448 walking 27 chunks each.
+bit j % 8 of byte j // 8 set where column j is stored. The columns are cut into splits of SPLIT_K (128);
+`split_starts` (rows, splits) says where each row's values begin in each split (from
+`sparse_matrix.bitmask_row_starts`, kept by the matrix next to its stored tensors: 4 bytes per row and 128
+columns, 2.8% of a bfloat16 matrix half full). A program takes BLOCK_R rows of one split: it expands the
+chunk's bits, counts the set bits before each column (a cumulative sum along the chunk) to find its value's
+index, and loads the stored values only; the matmul multiplies the tile by every token's x at once (up to
+MAX_TOKENS: a row-wise sum for one token, a tl.dot for more), so the matrix's stored bytes are read once per
+call; the dense kernel writes S once. Accumulation is in float32; the splits' float32 partial sums are added
+in a fixed order (the same bytes every run). Tile sizes from bench/gpu_kernel_sweep.py on an H100 (Llama-3-8B
+mixings, 1 token): 16 rows x 128 columns took 23-121 µs where the earlier 32 x 512 took 40-235 µs
+(bench/results/gpu_check/kernel_sweep_first.md).
 
 Used where torch is a CUDA build with Triton (which CUDA builds of torch ship); elsewhere `available` is
 False and the caller densifies with torch. `TRITON_INTERPRET=1` runs the same kernels on CPU tensors (tests).
@@ -26,9 +27,10 @@ from types import ModuleType
 
 import torch
 
-BLOCK_R = 32
+BLOCK_R = 16
 BLOCK_K = 128
-TILES = 4  # BLOCK_K chunks per split
+TILES = 1  # BLOCK_K chunks per split
+MAX_TOKENS = 16  # tokens one matmul program multiplies (tl.dot's least size)
 SPLIT_K = TILES * BLOCK_K
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -93,9 +95,12 @@ def split_starts(row_starts: torch.Tensor, bitmask: torch.Tensor, cols: int) -> 
 
 def bitmask_matmul(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int,
                    x: torch.Tensor) -> torch.Tensor:
-    """x (tokens, cols) -> x Sᵀ (tokens, rows) in x's dtype (which must be the values'); starts from split_starts."""
+    """x (tokens ≤ MAX_TOKENS, cols) -> x Sᵀ (tokens, rows) in x's dtype (which must be the values'); starts from
+    split_starts."""
     rows, splits = starts.shape
     tokens = x.shape[0]
+    if tokens > MAX_TOKENS:
+        raise ValueError(f"the bitmask kernel multiplies at most {MAX_TOKENS} tokens at a time, got {tokens}")
     x = x.contiguous()
     # one split writes y itself; several write float32 partial sums (splits, tokens, rows), added below
     out = torch.empty(tokens, rows, dtype=x.dtype, device=x.device) if splits == 1 else \
@@ -103,9 +108,12 @@ def bitmask_matmul(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Te
     if tokens and rows:
         module = _kernels()
         assert module is not None, "lrc's GPU kernels need Triton (see available)"
-        module.matmul_kernel[(-(-rows // BLOCK_R), splits, tokens)](
-            values, bitmask, starts, x, out, rows, cols, bitmask.shape[1], splits, x.stride(0), rows,
-            tokens * rows, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, TILES=TILES)
+        # float32 products in full precision (not TF32); 16-bit values and inputs are exact in TF32
+        precision = "ieee" if values.dtype == torch.float32 else "tf32"
+        module.matmul_kernel[(-(-rows // BLOCK_R), splits)](
+            values, bitmask, starts, x, out, rows, cols, bitmask.shape[1], splits, tokens, x.stride(0), rows,
+            tokens * rows, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, TILES=TILES, BLOCK_T=1 if tokens == 1 else MAX_TOKENS,
+            PRECISION=precision)
     return out if splits == 1 else out.sum(0).to(x.dtype)
 
 

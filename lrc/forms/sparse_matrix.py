@@ -21,10 +21,10 @@ from torch import nn
 from . import cpu_kernels, gpu_kernels
 
 LAYOUTS = ("csr", "bitmask")
-# Up to this many tokens per call (decoding) the C kernel multiplies from the stored layout; above (prefill)
+# Up to this many tokens per call (decoding) the kernels multiply from the stored layout; above (prefill)
 # the matrix is densified for the call and one dense matmul runs (measured on SmolLM2-135M's mixing shapes,
-# 2 CPU threads: see bench/runtime.py and notes in docs/design.md).
-KERNEL_MAX_TOKENS = 16
+# 2 CPU threads: see bench/runtime.py and notes in docs/design.md). The GPU kernel takes as many at once.
+KERNEL_MAX_TOKENS = gpu_kernels.MAX_TOKENS
 DENSIFIED_ON_DEVICE = (
     "sparse layers on {device} without lrc's kernels (there: the bitmask layout with Triton) are densified with torch "
     "for every call (measured on an NVIDIA H100, bfloat16: 10-30x a dense layer's time); to run on a GPU, use the "
