@@ -97,15 +97,21 @@ def compress(
     t = time.perf_counter()  # the allocator's error-vs-size curve, for `lrc report --plot`
     curve = allocation_curve(ALLOCATORS.create(config.allocator, config.allocator_options), *allocation)
     timing["allocation_curve_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     held_out = HeldOutCheck.measure_dense(loaded, config)  # dense loss on held-out windows, before apply
+    timing["heldout_s"] = time.perf_counter() - t
+    t = time.perf_counter()  # the chosen forms built (sparse options refitted) and swapped in
     results, apply_timing = apply(loaded, analysis, config, progress, allocation)
+    timing["apply_s"] = time.perf_counter() - t
     timing.update(apply_timing)
     report = build_report(loaded, config, analysis.stats, results, original_params, resolve_device(config.device))
     report["allocation_curve"] = curve
     predicted = predicted_cost(allocator, *allocation, config.objective)
     if predicted is not None:
         report["predicted_cost"] = predicted
+    t = time.perf_counter()
     report["held_out"] = held_out.compare(loaded.model)  # raises QualityError past config.heldout_max_ratio
+    timing["heldout_s"] += time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - start
     report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
     report["memory"] = peak_memory(resolve_device(config.device))  # write_output measures it again
