@@ -39,6 +39,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -518,17 +519,39 @@ def available(values: torch.Tensor, x: torch.Tensor | None = None) -> bool:
     return ok and library() is not None
 
 
-def bitmask_matmul(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int, x: torch.Tensor) -> torch.Tensor:
-    """x (tokens, cols) @ Sᵀ -> (tokens, rows), S in the bitmask layout (`starts` from
-    sparse_matrix.bitmask_row_starts)."""
+def _kernel(name: str) -> Any:
     lib = library()
     assert lib is not None
-    x = x.contiguous()
-    rows, tokens = bitmask.shape[0], x.shape[0]
-    y = torch.empty(tokens, rows, dtype=values.dtype)
-    lib.lrc_bitmask_mm(values.dtype == torch.bfloat16, bitmask.data_ptr(), values.data_ptr(), starts.data_ptr(), rows,
-                       cols, bitmask.shape[1], x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
-    return y
+    return getattr(lib, name)
+
+
+class BoundMatmul:
+    """x (tokens, cols) -> y = x Sᵀ (tokens, rows): kernel(*head, x, tokens, y, threads), `head` holding the
+    stored tensors' addresses. It keeps no reference to them: its owner (SparseMatrix) calls it only after
+    checking they are still the tensors, at the addresses, it was made for."""
+
+    __slots__ = ("kernel", "head", "rows", "dtype")
+
+    def __init__(self, kernel: Any, head: tuple[Any, ...], rows: int, dtype: torch.dtype) -> None:
+        self.kernel, self.head, self.rows, self.dtype = kernel, head, rows, dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        tokens = x.shape[0]
+        y = torch.empty(tokens, self.rows, dtype=self.dtype)
+        self.kernel(*self.head, x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
+        return y
+
+
+def bitmask_matmul_fn(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor,
+                      cols: int) -> BoundMatmul:
+    """matmul(x): x (tokens, cols) @ Sᵀ -> (tokens, rows), S in the bitmask layout (`starts` from
+    sparse_matrix.bitmask_row_starts). The tensors' addresses are bound once (the caller keeps them alive and
+    unchanged, and makes a new function when they change): a decoded token calls this once per sparse layer."""
+    kernel = _kernel("lrc_bitmask_mm")
+    head = (_INT(values.dtype == torch.bfloat16), _P(bitmask.data_ptr()), _P(values.data_ptr()), _P(starts.data_ptr()),
+            _I64(bitmask.shape[0]), _I64(cols), _I64(bitmask.shape[1]))
+    return BoundMatmul(kernel, head, bitmask.shape[0], values.dtype)
 
 
 def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int) -> torch.Tensor:
@@ -542,16 +565,15 @@ def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Ten
     return out
 
 
-def csr_matmul(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor, cols: int, x: torch.Tensor) -> torch.Tensor:
-    """x (tokens, cols) @ Sᵀ -> (tokens, rows), S in the csr layout (int16 column indices)."""
-    lib = library()
-    assert lib is not None
-    x = x.contiguous()
-    rows, tokens = row_offsets.shape[0] - 1, x.shape[0]
-    y = torch.empty(tokens, rows, dtype=values.dtype)
-    lib.lrc_csr_mm(values.dtype == torch.bfloat16, values.data_ptr(), col_indices.data_ptr(), row_offsets.data_ptr(), rows, cols,
-                   x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
-    return y
+def csr_matmul_fn(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor,
+                  cols: int) -> BoundMatmul:
+    """matmul(x): x (tokens, cols) @ Sᵀ -> (tokens, rows), S in the csr layout (int16 column indices); bound as
+    bitmask_matmul_fn."""
+    kernel = _kernel("lrc_csr_mm")
+    rows = row_offsets.shape[0] - 1
+    head = (_INT(values.dtype == torch.bfloat16), _P(values.data_ptr()), _P(col_indices.data_ptr()),
+            _P(row_offsets.data_ptr()), _I64(rows), _I64(cols))
+    return BoundMatmul(kernel, head, rows, values.dtype)
 
 
 def csr_dense(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor, cols: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,6 +34,21 @@ DENSIFIED_ON_DEVICE = (
     "cuda`, which prices forms by their time there"
 )
 _warned_devices: set[str] = set()
+
+
+class _KernelPlan(NamedTuple):
+    """What a matrix's kernels read, made for one state of its stored tensors."""
+
+    state: tuple[tuple[weakref.ref[torch.Tensor], int, int], ...]  # per stored tensor: itself, address, version
+    starts: torch.Tensor | None  # None: no kernel runs (see SparseMatrix.kernel_row_starts)
+    cpu_matmul: cpu_kernels.BoundMatmul | None  # the CPU kernel's product, its addresses bound
+
+    def made_for(self, stored: tuple[torch.Tensor, ...]) -> bool:
+        """Whether `stored` are the tensors this was made for, at the same addresses, unchanged in place."""
+        for t, (ref, address, version) in zip(stored, self.state, strict=True):
+            if ref() is not t or t.data_ptr() != address or (not t.is_inference() and t._version != version):
+                return False
+        return True
 
 
 def index_dtype(cols: int) -> torch.dtype:
@@ -117,7 +134,7 @@ class SparseMatrix(nn.Module):
             self.register_buffer("row_offsets", torch.zeros(rows + 1, dtype=torch.int32, device=device))
         else:
             self.register_buffer("bitmask", torch.zeros(rows, math.ceil(cols / 8), dtype=torch.uint8, device=device))
-        self._checked: tuple[tuple[object, ...], torch.Tensor | None] | None = None  # (state key, bitmask row starts)
+        self._plan: _KernelPlan | None = None  # what the kernels read, for the stored tensors' state
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, mask: torch.Tensor, layout: str | None = None) -> SparseMatrix:
@@ -169,23 +186,24 @@ class SparseMatrix(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.reshape(-1, self.cols)
-        starts = self.kernel_row_starts() if x.dtype == self.values.dtype else None
-        if starts is not None and x.device.type != "cpu" and x.shape[0] and not gpu_kernels.agree(
+        plan = self._kernel_plan()
+        tokens = x.shape[0]
+        matmul = plan.cpu_matmul
+        if matmul is not None and tokens <= KERNEL_MAX_TOKENS and x.dtype == matmul.dtype and x.is_cpu:  # decoding
+            return matmul(x).reshape(*h.shape[:-1], self.rows)
+        starts = plan.starts if x.dtype == self.values.dtype else None
+        if starts is not None and not x.is_cpu and tokens and not gpu_kernels.agree(
                 self.values, self.bitmask, starts, self.cols, self.to_dense, x):
             starts = None
         if starts is None:
-            if x.device.type != "cpu" and x.device.type not in _warned_devices:  # once per process and device type
+            if not x.is_cpu and x.device.type not in _warned_devices:  # once per process and device type
                 _warned_devices.add(x.device.type)
                 warnings.warn(DENSIFIED_ON_DEVICE.format(device=x.device.type), stacklevel=2)
             y = nn.functional.linear(x, self.to_dense())
-        elif x.shape[0] > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
+        elif tokens > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
             y = nn.functional.linear(x, self.kernel_dense(starts))
-        elif x.device.type != "cpu":  # memory bound: read the stored layout once per token
+        else:  # memory bound on a GPU: read the stored layout once per call
             y = gpu_kernels.bitmask_matmul(self.values, self.bitmask, starts, self.cols, x)
-        elif self.layout == "bitmask":
-            y = cpu_kernels.bitmask_matmul(self.values, self.bitmask, starts, self.cols, x)
-        else:
-            y = cpu_kernels.csr_matmul(self.values, self.col_indices, self.row_offsets, self.cols, x)
         return y.reshape(*h.shape[:-1], self.rows)
 
     def kernel_dense(self, starts: torch.Tensor) -> torch.Tensor:
@@ -199,34 +217,50 @@ class SparseMatrix(nn.Module):
     def _stored(self) -> tuple[torch.Tensor, ...]:
         return (self.values, self.bitmask) if self.layout == "bitmask" else (self.values, self.col_indices, self.row_offsets)
 
+    def _stored_now(self) -> tuple[torch.Tensor, ...]:
+        """_stored() read from the module's dicts: this runs on every call, and nn.Module's attribute lookup
+        cost more than the rest of the check."""
+        values, buffers = self._parameters["values"], self._buffers
+        if self.layout == "bitmask":
+            return values, buffers["bitmask"]  # type: ignore[return-value]
+        return values, buffers["col_indices"], buffers["row_offsets"]  # type: ignore[return-value]
+
     def kernel_row_starts(self) -> torch.Tensor | None:
         """None where no kernel runs (on CPU: not float32 / bfloat16, int32 indices, no compiler; on a GPU: not
         the bitmask layout, no Triton); else the start of each row's values ((rows + 1,) int64 for the bitmask,
-        the row offsets for csr; on a GPU, per split of the columns: gpu_kernels.split_starts). Checked once per
-        state of the stored tensors (changed in place, reloaded or moved): what the kernels read must be
-        consistent (ValueError otherwise). Tensors made under torch.inference_mode have no version counter: for
-        them only a move or reload is seen, not a change in place."""
-        stored = self._stored()
-        key = tuple(item for t in stored for item in (t.data_ptr(), 0 if t.is_inference() else t._version))
-        if self._checked is None or self._checked[0] != key:
-            starts = None
-            if self.values.device.type == "cpu":
-                narrow = self.layout == "bitmask" or self.col_indices.dtype == torch.int16
-                kernel = narrow and cpu_kernels.available(self.values)
-            else:
-                kernel = self.layout == "bitmask" and gpu_kernels.available(self.values)
-            if kernel and all(t.is_contiguous() for t in stored):
-                if self.values.numel() != self.nnz:
-                    raise ValueError(f"sparse matrix holds {self.values.numel()} values for {self.nnz} entries")
-                if self.layout == "bitmask":
-                    starts = bitmask_row_starts(self.bitmask, self.cols, self.nnz)
-                    if self.values.device.type != "cpu":  # the GPU kernels start each split of the columns
-                        starts = gpu_kernels.split_starts(starts, self.bitmask, self.cols)
-                else:
-                    self._check_csr()
-                    starts = self.row_offsets
-            self._checked = (key, starts)
-        return self._checked[1]
+        the row offsets for csr; on a GPU, per split of the columns: gpu_kernels.split_starts)."""
+        return self._kernel_plan().starts
+
+    def _kernel_plan(self) -> _KernelPlan:
+        """What the kernels read, checked once per state of the stored tensors (the same tensor objects, at the
+        same addresses, unchanged in place): it must be consistent (ValueError otherwise). The plan refers to
+        the tensors weakly, so a tensor freed and another made at its address is a new state. Tensors made
+        under torch.inference_mode have no version counter: for them a change in place is not seen."""
+        stored = self._stored_now()
+        plan = self._plan
+        if plan is None or not plan.made_for(stored):
+            plan = self._plan = self._make_plan(stored)
+        return plan
+
+    def _make_plan(self, stored: tuple[torch.Tensor, ...]) -> _KernelPlan:
+        state = tuple((weakref.ref(t), t.data_ptr(), 0 if t.is_inference() else t._version) for t in stored)
+        if self.values.device.type == "cpu":
+            narrow = self.layout == "bitmask" or self.col_indices.dtype == torch.int16
+            kernel = narrow and cpu_kernels.available(self.values)
+        else:
+            kernel = self.layout == "bitmask" and gpu_kernels.available(self.values)
+        if not (kernel and all(t.is_contiguous() for t in stored)):
+            return _KernelPlan(state, None, None)
+        if self.values.numel() != self.nnz:
+            raise ValueError(f"sparse matrix holds {self.values.numel()} values for {self.nnz} entries")
+        if self.layout == "csr":
+            self._check_csr()
+            matmul = cpu_kernels.csr_matmul_fn(self.values, self.col_indices, self.row_offsets, self.cols)
+            return _KernelPlan(state, self.row_offsets, matmul)
+        starts = bitmask_row_starts(self.bitmask, self.cols, self.nnz)
+        if self.values.device.type != "cpu":  # the GPU kernels start each split of the columns
+            return _KernelPlan(state, gpu_kernels.split_starts(starts, self.bitmask, self.cols), None)
+        return _KernelPlan(state, starts, cpu_kernels.bitmask_matmul_fn(self.values, self.bitmask, starts, self.cols))
 
     def _check_csr(self) -> None:
         offsets, cols = self.row_offsets, self.col_indices

@@ -124,6 +124,12 @@ def test_forward_follows_changed_values_and_a_reload():
     other = SparseMatrix.from_dense(-dense, mask, "bitmask")
     matrix.load_state_dict(other.state_dict())
     torch.testing.assert_close(matrix(h), h @ (-dense).T)
+    dense2, mask2 = random_sparse(20, 30, 0.3, seed=6)  # tensors replaced by others of another pattern
+    replacement = SparseMatrix.from_dense(dense2, mask2, "bitmask")
+    matrix.values, matrix.bitmask, matrix.nnz = replacement.values, replacement.bitmask, replacement.nnz
+    torch.testing.assert_close(matrix(h[:1]), h[:1] @ dense2.T)
+    matrix.to(torch.bfloat16)  # moved: new tensors
+    torch.testing.assert_close(matrix(h[:1].bfloat16()).float(), h[:1] @ dense2.T, rtol=2e-2, atol=2e-2)
 
 
 def test_memory_is_the_stored_tensors():
