@@ -7,6 +7,7 @@ with one thread, against the same command run in this process with one thread.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import subprocess
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from lrc.cli import main
 from lrc.distributed import pack_jobs, shard_batches
 from lrc.engine import decompose_all
 from lrc.engine.executors import EXECUTORS
@@ -190,3 +192,11 @@ def test_executors_give_the_same_decompositions(llama_dir, calib_file):
         assert torch.equal(dec.up_full, other.up_full) and torch.equal(dec.down_full, other.down_full)
         assert torch.equal(dec.errors, other.errors)
         assert torch.equal(serial.output_errors[name], device.output_errors[name])
+
+
+def test_launching_ranks_leaves_the_callers_environment(tmp_path, monkeypatch, capfd):
+    """`--nproc` sets each rank's OMP_NUM_THREADS; an in-process call leaves the caller's environment as it was."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    code = main(["compress", str(tmp_path / "missing"), "-o", str(tmp_path / "out"), "--nproc", "1"])
+    assert code == 2 and "model not found" in capfd.readouterr().err  # the rank's own message
+    assert "OMP_NUM_THREADS" not in os.environ

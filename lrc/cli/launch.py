@@ -59,13 +59,27 @@ def launch_ranks(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(nproc))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"lrc-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
     try:
-        with _launcher_logs_quiet():
+        with _launcher_logs_quiet(), _environment(OMP_NUM_THREADS=str(threads_per_rank(nproc))):  # the ranks inherit it
             elastic_launch(config, sys.executable)("-m", "lrc", *without_nproc(argv))
     except ChildFailedError as exc:
         codes = [failure.exitcode for _, failure in sorted(exc.failures.items())]
         return next((code for code in codes if code > 0), 1)  # a rank stopped by a signal: the others' code
     return 0
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """os.environ with `values` set, restored after (an in-process `lrc.cli.main` leaves its caller's alone)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
