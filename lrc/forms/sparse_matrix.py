@@ -136,6 +136,11 @@ class SparseMatrix(nn.Module):
             self.register_buffer("bitmask", torch.zeros(rows, math.ceil(cols / 8), dtype=torch.uint8, device=device))
         self._plan: _KernelPlan | None = None  # what the kernels read, for the stored tensors' state
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled and deep-copied without the kernel plan (weak references and C addresses): a copy makes
+        its own on its first call."""
+        return {**self.__dict__, "_plan": None}
+
     @classmethod
     def from_dense(cls, dense: torch.Tensor, mask: torch.Tensor, layout: str | None = None) -> SparseMatrix:
         """Store dense[mask] (rows x cols); layout None picks the cheaper one at dense's dtype."""

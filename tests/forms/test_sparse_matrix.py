@@ -3,6 +3,8 @@ like the dense matrix on every path (C kernel, kernel-densified matmul, torch fa
 
 from __future__ import annotations
 
+import copy
+import io
 import math
 
 import pytest
@@ -130,6 +132,24 @@ def test_forward_follows_changed_values_and_a_reload():
     torch.testing.assert_close(matrix(h[:1]), h[:1] @ dense2.T)
     matrix.to(torch.bfloat16)  # moved: new tensors
     torch.testing.assert_close(matrix(h[:1].bfloat16()).float(), h[:1] @ dense2.T, rtol=2e-2, atol=2e-2)
+
+
+def test_a_used_matrix_copies_and_pickles():
+    """The kernel plan a call makes (weak references, C addresses) is not copied: the copy makes its own."""
+    dense, mask = random_sparse(20, 30, 0.3, seed=8)
+    matrix = SparseMatrix.from_dense(dense, mask, "bitmask")
+    h = torch.randn(2, 30)
+    want = matrix(h)
+    copied = copy.deepcopy(matrix)
+    buffer = io.BytesIO()
+    torch.save(matrix, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (copied, loaded):
+        torch.testing.assert_close(other(h), want)
+    copied.values.data.mul_(2)  # the copy's own tensors
+    torch.testing.assert_close(matrix(h), want)
+    torch.testing.assert_close(copied(h), 2 * want)
 
 
 def test_memory_is_the_stored_tensors():
