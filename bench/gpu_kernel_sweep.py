@@ -6,8 +6,8 @@ For mixings of Llama-3-8B widths (bench/layer_speed.py's sizes: half of the entr
   and against reading the stored bytes at the device's bandwidth (--peak-gbs); the densify kernel at three
   tile sizes and torch's `to_dense`: GPU time from triton.testing.do_bench (L2 flushed between calls);
 - what each piece of a sparse layer's call costs: wall time per call of 200 back-to-back calls (where the
-  GPU keeps up, the CPU's cost of issuing them) next to its GPU time, and torch.profiler's table of one
-  layer's calls.
+  GPU keeps up, the CPU's cost of issuing them) next to its GPU time, the layer and a dense one replayed
+  from a CUDA graph (no Python or launch cost), and torch.profiler's table of one layer's calls.
 
     python bench/gpu_kernel_sweep.py --out bench/results/gpu_check   # on a CUDA machine (kernel_sweep.md)
     TRITON_INTERPRET=1 python bench/gpu_kernel_sweep.py --device cpu --quick --out /tmp/sweep   # a dry run
@@ -152,7 +152,25 @@ def call_rows(layer: SparseDictionaryLinear, tokens: int, gen: torch.Generator) 
         "SparseDictionaryLinear.forward": functools.partial(layer, x),
         "nn.Linear, dense layer": functools.partial(dense_layer, x),
     }
-    return [f"| {tokens} | {name} | {wall_us(fn):.1f} | {gpu_ms(fn) * 1e3:.1f} |" for name, fn in calls.items()]
+    rows = [f"| {tokens} | {name} | {wall_us(fn):.1f} | {gpu_ms(fn) * 1e3:.1f} |" for name, fn in calls.items()]
+    for name, module in (("SparseDictionaryLinear, CUDA graph replay", layer), ("nn.Linear, CUDA graph replay", dense_layer)):
+        rows.append(f"| {tokens} | {name} | {graph_replay_us(module, x)} | - |")
+    return rows
+
+
+def graph_replay_us(module: torch.nn.Module, x: torch.Tensor) -> str:
+    """Wall µs per replay of `module(x)` captured in a CUDA graph (200 back-to-back replays): the call
+    without Python or launch costs, as a serving stack that captures decode steps runs it."""
+    if not torch.cuda.is_available():
+        return "- (no CUDA)"
+    try:
+        module(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            module(x)
+    except Exception as exc:  # reported in the table: capture is what is being checked
+        return f"capture failed: {type(exc).__name__}: {str(exc)[:60]}"
+    return f"{wall_us(graph.replay):.1f}"
 
 
 @torch.inference_mode()

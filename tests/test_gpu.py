@@ -152,6 +152,30 @@ def test_sparse_layers_on_the_gpu_compute_their_dense_product(layout, recwarn):
             assert torch.equal(matrix.kernel_dense(starts).cpu(), dense)
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need a GPU")
+def test_sparse_layer_replays_in_a_cuda_graph():
+    """Serving stacks capture decode steps in CUDA graphs: after a first (eager) call, a sparse layer's call
+    launches kernels only (no host synchronisation), so it captures, and a replay on new input gives the eager
+    result (1 and 5 tokens: the kernels' two paths)."""
+    from lrc.forms.sparse_linear import SparseDictionaryLinear
+
+    g = torch.Generator().manual_seed(3)
+    mixing = torch.randn(96, 40, generator=g) * (torch.rand(96, 40, generator=g) < 0.5)
+    layer = SparseDictionaryLinear.from_factors(mixing, torch.randn(40, 300, generator=g), layout="bitmask")
+    layer = layer.to(device=DEVICE, dtype=torch.bfloat16).eval()
+    for tokens in (1, 5):
+        static = torch.randn(tokens, 300, generator=g).to(device=DEVICE, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            layer(static)  # the eager first call: checks, first-use agreement
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = layer(static)
+            fresh = torch.randn(tokens, 300, generator=g).to(device=DEVICE, dtype=torch.bfloat16)
+            static.copy_(fresh)
+            graph.replay()
+            assert relative(out, layer(fresh)) < 1e-2  # the new input's product (bfloat16 outputs)
+
+
 def test_latency_table_is_measured_on_the_gpu(tmp_path):
     """`--objective latency --device cuda` prices layers by times measured on the GPU (synchronized): every entry
     positive, the table keyed by the GPU's name, a low-rank layer holding r (m + n) bfloat16 values."""
