@@ -59,16 +59,20 @@ def available(values: torch.Tensor) -> bool:
 def agree(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int,
           dense: Callable[[], torch.Tensor], x: torch.Tensor) -> bool:
     """Whether the kernels are used on values' device type: checked on their first use there in this process,
-    where both must run and give torch's results (the matrix exactly, the product x Sᵀ for x's first token
-    within AGREEMENT); otherwise a warning, once, and the caller densifies with torch. `dense`: torch's matrix."""
+    where both must run and give torch's results (the matrix exactly; the product x Sᵀ within AGREEMENT for
+    x's first token and for two tokens, the matmul kernel's two paths); otherwise a warning, once, and the
+    caller densifies with torch. `dense`: torch's matrix."""
     device = values.device.type
     if device not in _status:
         try:
-            reference = dense()
-            same = torch.equal(bitmask_dense(values, bitmask, starts, cols), reference)
-            got = bitmask_matmul(values, bitmask, starts, cols, x[:1]).double()
-            want = x[:1].double() @ reference.double().T
-            error = float((got - want).norm() / want.norm().clamp_min(1e-30))
+            matrix = dense()
+            same = torch.equal(bitmask_dense(values, bitmask, starts, cols), matrix)
+            reference = matrix.double()
+            error = 0.0
+            for probe in (x[:1], torch.cat([x[:1], -x[:1].flip(-1)])):
+                got = bitmask_matmul(values, bitmask, starts, cols, probe).double()
+                want = probe.double() @ reference.T
+                error = max(error, float((got - want).norm() / want.norm().clamp_min(1e-30)))
             close = error <= AGREEMENT[values.dtype]
             _status[device] = "ok" if same and close else (
                 f"they disagree with torch on this {device} device (matrix equal: {same}, product error {error:.1e})")
