@@ -46,13 +46,8 @@ def gpu_ms(fn: Callable[[], object]) -> float:
 
 def split_starts(matrix: SparseMatrix, split: int) -> torch.Tensor:
     """gpu_kernels.split_starts for splits of `split` columns."""
-    shipped = gpu_kernels.SPLIT_K
-    gpu_kernels.SPLIT_K = split
-    try:
-        return gpu_kernels.split_starts(bitmask_row_starts(matrix.bitmask, matrix.cols, matrix.nnz), matrix.bitmask,
-                                        matrix.cols)
-    finally:
-        gpu_kernels.SPLIT_K = shipped
+    row_starts = bitmask_row_starts(matrix.bitmask, matrix.cols, matrix.nnz)
+    return gpu_kernels.split_starts(row_starts, matrix.bitmask, matrix.cols, split)
 
 
 def matmul_ms(matrix: SparseMatrix, x: torch.Tensor, block_r: int, block_k: int, tiles: int, warps: int) -> float:

@@ -556,12 +556,10 @@ def bitmask_matmul_fn(values: torch.Tensor, bitmask: torch.Tensor, starts: torch
 
 def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int) -> torch.Tensor:
     """S (rows, cols) from the bitmask layout."""
-    lib = library()
-    assert lib is not None
     rows = bitmask.shape[0]
     out = torch.empty(rows, cols, dtype=values.dtype)
-    lib.lrc_bitmask_dense(values.dtype == torch.bfloat16, bitmask.data_ptr(), values.data_ptr(), starts.data_ptr(), rows, cols,
-                          bitmask.shape[1], out.data_ptr(), torch.get_num_threads())
+    _kernel("lrc_bitmask_dense")(values.dtype == torch.bfloat16, bitmask.data_ptr(), values.data_ptr(), starts.data_ptr(),
+                                 rows, cols, bitmask.shape[1], out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -578,12 +576,10 @@ def csr_matmul_fn(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: 
 
 def csr_dense(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor, cols: int) -> torch.Tensor:
     """S (rows, cols) from the csr layout."""
-    lib = library()
-    assert lib is not None
     rows = row_offsets.shape[0] - 1
     out = torch.zeros(rows, cols, dtype=values.dtype)
-    lib.lrc_csr_dense(values.dtype == torch.bfloat16, values.data_ptr(), col_indices.data_ptr(), row_offsets.data_ptr(), rows, cols,
-                      out.data_ptr(), torch.get_num_threads())
+    _kernel("lrc_csr_dense")(values.dtype == torch.bfloat16, values.data_ptr(), col_indices.data_ptr(),
+                             row_offsets.data_ptr(), rows, cols, out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -603,10 +599,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad)))):
         return torch.nn.functional.linear(x, weight, bias)
-    lib = library()
-    assert lib is not None
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.bfloat16)
-    lib.lrc_dense_mm_bf16(weight.data_ptr(), None if bias is None else bias.data_ptr(), weight.shape[0],
-                          weight.shape[1], x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
+    _kernel("lrc_dense_mm_bf16")(weight.data_ptr(), None if bias is None else bias.data_ptr(), weight.shape[0],
+                                 weight.shape[1], x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
     return y

@@ -83,15 +83,16 @@ def agree(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, col
     return _status[device] == "ok"
 
 
-def split_starts(row_starts: torch.Tensor, bitmask: torch.Tensor, cols: int) -> torch.Tensor:
-    """(rows, ⌈cols / SPLIT_K⌉) int32 (int64 past 2³¹ values): where row r's values of columns s·SPLIT_K onward
-    begin, from the row starts (rows + 1,) and the bitmask (rows, ⌈cols / 8⌉)."""
+def split_starts(row_starts: torch.Tensor, bitmask: torch.Tensor, cols: int, split: int = SPLIT_K) -> torch.Tensor:
+    """(rows, ⌈cols / split⌉) int32 (int64 past 2³¹ values): where row r's values of columns s·split onward
+    begin, from the row starts (rows + 1,) and the bitmask (rows, ⌈cols / 8⌉); `split` a multiple of 8 (the
+    kernels' SPLIT_K; bench/gpu_kernel_sweep.py tries others)."""
     rows, stride = bitmask.shape
-    splits = max(1, -(-cols // SPLIT_K))
-    padded = torch.zeros(rows, splits * SPLIT_K // 8, dtype=torch.uint8, device=bitmask.device)
+    splits = max(1, -(-cols // split))
+    padded = torch.zeros(rows, splits * split // 8, dtype=torch.uint8, device=bitmask.device)
     padded[:, :stride] = bitmask
     shifts = torch.arange(8, device=bitmask.device, dtype=torch.uint8)
-    counts = ((padded.view(rows, splits, SPLIT_K // 8, 1) >> shifts) & 1).sum((2, 3), dtype=torch.int64)
+    counts = ((padded.view(rows, splits, split // 8, 1) >> shifts) & 1).sum((2, 3), dtype=torch.int64)
     starts = row_starts[:-1, None] + counts.cumsum(1) - counts
     narrow = bool(row_starts.numel()) and int(row_starts[-1]) <= torch.iinfo(torch.int32).max
     return starts.to(torch.int32 if narrow else torch.int64).contiguous()

@@ -220,11 +220,8 @@ class SparseMatrix(nn.Module):
         return cpu_kernels.csr_dense(self.values, self.col_indices, self.row_offsets, self.cols)
 
     def _stored(self) -> tuple[torch.Tensor, ...]:
-        return (self.values, self.bitmask) if self.layout == "bitmask" else (self.values, self.col_indices, self.row_offsets)
-
-    def _stored_now(self) -> tuple[torch.Tensor, ...]:
-        """_stored() read from the module's dicts: this runs on every call, and nn.Module's attribute lookup
-        cost more than the rest of the check."""
+        """The stored tensors, read from the module's dicts: this runs on every call, and nn.Module's attribute
+        lookup cost more than the rest of the check."""
         values, buffers = self._parameters["values"], self._buffers
         if self.layout == "bitmask":
             return values, buffers["bitmask"]  # type: ignore[return-value]
@@ -241,7 +238,7 @@ class SparseMatrix(nn.Module):
         same addresses, unchanged in place): it must be consistent (ValueError otherwise). The plan refers to
         the tensors weakly, so a tensor freed and another made at its address is a new state. Tensors made
         under torch.inference_mode have no version counter: for them a change in place is not seen."""
-        stored = self._stored_now()
+        stored = self._stored()
         plan = self._plan
         if plan is None or not plan.made_for(stored):
             plan = self._plan = self._make_plan(stored)
