@@ -24,6 +24,7 @@ Memory rounds interleave the models too, so a change in the machine's load touch
     python bench/runtime.py --rounds 2                   # writes bench/results/runtime.md and .yaml
     python bench/runtime.py --models dense=FOLDER mine=OUT --dtypes float32 --rounds 1 --out /tmp/rt
     python bench/runtime.py --rows bench/results/runtime.yaml      # the table again from the saved rows
+    python bench/runtime.py --compile --out bench/results/runtime_compiled   # forwards under torch.compile
 """
 
 from __future__ import annotations
@@ -102,7 +103,10 @@ def load(folder: Path, args: argparse.Namespace) -> Any:
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
-    return model.to(args.device).eval()
+    model = model.to(args.device).eval()
+    if args.compile:  # one graph per shape class (prefill, decode), the sequence length symbolic
+        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=True)
+    return model
 
 
 def prompt(folder: Path, args: argparse.Namespace) -> Any:
@@ -141,10 +145,14 @@ def timed_run(model: Any, ids: Any, args: argparse.Namespace) -> tuple[float, fl
     return args.seq_len / (t1 - t0), 1.0 / statistics.median(steps)
 
 
-def warm_up(model: Any, ids: Any) -> None:
-    """First-use work (kernels, caches) out of the timings."""
+def warm_up(model: Any, ids: Any, args: argparse.Namespace) -> None:
+    """First-use work (kernels, caches; with --compile, compiling the prefill and decode graphs) out of the
+    timings and of the peak memory."""
     import torch
 
+    if args.compile:
+        timed_run(model, ids, args)
+        return
     with torch.inference_mode():
         model(ids[:, :16], use_cache=True)
 
@@ -163,7 +171,7 @@ def child(args: argparse.Namespace) -> None:
     return_freed_memory()
     held_after_load = held_tensor_bytes(model)
     rss_after_load = proc_status("VmRSS")
-    warm_up(model, ids)
+    warm_up(model, ids, args)
     gc.collect()
     return_freed_memory()
     reset_peak_rss()
@@ -192,7 +200,7 @@ def alternating_child(args: argparse.Namespace) -> None:
     loaded = {name: load(Path(folder), args) for name, folder in models.items()}
     ids = prompt(Path(models["dense"]), args)
     for model in loaded.values():
-        warm_up(model, ids)
+        warm_up(model, ids, args)
     speeds: dict[str, dict[str, list[float]]] = {name: {"prefill_tok_s": [], "decode_tok_s": []} for name in loaded}
     names = list(loaded)
     for rnd in range(args.alternations):
@@ -208,7 +216,7 @@ def run_child(extra: list[str], dtype: str, args: argparse.Namespace) -> Any:
     cmd = [sys.executable, __file__, *extra, "--dtypes", dtype, "--threads", str(args.threads),
            "--seq-len", str(args.seq_len), "--decode", str(args.decode), "--repeats", str(args.repeats),
            "--alternations", str(args.alternations), "--device", args.device, "--text", str(args.text),
-           *(["--all-logits"] if args.all_logits else [])]
+           *(["--all-logits"] if args.all_logits else []), *(["--compile"] if args.compile else [])]
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -291,6 +299,8 @@ def main() -> None:
     parser.add_argument("--text", default=str(WIKI_TEST), help="text whose first tokens are the prefill")
     parser.add_argument("--all-logits", action="store_true", help="prefill computes the logits of every "
                         "position (as a perplexity evaluation does), not only the last one's (as generate() does)")
+    parser.add_argument("--compile", action="store_true", help="run each model's forward compiled "
+                        "(torch.compile(model.forward, fullgraph=True, dynamic=True); compiled in the warm-up)")
     parser.add_argument("--rows", help="the .yaml of an earlier run: write its table again, measure nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--alternate", nargs="*", help=argparse.SUPPRESS)
@@ -303,6 +313,7 @@ def main() -> None:
 
         saved = yaml.safe_load(Path(args.rows).read_text())
         rows = saved["rows"]
+        args.compile = saved.get("compile", False)
         for key in ("threads", "seq_len", "decode", "repeats", "device"):
             setattr(args, key, saved.get(key, getattr(args, key)))
         args.all_logits = saved.get("all_logits", True)  # runs before the option computed every position's logits
@@ -345,12 +356,14 @@ def write_table(args: argparse.Namespace, rows: list[dict[str, Any]], models: li
     speeds = (f"speeds: one process running every model in turn, {args.alternations} rounds (the order rotated), "
               f"so the models of a round ran seconds apart" if alternations else
               f"speeds: the per-model processes, the fastest of {args.repeats} runs each")
+    compiled = ("; every model's forward compiled (torch.compile(model.forward, fullgraph=True, dynamic=True), "
+                "the graphs built in the warm-up)" if args.compile else "")
     lines = [
         f"{', '.join(models)}: loaded with transformers after `import lrc`; memory: one process "
         f"per model and dtype, {args.rounds} rounds (ranges shown); {speeds}; {device_name(args)}, "
         f"torch {torch.__version__}; prefill = 1 x {args.seq_len} tokens "
         f"({'logits of every position' if args.all_logits else 'logits of the last position, as generate() computes'}), decode = {args.decode} greedy steps after "
-        f"it (one over the median step). file: safetensors bytes at that dtype; tensors: bytes held by the "
+        f"it (one over the median step){compiled}. file: safetensors bytes at that dtype; tensors: bytes held by the "
         f"model's tensors after the run; peak RSS: the process during prefill and decode (on a GPU: the peak of "
         f"torch's allocated device memory); 'dense - RSS' is the "
         f"peak-memory saving against dense as a share of the file-size saving.", "",
@@ -360,6 +373,7 @@ def write_table(args: argparse.Namespace, rows: list[dict[str, Any]], models: li
 
     write_results(args.out, lines, {"threads": args.threads, "seq_len": args.seq_len, "decode": args.decode,
                                     "repeats": args.repeats, "device": args.device, "all_logits": args.all_logits,
+                                    "compile": args.compile,
                                     "rows": rows,
                                     "alternations": alternations})
 

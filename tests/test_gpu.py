@@ -176,6 +176,24 @@ def test_sparse_layer_replays_in_a_cuda_graph():
             assert relative(out, layer(fresh)) < 1e-2  # the new input's product (bfloat16 outputs)
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="inductor's CUDA graphs need a GPU")
+def test_sparse_layer_compiles_with_cuda_graphs():
+    """torch.compile(mode="reduce-overhead"), as serving stacks compile decode steps: the sparse product is one
+    custom op in a single graph (fullgraph), replayed from a CUDA graph, with the eager outputs (1 and 5 tokens)."""
+    from lrc.forms.sparse_linear import SparseDictionaryLinear
+
+    g = torch.Generator().manual_seed(4)
+    mixing = torch.randn(96, 40, generator=g) * (torch.rand(96, 40, generator=g) < 0.5)
+    layer = SparseDictionaryLinear.from_factors(mixing, torch.randn(40, 300, generator=g), layout="bitmask")
+    layer = layer.to(device=DEVICE, dtype=torch.bfloat16).eval()
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for tokens in (1, 5):
+        with torch.inference_mode():
+            for _ in range(3):  # warm-up runs, then the recorded graph replays
+                x = torch.randn(tokens, 300, generator=g).to(device=DEVICE, dtype=torch.bfloat16)
+                assert relative(compiled(x).clone(), layer(x)) < 1e-2
+
+
 def test_latency_table_is_measured_on_the_gpu(tmp_path):
     """`--objective latency --device cuda` prices layers by times measured on the GPU (synchronized): every entry
     positive, the table keyed by the GPU's name, a low-rank layer holding r (m + n) bfloat16 values."""

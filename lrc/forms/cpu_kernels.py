@@ -589,8 +589,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Up to DENSE_KERNEL_MAX_TOKENS tokens in bfloat16 on CPU (decoding) run the dense C kernel, 3-4x faster
     there than torch's bfloat16 product at this package's factor shapes (accumulated in float32, bias
     added, rounded once); anything else, or where gradients flow, is torch's."""
-    # checks cheapest first: this runs once per factor per decoded token
-    if x.dtype is not torch.bfloat16 or x.dim() == 0 or not available(weight, x):
+    # checks cheapest first: this runs once per factor per decoded token; in a graph torch.compile traces, torch's
+    if x.dtype is not torch.bfloat16 or x.dim() == 0 or torch.compiler.is_compiling() or not available(weight, x):
         return torch.nn.functional.linear(x, weight, bias)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (not 0 < tokens <= DENSE_KERNEL_MAX_TOKENS or weight.dim() != 2 or x.shape[-1] != weight.shape[1]

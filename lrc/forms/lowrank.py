@@ -11,9 +11,10 @@ from .cpu_kernels import linear
 
 
 def first_product(layer: nn.Module, factor: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """factor(x), taken from the group's one stacked product when the layer is fused (see fused.py)."""
+    """factor(x), taken from the group's one stacked product when the layer is fused (see fused.py); in a
+    graph torch.compile traces, the layer's own product (the group's state is Python's, checked by address)."""
     shared = getattr(layer, "shared_input", None)
-    if shared is not None and shared[0].is_view_of_weight(factor.weight, shared[1]):
+    if shared is not None and not torch.compiler.is_compiling() and shared[0].is_view_of_weight(factor.weight, shared[1]):
         return shared[0].share(x, shared[1])
     return linear(x, factor.weight)
 

@@ -12,13 +12,15 @@ non-zero. Every tensor is in the state dict, so the checkpoint holds exactly wha
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 import weakref
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu_kernels, gpu_kernels
 
@@ -99,6 +101,128 @@ def bitmask_row_starts(bitmask: torch.Tensor, cols: int, nnz: int) -> torch.Tens
     return starts
 
 
+def csr_row_ids(row_offsets: torch.Tensor, nnz: int) -> torch.Tensor:
+    """(nnz,) int64: the row of each stored value, from the csr row offsets (rows + 1,)."""
+    counts = (row_offsets[1:] - row_offsets[:-1]).long()
+    rows = torch.arange(counts.numel(), device=counts.device)
+    return torch.repeat_interleave(rows, counts, output_size=nnz)  # sized: no device-to-host sync
+
+
+def stored_to_dense(layout: str, rows: int, cols: int, stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The rows x cols matrix from its stored tensors ((values, bitmask) or (values, col_indices, row_offsets)),
+    zeros included, built with torch ops whose output sizes are known up front (no boolean-mask indexing), so
+    that on a GPU nothing waits for the device: entry k of the bitmask's row-major set bits is values[k],
+    found as (number of set bits up to and including it) - 1."""
+    values = stored[0]
+    if layout == "csr":
+        dense = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
+        dense[csr_row_ids(stored[2], values.numel()), stored[1].long()] = values
+        return dense
+    if values.numel() == 0:
+        return torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
+    mask = unpack_bits(stored[1], cols).reshape(-1)
+    positions = mask.cumsum(0, dtype=torch.int32).sub_(1).clamp_(min=0)
+    return torch.where(mask, values[positions], 0).reshape(rows, cols)
+
+
+def kernel_dense(layout: str, cols: int, stored: tuple[torch.Tensor, ...], starts: torch.Tensor) -> torch.Tensor:
+    """stored_to_dense through a kernel (one pass over the stored layout); `starts` from the kernel plan."""
+    if stored[0].device.type != "cpu":
+        return gpu_kernels.bitmask_dense(stored[0], stored[1], starts, cols)
+    if layout == "bitmask":
+        return cpu_kernels.bitmask_dense(stored[0], stored[1], starts, cols)
+    return cpu_kernels.csr_dense(stored[0], stored[1], stored[2], cols)
+
+
+def check_csr(cols: int, stored: tuple[torch.Tensor, ...]) -> None:
+    """ValueError unless the csr row offsets and column indices are in range for the stored values."""
+    values, col_indices, offsets = stored
+    nnz = values.numel()
+    ok = int(offsets[0]) == 0 and int(offsets[-1]) == nnz and bool((offsets[1:] >= offsets[:-1]).all())
+    ok = ok and col_indices.numel() == nnz and (nnz == 0 or (int(col_indices.min()) >= 0 and int(col_indices.max()) < cols))
+    if not ok:
+        raise ValueError("sparse matrix in the csr layout has row offsets or column indices out of range")
+
+
+def make_plan(layout: str, cols: int, stored: tuple[torch.Tensor, ...]) -> _KernelPlan:
+    """What the kernels read for `stored` in their current state, checked for consistency (ValueError)."""
+    values = stored[0]
+    state = tuple((weakref.ref(t), t.data_ptr(), 0 if t.is_inference() else t._version) for t in stored)
+    if values.device.type == "cpu":
+        narrow = layout == "bitmask" or stored[1].dtype == torch.int16
+        kernel = narrow and cpu_kernels.available(values)
+    else:
+        kernel = layout == "bitmask" and gpu_kernels.available(values)
+    if not (kernel and all(t.is_contiguous() for t in stored)):
+        return _KernelPlan(state, None, None)
+    if layout == "csr":
+        check_csr(cols, stored)
+        return _KernelPlan(state, stored[2], cpu_kernels.csr_matmul_fn(stored[0], stored[1], stored[2], cols))
+    starts = bitmask_row_starts(stored[1], cols, values.numel())
+    if values.device.type != "cpu":  # the GPU kernels start each split of the columns
+        return _KernelPlan(state, gpu_kernels.split_starts(starts, stored[1], cols), None)
+    return _KernelPlan(state, starts, cpu_kernels.bitmask_matmul_fn(values, stored[1], starts, cols))
+
+
+def multiply(layout: str, rows: int, cols: int, stored: tuple[torch.Tensor, ...], plan: _KernelPlan,
+             x: torch.Tensor) -> torch.Tensor:
+    """x (tokens, cols) -> x Sᵀ (tokens, rows) for the matrix S of `stored`, `plan` made for them: the kernel's
+    product from the stored layout up to KERNEL_MAX_TOKENS tokens, the matrix densified for the call above."""
+    tokens = x.shape[0]
+    matmul = plan.cpu_matmul
+    if matmul is not None and tokens <= KERNEL_MAX_TOKENS and x.dtype == matmul.dtype and x.is_cpu:  # decoding
+        return matmul(x)
+    values = stored[0]
+    starts = plan.starts if x.dtype == values.dtype else None
+    if starts is not None and not x.is_cpu and tokens and not gpu_kernels.agree(
+            values, stored[1], starts, cols, lambda: stored_to_dense(layout, rows, cols, stored), x):
+        starts = None
+    if starts is None:
+        if not x.is_cpu and x.device.type not in _warned_devices:  # once per process and device type
+            _warned_devices.add(x.device.type)
+            warnings.warn(DENSIFIED_ON_DEVICE.format(device=x.device.type), stacklevel=3)
+        return nn.functional.linear(x, stored_to_dense(layout, rows, cols, stored))
+    if tokens > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
+        return nn.functional.linear(x, kernel_dense(layout, cols, stored, starts))
+    return gpu_kernels.bitmask_matmul(values, stored[1], starts, cols, x)  # memory bound on a GPU
+
+
+_OP_PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # stored values -> their plan, for calls through the op
+
+
+def _sparse_matmul(x: torch.Tensor, stored: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+    """`multiply` for the stored tensors alone ([values, bitmask] or [values, col_indices, row_offsets]), the plan
+    kept per values tensor: what a compiled graph calls."""
+    tensors = tuple(stored)
+    layout = "bitmask" if len(tensors) == 2 else "csr"
+    plan = _OP_PLANS.get(tensors[0])
+    if plan is None or not plan.made_for(tensors):
+        plan = _OP_PLANS[tensors[0]] = make_plan(layout, cols, tensors)
+    return multiply(layout, rows, cols, tensors, plan, x)
+
+
+def _register_op() -> Any:
+    """`_sparse_matmul` as a torch custom op, so torch.compile (and torch.export) keep a sparse matrix's product as
+    one opaque call, shaped by its fake implementation, instead of breaking the graph at the kernels' ctypes
+    and Python checks. Its namespace is "lrc" in the package and one of its own in a copy of this module (an
+    output's modeling code), so the two can be imported side by side."""
+    namespace = "lrc" if __name__.startswith("lrc.") else "lrc_" + hashlib.sha256(__name__.encode()).hexdigest()[:16]
+    try:
+        op = torch.library.custom_op(f"{namespace}::sparse_matmul", _sparse_matmul, mutates_args=(),
+                                     schema="(Tensor x, Tensor[] stored, int rows, int cols) -> Tensor")
+    except RuntimeError:  # this module executed again in the process: the op it registered first stands
+        return getattr(torch.ops, namespace).sparse_matmul
+
+    @op.register_fake
+    def _(x: torch.Tensor, stored: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], rows)
+
+    return op
+
+
+sparse_matmul_op = _register_op()
+
+
 class SparseMatrix(nn.Module):
     """A rows x cols matrix with `nnz` stored entries, in the "csr" or "bitmask" layout (see module doc).
 
@@ -167,23 +291,11 @@ class SparseMatrix(nn.Module):
         return mask
 
     def row_ids(self) -> torch.Tensor:
-        counts = (self.row_offsets[1:] - self.row_offsets[:-1]).long()
-        rows = torch.arange(self.rows, device=counts.device)
-        return torch.repeat_interleave(rows, counts, output_size=self.nnz)  # sized: no device-to-host sync
+        return csr_row_ids(self.row_offsets, self.nnz)
 
     def to_dense(self) -> torch.Tensor:
-        """The rows x cols matrix, zeros included, built with torch ops whose output sizes are known up front
-        (no boolean-mask indexing), so that on a GPU nothing waits for the device: entry k of the bitmask's
-        row-major set bits is values[k], found as (number of set bits up to and including it) - 1."""
-        if self.layout == "csr":
-            dense = torch.zeros(self.rows, self.cols, dtype=self.values.dtype, device=self.values.device)
-            dense[self.row_ids(), self.col_indices.long()] = self.values
-            return dense
-        if self.nnz == 0:
-            return torch.zeros(self.rows, self.cols, dtype=self.values.dtype, device=self.values.device)
-        mask = unpack_bits(self.bitmask, self.cols).reshape(-1)
-        positions = mask.cumsum(0, dtype=torch.int32).sub_(1).clamp_(min=0)
-        return torch.where(mask, self.values[positions], 0).reshape(self.rows, self.cols)
+        """The rows x cols matrix, zeros included (see stored_to_dense)."""
+        return stored_to_dense(self.layout, self.rows, self.cols, self._stored())
 
     def stored_bytes(self) -> int:
         """Bytes of every tensor this matrix stores (values, indices or bitmask, offsets)."""
@@ -191,33 +303,15 @@ class SparseMatrix(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.reshape(-1, self.cols)
-        plan = self._kernel_plan()
-        tokens = x.shape[0]
-        matmul = plan.cpu_matmul
-        if matmul is not None and tokens <= KERNEL_MAX_TOKENS and x.dtype == matmul.dtype and x.is_cpu:  # decoding
-            return matmul(x).reshape(*h.shape[:-1], self.rows)
-        starts = plan.starts if x.dtype == self.values.dtype else None
-        if starts is not None and not x.is_cpu and tokens and not gpu_kernels.agree(
-                self.values, self.bitmask, starts, self.cols, self.to_dense, x):
-            starts = None
-        if starts is None:
-            if not x.is_cpu and x.device.type not in _warned_devices:  # once per process and device type
-                _warned_devices.add(x.device.type)
-                warnings.warn(DENSIFIED_ON_DEVICE.format(device=x.device.type), stacklevel=2)
-            y = nn.functional.linear(x, self.to_dense())
-        elif tokens > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
-            y = nn.functional.linear(x, self.kernel_dense(starts))
-        else:  # memory bound on a GPU: read the stored layout once per call
-            y = gpu_kernels.bitmask_matmul(self.values, self.bitmask, starts, self.cols, x)
+        if torch.compiler.is_compiling():  # one opaque op in the graph (see sparse_matmul_op)
+            y = sparse_matmul_op(x, list(self._stored()), self.rows, self.cols)
+        else:
+            y = multiply(self.layout, self.rows, self.cols, self._stored(), self._kernel_plan(), x)
         return y.reshape(*h.shape[:-1], self.rows)
 
     def kernel_dense(self, starts: torch.Tensor) -> torch.Tensor:
         """to_dense() through a kernel (one pass over the stored layout); `starts` from kernel_row_starts."""
-        if self.values.device.type != "cpu":
-            return gpu_kernels.bitmask_dense(self.values, self.bitmask, starts, self.cols)
-        if self.layout == "bitmask":
-            return cpu_kernels.bitmask_dense(self.values, self.bitmask, starts, self.cols)
-        return cpu_kernels.csr_dense(self.values, self.col_indices, self.row_offsets, self.cols)
+        return kernel_dense(self.layout, self.cols, self._stored(), starts)
 
     def _stored(self) -> tuple[torch.Tensor, ...]:
         """The stored tensors, read from the module's dicts: this runs on every call, and nn.Module's attribute
@@ -245,31 +339,9 @@ class SparseMatrix(nn.Module):
         return plan
 
     def _make_plan(self, stored: tuple[torch.Tensor, ...]) -> _KernelPlan:
-        state = tuple((weakref.ref(t), t.data_ptr(), 0 if t.is_inference() else t._version) for t in stored)
-        if self.values.device.type == "cpu":
-            narrow = self.layout == "bitmask" or self.col_indices.dtype == torch.int16
-            kernel = narrow and cpu_kernels.available(self.values)
-        else:
-            kernel = self.layout == "bitmask" and gpu_kernels.available(self.values)
-        if not (kernel and all(t.is_contiguous() for t in stored)):
-            return _KernelPlan(state, None, None)
         if self.values.numel() != self.nnz:
             raise ValueError(f"sparse matrix holds {self.values.numel()} values for {self.nnz} entries")
-        if self.layout == "csr":
-            self._check_csr()
-            matmul = cpu_kernels.csr_matmul_fn(self.values, self.col_indices, self.row_offsets, self.cols)
-            return _KernelPlan(state, self.row_offsets, matmul)
-        starts = bitmask_row_starts(self.bitmask, self.cols, self.nnz)
-        if self.values.device.type != "cpu":  # the GPU kernels start each split of the columns
-            return _KernelPlan(state, gpu_kernels.split_starts(starts, self.bitmask, self.cols), None)
-        return _KernelPlan(state, starts, cpu_kernels.bitmask_matmul_fn(self.values, self.bitmask, starts, self.cols))
-
-    def _check_csr(self) -> None:
-        offsets, cols = self.row_offsets, self.col_indices
-        ok = int(offsets[0]) == 0 and int(offsets[-1]) == self.nnz and bool((offsets[1:] >= offsets[:-1]).all())
-        ok = ok and cols.numel() == self.nnz and (self.nnz == 0 or (int(cols.min()) >= 0 and int(cols.max()) < self.cols))
-        if not ok:
-            raise ValueError("sparse matrix in the csr layout has row offsets or column indices out of range")
+        return make_plan(self.layout, self.cols, stored)
 
     def extra_repr(self) -> str:
         return f"rows={self.rows}, cols={self.cols}, nnz={self.nnz}, layout={self.layout}"

@@ -153,3 +153,17 @@ def test_loaded_at_another_dtype_keeps_no_pages_of_the_file(sparse_output):
     reference = AutoModelForCausalLM.from_pretrained(sparse_output)
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(logits(model, ids).float(), logits(reference, ids), rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_a_loaded_output_compiles_into_one_graph(sparse_output, dtype):
+    """torch.compile(fullgraph=True) traces the whole model (fused groups, sparse products as lrc's custom op,
+    no break at the kernels' checks) and gives the eager outputs for a prefill and a one-token call."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sparse_output, dtype=dtype)
+    assert any(isinstance(m, SparseDictionaryLinear) for m in model.modules())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    for probe in (ids, ids[:, :1]):
+        torch.testing.assert_close(logits(compiled, probe), logits(model, probe), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])

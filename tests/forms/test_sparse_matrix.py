@@ -202,3 +202,18 @@ def test_a_sparse_matrix_off_the_cpu_warns_once_that_it_is_densified_per_call(mo
         assert matrix(x).shape == (3, 8)
         matrix(x)
     assert len(record) == 1 and "meta" in str(record[0].message)
+
+
+@pytest.mark.parametrize("layout", ["bitmask", "csr"])
+def test_compiled_product_matches_the_dense_product(layout):
+    """torch.compile traces the product as one op (fullgraph: no break at the kernels' checks) whose outputs and
+    shapes are the eager ones, at decode and prefill sizes, and follows values changed after compiling."""
+    dense, mask = random_sparse(24, 40, 0.3, seed=11)
+    matrix = SparseMatrix.from_dense(dense, mask, layout)
+    compiled = torch.compile(matrix, fullgraph=True, dynamic=True)
+    for tokens in (1, KERNEL_MAX_TOKENS + 5):
+        h = torch.randn(2, tokens, 40, generator=torch.Generator().manual_seed(tokens))
+        torch.testing.assert_close(compiled(h), h @ dense.T)
+    matrix.values.data.mul_(-2)
+    h = torch.randn(1, 40)
+    torch.testing.assert_close(compiled(h), h @ (-2 * dense).T)
