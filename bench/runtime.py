@@ -93,6 +93,8 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.compile:  # each model in a process compiles the same forward's code again (graphs per instance)
+        torch._dynamo.config.recompile_limit = 64
     import lrc  # noqa: F401  (registers the lrc loader with transformers)
 
     return torch, torch.device(args.device)

@@ -38,6 +38,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -583,14 +584,38 @@ def csr_dense(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torc
     return out
 
 
+def register_op(module: str, name: str, fn: Callable[..., torch.Tensor], schema: str,
+                fake: Callable[..., torch.Tensor]) -> Any:
+    """`fn` as the torch custom op `<namespace>::<name>`, which torch.compile and torch.export keep as one opaque
+    call shaped by `fake` (dynamo cannot trace the kernels' ctypes calls and address checks). The namespace is
+    "lrc" for lrc.forms and a hash of the package's name for an output's copy of these modules (its modeling
+    code), so both load side by side; a module executed again keeps the op it registered first."""
+    package = module.rpartition(".")[0]
+    namespace = "lrc" if package == "lrc.forms" else "lrc_" + hashlib.sha256(package.encode()).hexdigest()[:16]
+    try:
+        op = torch.library.custom_op(f"{namespace}::{name}", fn, mutates_args=(), schema=schema)
+    except RuntimeError:
+        return getattr(getattr(torch.ops, namespace), name)
+    op.register_fake(fake)
+    return op
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """nn.functional.linear(x, weight, bias): x (..., in), weight (out, in), bias (out,) -> (..., out).
 
     Up to DENSE_KERNEL_MAX_TOKENS tokens in bfloat16 on CPU (decoding) run the dense C kernel, 3-4x faster
     there than torch's bfloat16 product at this package's factor shapes (accumulated in float32, bias
-    added, rounded once); anything else, or where gradients flow, is torch's."""
-    # checks cheapest first: this runs once per factor per decoded token; in a graph torch.compile traces, torch's
-    if x.dtype is not torch.bfloat16 or x.dim() == 0 or torch.compiler.is_compiling() or not available(weight, x):
+    added, rounded once); anything else, or where gradients flow, is torch's. In a graph torch.compile
+    traces, a bfloat16 product on CPU is the custom op `linear_op` (this function, run at each call), the
+    others torch's, which the compiler sees."""
+    # checks cheapest first: this runs once per factor per decoded token
+    if x.dtype is not torch.bfloat16 or x.dim() == 0:
+        return torch.nn.functional.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        if x.is_cpu and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return linear_op(x, weight, bias)
+        return torch.nn.functional.linear(x, weight, bias)
+    if not available(weight, x):
         return torch.nn.functional.linear(x, weight, bias)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (not 0 < tokens <= DENSE_KERNEL_MAX_TOKENS or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
@@ -604,3 +629,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _kernel("lrc_dense_mm_bf16")(weight.data_ptr(), None if bias is None else bias.data_ptr(), weight.shape[0],
                                  weight.shape[1], x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
     return y
+
+
+linear_op = register_op(__name__, "linear", linear, "(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+                        lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))

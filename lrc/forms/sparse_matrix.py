@@ -12,11 +12,10 @@ non-zero. Every tensor is in the state dict, so the checkpoint holds exactly wha
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 import weakref
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -201,26 +200,10 @@ def _sparse_matmul(x: torch.Tensor, stored: list[torch.Tensor], rows: int, cols:
     return multiply(layout, rows, cols, tensors, plan, x)
 
 
-def _register_op() -> Any:
-    """`_sparse_matmul` as a torch custom op, so torch.compile (and torch.export) keep a sparse matrix's product as
-    one opaque call, shaped by its fake implementation, instead of breaking the graph at the kernels' ctypes
-    and Python checks. Its namespace is "lrc" in the package and one of its own in a copy of this module (an
-    output's modeling code), so the two can be imported side by side."""
-    namespace = "lrc" if __name__.startswith("lrc.") else "lrc_" + hashlib.sha256(__name__.encode()).hexdigest()[:16]
-    try:
-        op = torch.library.custom_op(f"{namespace}::sparse_matmul", _sparse_matmul, mutates_args=(),
-                                     schema="(Tensor x, Tensor[] stored, int rows, int cols) -> Tensor")
-    except RuntimeError:  # this module executed again in the process: the op it registered first stands
-        return getattr(torch.ops, namespace).sparse_matmul
-
-    @op.register_fake
-    def _(x: torch.Tensor, stored: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
-        return x.new_empty(x.shape[0], rows)
-
-    return op
-
-
-sparse_matmul_op = _register_op()
+# the product as one custom op for torch.compile / torch.export (see cpu_kernels.register_op)
+sparse_matmul_op = cpu_kernels.register_op(__name__, "sparse_matmul", _sparse_matmul,
+                                           "(Tensor x, Tensor[] stored, int rows, int cols) -> Tensor",
+                                           lambda x, stored, rows, cols: x.new_empty(x.shape[0], rows))
 
 
 class SparseMatrix(nn.Module):
