@@ -215,7 +215,8 @@ class SparseMatrix(nn.Module):
     bitmask layout, where torch has Triton) the Triton kernels of `gpu_kernels`, multiply from the stored
     layout for up to KERNEL_MAX_TOKENS tokens, and densify the matrix for the call (one pass) before a dense
     matmul above that; elsewhere (other dtypes, the csr layout on a GPU, no C compiler or no Triton) it is
-    densified with torch on every call.
+    densified with torch on every call. In a graph torch.compile traces, the product is the custom op
+    `sparse_matmul_op`, which runs the same code.
     """
 
     col_indices: torch.Tensor
