@@ -120,6 +120,25 @@ def test_remote_code_with_lrc_imported(compressed_outputs, tmp_path, monkeypatch
         torch.testing.assert_close(lrc_output(tmp_path / f"{family}-saved"), logits, rtol=0, atol=1e-6)
 
 
+def test_remote_code_compiles_next_to_lrc(compressed_outputs, tmp_path, monkeypatch):
+    """The output's own copy of lrc's kernels registers its custom ops under a namespace of its own, so with lrc
+    imported too, torch.compile(fullgraph=True) traces the copy's sparse-dictionary layers (their sparse
+    product: the copy's op) and gives their eager outputs. (The model is an MoE, whose unfused experts route
+    tokens by data-dependent loops, as transformers' eager experts do: as a whole it compiles with breaks.)"""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(compressed_outputs["mixtral"]), trust_remote_code=True)
+    layers = [m for m in model.modules() if type(m).__name__ == "SparseDictionaryLinear"]
+    assert layers and all(type(m).__module__.startswith("transformers_modules.") for m in layers)  # the copy's class
+    copied = sys.modules[type(layers[0].mixing).__module__]
+    assert copied.sparse_matmul_op._qualname.startswith("lrc_") and copied.sparse_matmul_op._qualname.endswith("::sparse_matmul")
+    for layer in (layers[0], layers[-1]):
+        x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), layer(x))
+            torch.testing.assert_close(compiled(x[:1, :1]), layer(x[:1, :1]))
+
+
 def test_remote_code_refuses_a_missing_factor(compressed_outputs, tmp_path, monkeypatch):
     """A factor tensor deleted from the files is an error naming it, not a layer filled at random."""
     import shutil
