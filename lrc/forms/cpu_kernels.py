@@ -606,18 +606,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Up to DENSE_KERNEL_MAX_TOKENS tokens in bfloat16 on CPU (decoding) run the dense C kernel, 3-4x faster
     there than torch's bfloat16 product at this package's factor shapes (accumulated in float32, bias
     added, rounded once); anything else, or where gradients flow, is torch's. In a graph torch.compile
-    traces, a bfloat16 product on CPU is the custom op `linear_op` (this function, run at each call), the
-    others torch's, which the compiler sees."""
+    traces, such a product is the custom op `linear_op` (this function, run at each call; the token count a
+    guard of the graph), the others torch's, which the compiler sees."""
     # checks cheapest first: this runs once per factor per decoded token
     if x.dtype is not torch.bfloat16 or x.dim() == 0:
         return torch.nn.functional.linear(x, weight, bias)
-    if torch.compiler.is_compiling():
-        if x.is_cpu and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if torch.compiler.is_compiling():  # decode shapes: the op; prefill: torch's, which the compiler sees
+        if (x.is_cpu and tokens <= DENSE_KERNEL_MAX_TOKENS
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
             return linear_op(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)
     if not available(weight, x):
         return torch.nn.functional.linear(x, weight, bias)
-    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (not 0 < tokens <= DENSE_KERNEL_MAX_TOKENS or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
             or not weight.is_contiguous()
             or (bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_cpu or not bias.is_contiguous()))
