@@ -167,3 +167,14 @@ def test_a_loaded_output_compiles_into_one_graph(sparse_output, dtype):
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
     for probe in (ids, ids[:, :1]):
         torch.testing.assert_close(logits(compiled, probe), logits(model, probe), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_a_sparse_layer_exports_with_lrcs_op():
+    """torch.export keeps a sparse-dictionary layer's sparse product as lrc's custom op, and the exported program
+    computes the layer's outputs."""
+    layer = random_layers(48, 24, seed=5)["sparse-dictionary"]
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(6))
+    exported = torch.export.export(layer, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "lrc.sparse_matmul.default" in targets
+    torch.testing.assert_close(exported.module()(x), x @ layer.dense_weight().T, rtol=1e-5, atol=1e-5)
