@@ -600,6 +600,12 @@ def register_op(module: str, name: str, fn: Callable[..., torch.Tensor], schema:
     return op
 
 
+def _gradients_flow(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether autograd records this product (lrc's kernels have no backward)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """nn.functional.linear(x, weight, bias): x (..., in), weight (out, in), bias (out,) -> (..., out).
 
@@ -613,8 +619,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.nn.functional.linear(x, weight, bias)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if torch.compiler.is_compiling():  # decode shapes: the op; prefill: torch's, which the compiler sees
-        if (x.is_cpu and tokens <= DENSE_KERNEL_MAX_TOKENS
-                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        if x.is_cpu and tokens <= DENSE_KERNEL_MAX_TOKENS and not _gradients_flow(x, weight, bias):
             return linear_op(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)
     if not available(weight, x):
@@ -622,8 +627,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (not 0 < tokens <= DENSE_KERNEL_MAX_TOKENS or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
             or not weight.is_contiguous()
             or (bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_cpu or not bias.is_contiguous()))
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                             or (bias is not None and bias.requires_grad)))):
+            or _gradients_flow(x, weight, bias)):
         return torch.nn.functional.linear(x, weight, bias)
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.bfloat16)

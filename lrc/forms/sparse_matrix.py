@@ -271,11 +271,8 @@ class SparseMatrix(nn.Module):
         if self.layout == "bitmask":
             return unpack_bits(self.bitmask, self.cols)
         mask = torch.zeros(self.rows, self.cols, dtype=torch.bool, device=self.values.device)
-        mask[self.row_ids(), self.col_indices.long()] = True
+        mask[csr_row_ids(self.row_offsets, self.nnz), self.col_indices.long()] = True
         return mask
-
-    def row_ids(self) -> torch.Tensor:
-        return csr_row_ids(self.row_offsets, self.nnz)
 
     def to_dense(self) -> torch.Tensor:
         """The rows x cols matrix, zeros included (see stored_to_dense)."""
