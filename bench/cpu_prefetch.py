@@ -18,7 +18,6 @@ product; float32 dense factors go through torch).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from results_files import cpu_description  # noqa: E402
+
 from lrc.forms import cpu_kernels  # noqa: E402
 from lrc.forms.sparse_matrix import SparseMatrix  # noqa: E402
 
@@ -85,7 +86,7 @@ def main() -> None:
                 call(lib, item)
         return (time.perf_counter() - start) / (args.reps * len(items))
 
-    lines = [f"# lrc's CPU decode kernels, with and without software prefetch ({platform.machine()}, "
+    lines = [f"# lrc's CPU decode kernels, with and without software prefetch ({cpu_description()}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__})", "",
              f"{args.matrices} distinct matrices per case cycled through, {args.reps} passes per timing, {args.rounds} rounds "
              "(the two builds alternating); time per matrix, median over rounds; speedup: median of per-round ratios.", "",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from results_files import write_results
+from results_files import cpu_description, write_results
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -252,7 +251,7 @@ def main() -> None:
     setup = (f"random llama models, hidden {args.hidden}, MLP {args.intermediate}, {args.heads} heads, float32, "
              f"every projection but down_proj targeted; {args.heldout_windows} held-out window; "
              f"calibration {args.samples} x {args.seq_len} tokens; streamed runs keep {args.activation_gib * 1024:.0f} MiB "
-             f"of hidden states in memory and spill the rest; {platform.machine()}, {args.threads} threads, "
+             f"of hidden states in memory and spill the rest; {cpu_description()}, {args.threads} threads, "
              f"torch {torch.__version__}. One process per run; peak RSS is the run's own report (VmHWM of its process). "
              f"A process that only imports lrc peaks at {gib(idle)}.")
     lines = [f"`lrc compress` in memory and with `--stream`: {setup}"]

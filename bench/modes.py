@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from results_files import write_results
+from results_files import cpu_description, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -109,7 +108,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> list[str]:
         f"{args.model}, budget {args.budget}, {args.method or 'default recipe'}, calibration {args.samples} x "
         f"{args.seq_len} tokens of {Path(args.calib).name}, perplexity on {Path(args.data).name} ({args.eval_seq_len}-token "
         f"windows, "
-        f"first {args.windows}); {platform.machine()}, {args.threads} thread(s) per process, torch {torch.__version__}.",
+        f"first {args.windows}); {cpu_description()}, {args.threads} thread(s) per process, torch {torch.__version__}.",
         "F: the statistics pass (`calibration_s`, one forward over the calibration windows with the input Grams) "
         "of the same run.",
         "",

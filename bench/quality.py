@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 from quality_plot import plot_quality
-from results_files import write_results
+from results_files import cpu_description, write_results
 
 import lrc
 from lrc.engine import Analysis, decompose_all
@@ -143,7 +142,7 @@ def main() -> None:
 
     header = (f"Model {args.model}, calibration {calib.name} ({args.samples} x {args.seq_len} tokens, seed {args.seed}), "
               f"evaluation {test.name} (seq_len {args.eval_seq_len}, first {dense['windows']} windows), "
-              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.")
+              f"{cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}.")
     lines = [header, "", f"Dense perplexity: **{dense['perplexity']:.2f}** (same run).", "",
              "| method | allocator | mode | budget | removed (targeted) | removed (model) | perplexity | x dense | safetensors | time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

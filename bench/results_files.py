@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+# the instructions torch's bfloat16 and float32 products choose kernels by: a figure measured with AMX does not
+# hold on the same model of CPU without it (a VM may hide it), so every table names them
+_MATRIX_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
+
+def cpu_description() -> str:
+    """The CPU a figure was measured on: its model name and matrix instructions, e.g. "Intel(R) Xeon(R)
+    Processor, x86_64, avx512_bf16 avx512f (no AMX)"; the machine's architecture where /proc/cpuinfo is absent."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)  # the last CPU's, all alike
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    present = " ".join(flag for flag in _MATRIX_FLAGS if flag in flags)
+    amx = "" if "amx_tile" in flags else " (no AMX)"
+    return f"{fields.get('model name', 'CPU')}, {platform.machine()}, {present or 'no AVX2'}{amx}"
 
 
 def write_results(out: str, lines: list[str], data: dict[str, Any]) -> None:

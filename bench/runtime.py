@@ -35,7 +35,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -323,6 +322,8 @@ def main() -> None:
         args.dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
         alternations = saved.get("alternations") or {}
         args.alternations = len(next(iter(alternations.values()))["dense"]["prefill_tok_s"]) if alternations else 0
+        args.measured_on = saved.get("measured_on")  # older files: this machine's name, which may not be theirs
+        args.measured_by = saved.get("measured_by", saved["command"])
         return write_table(args, rows, list(dict.fromkeys(r["model"] for r in rows)), alternations)
     if args.models:
         pairs = [m.split("=", 1) for m in args.models]
@@ -353,8 +354,7 @@ def main() -> None:
 
 def write_table(args: argparse.Namespace, rows: list[dict[str, Any]], models: list[str],
                 alternations: dict[str, Any]) -> None:
-    import torch
-
+    measured_on = getattr(args, "measured_on", None) or device_name(args)
     speeds = (f"speeds: one process running every model in turn, {args.alternations} rounds (the order rotated), "
               f"so the models of a round ran seconds apart" if alternations else
               f"speeds: the per-model processes, the fastest of {args.repeats} runs each")
@@ -362,8 +362,8 @@ def write_table(args: argparse.Namespace, rows: list[dict[str, Any]], models: li
                 "the graphs built in the warm-up)" if args.compile else "")
     lines = [
         f"{', '.join(models)}: loaded with transformers after `import lrc`; memory: one process "
-        f"per model and dtype, {args.rounds} rounds (ranges shown); {speeds}; {device_name(args)}, "
-        f"torch {torch.__version__}; prefill = 1 x {args.seq_len} tokens "
+        f"per model and dtype, {args.rounds} rounds (ranges shown); {speeds}; {measured_on}; "
+        f"prefill = 1 x {args.seq_len} tokens "
         f"({'logits of every position' if args.all_logits else 'logits of the last position, as generate() computes'}), decode = {args.decode} greedy steps after "
         f"it (one over the median step){compiled}. file: safetensors bytes at that dtype; tensors: bytes held by the "
         f"model's tensors after the run; peak RSS: the process during prefill and decode (on a GPU: the peak of "
@@ -375,17 +375,20 @@ def write_table(args: argparse.Namespace, rows: list[dict[str, Any]], models: li
 
     write_results(args.out, lines, {"threads": args.threads, "seq_len": args.seq_len, "decode": args.decode,
                                     "repeats": args.repeats, "device": args.device, "all_logits": args.all_logits,
-                                    "compile": args.compile,
+                                    "compile": args.compile, "measured_on": measured_on,
+                                    **({"measured_by": args.measured_by} if getattr(args, "measured_by", None) else {}),
                                     "rows": rows,
                                     "alternations": alternations})
 
 
 def device_name(args: argparse.Namespace) -> str:
+    """This machine as the table names it: the device, the thread count (CPU) and torch's version."""
     import torch
+    from results_files import cpu_description
 
     if args.device == "cuda" and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (cuda)"
-    return f"{platform.machine()} CPU, {args.threads} threads"
+        return f"{torch.cuda.get_device_name(0)} (cuda), torch {torch.__version__}"
+    return f"{cpu_description()}, {args.threads} threads, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

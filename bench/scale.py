@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import threading
 import time
@@ -43,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from results_files import write_results  # noqa: E402
+from results_files import cpu_description, write_results  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lrc.config import CompressionConfig  # noqa: E402
@@ -351,7 +350,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+        f"CPU ({cpu_description()}, {torch.get_num_threads()} threads)")
     label = "GPU projection" if device.type == "cuda" else "CPU projection"
     results = [measure_shape(shape, args, device)[0] for shape in args.shapes]
     results += [projected_shape(shape, results[0], args) for shape in args.project_shapes]

@@ -18,13 +18,12 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import time
 from typing import Any
 
 import torch
 import yaml
-from results_files import write_results
+from results_files import cpu_description, write_results
 from safetensors import safe_open
 
 from lrc.allocate import allocate_ranks
@@ -127,7 +126,7 @@ def main() -> None:
     lines = [
         f"Sparse-dictionary settings on {args.model} layers {' '.join(map(str, args.layers))} ({len(targets)} matrices), "
         f"statistics {os.path.basename(args.stats)[:12]} ({int(stats.windows.shape[0])} windows x "
-        f"{int(stats.windows.shape[1])} tokens), cpu, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"{int(stats.windows.shape[1])} tokens), cpu, {torch.get_num_threads()} threads, {cpu_description()}, "
         f"lrc {code_version()}.",
         "Time: CPU seconds of the decomposition and the refinement at the first budget (this process). Error: summed loss-scale error of the knapsack's "
         "allocation over these matrices at each budget, relative to the first row.",

@@ -18,13 +18,14 @@ expand-load (`vexpandps`: values to the lanes whose mask bit is set, zeros elsew
 device, dtype or index width, `available()` is False and `SparseMatrix` densifies with torch instead (same
 numbers, slower).
 
-`linear` is nn.functional.linear with one exception: up to 4 tokens in bfloat16 on CPU (decoding) run a
+`linear` is nn.functional.linear with one exception: a few tokens in bfloat16 on CPU (decoding) run a
 dense C kernel, four rows of W by up to four tokens per pass, accumulated in float32 and rounded once.
-Measured on this project's CPU (Xeon with AVX-512 and AMX, 2 threads, torch 2.13): torch's bfloat16 product
-for one token took 38-160 us at SmolLM2-135M's factor shapes (128 x 576 to 576 x 1536), slower than its
-float32 one (10-67 us), the kernel 10-42 us; at 4 tokens 35-80 us against 20-80 us, from 5 tokens torch's
-AMX product is as fast or faster. This module imports torch and the standard library only (it travels with the model's
-own modeling code).
+Measured on Xeons with AVX-512 (2 threads, torch 2.13, SmolLM2-135M's factor shapes, 128 x 576 to 576 x 1536):
+with AMX, torch's bfloat16 product for one token took 38-160 us, slower than its float32 one (10-67 us), the
+kernel 10-42 us, and from 5 tokens torch's AMX product was as fast or faster; without AMX (oneDNN's
+avx512_core_bf16 kernels), torch's product took 1.2-2.4x the kernel's time at 8 tokens and 0.8-1.5x at 12.
+So the kernel runs up to 4 tokens where the CPU has AMX and up to 8 where it has not. This module imports
+torch and the standard library only (it travels with the model's own modeling code).
 """
 
 from __future__ import annotations
@@ -447,20 +448,27 @@ _SIGNATURES = {
     "lrc_dense_mm_bf16": [_P, _P, _I64, _I64, _P, _I64, _P, _INT],
 }
 _DTYPES = (torch.float32, torch.bfloat16)
-# `linear` runs the C kernel up to this many bfloat16 tokens per call (from 5, torch's AMX product was as
-# fast or faster at 1536 x 576, measured)
-DENSE_KERNEL_MAX_TOKENS = 4
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
 
 
-def _cpu_signature() -> str:
+def _cpu_flags() -> str:
+    """The CPU's feature flags as /proc/cpuinfo lists them ("" elsewhere)."""
     try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
-        flags = ""
-    return platform.machine() + platform.processor() + flags
+        return ""
+
+
+_FLAGS_HERE = _cpu_flags()
+# `linear` runs the C kernel up to this many bfloat16 tokens per call (torch's product was as fast or faster
+# from 5 tokens with AMX, from 9-16 without; measured, see the module's docstring)
+DENSE_KERNEL_MAX_TOKENS = 4 if "amx_bf16" in _FLAGS_HERE.split() else 8
+
+
+def _cpu_signature() -> str:
+    return platform.machine() + platform.processor() + _FLAGS_HERE
 
 
 def _kernel_dir() -> Path:
@@ -609,7 +617,7 @@ def _gradients_flow(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """nn.functional.linear(x, weight, bias): x (..., in), weight (out, in), bias (out,) -> (..., out).
 
-    Up to DENSE_KERNEL_MAX_TOKENS tokens in bfloat16 on CPU (decoding) run the dense C kernel, 3-4x faster
+    Up to DENSE_KERNEL_MAX_TOKENS tokens in bfloat16 on CPU (decoding) run the dense C kernel, 2-5x faster
     there than torch's bfloat16 product at this package's factor shapes (accumulated in float32, bias
     added, rounded once); anything else, or where gradients flow, is torch's. In a graph torch.compile
     traces, such a product is the custom op `linear_op` (this function, run at each call; the token count a
