@@ -23,7 +23,8 @@ dense C kernel, four rows of W by up to four tokens per pass, accumulated in flo
 Measured on Xeons with AVX-512 (2 threads, torch 2.13, SmolLM2-135M's factor shapes, 128 x 576 to 576 x 1536):
 with AMX, torch's bfloat16 product for one token took 38-160 us, slower than its float32 one (10-67 us), the
 kernel 10-42 us, and from 5 tokens torch's AMX product was as fast or faster; without AMX (oneDNN's
-avx512_core_bf16 kernels), torch's product took 1.2-2.4x the kernel's time at 8 tokens and 0.8-1.5x at 12.
+avx512_core_bf16 kernels), torch's product took 1.15-2.4x the kernel's time at 8 tokens and 0.7-1.3x at 32
+(bench/cpu_kernel_crossover.py).
 So the kernel runs up to 4 tokens where the CPU has AMX and up to 8 where it has not. This module imports
 torch and the standard library only (it travels with the model's own modeling code).
 """
