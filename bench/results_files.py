@@ -25,7 +25,7 @@ def cpu_description() -> str:
     fields = {key.strip(): value.strip() for key, value in fields.items()}
     flags = set(fields.get("flags", "").split())
     present = " ".join(flag for flag in _MATRIX_FLAGS if flag in flags)
-    amx = "" if "amx_tile" in flags else " (no AMX)"
+    amx = "" if "amx_bf16" in flags else " (no AMX)"  # what lrc's choice of bfloat16 kernel reads too
     return f"{fields.get('model name', 'CPU')}, {platform.machine()}, {present or 'no AVX2'}{amx}"
 
 

@@ -303,6 +303,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="run each model's forward compiled "
                         "(torch.compile(model.forward, fullgraph=True, dynamic=True); compiled in the warm-up)")
     parser.add_argument("--rows", help="the .yaml of an earlier run: write its table again, measure nothing")
+    parser.set_defaults(measured_on=None, measured_by=None)  # with --rows: the saved run's machine and command
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--alternate", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -354,7 +355,7 @@ def main() -> None:
 
 def write_table(args: argparse.Namespace, rows: list[dict[str, Any]], models: list[str],
                 alternations: dict[str, Any]) -> None:
-    measured_on = getattr(args, "measured_on", None) or device_name(args)
+    measured_on = args.measured_on or device_name(args)
     speeds = (f"speeds: one process running every model in turn, {args.alternations} rounds (the order rotated), "
               f"so the models of a round ran seconds apart" if alternations else
               f"speeds: the per-model processes, the fastest of {args.repeats} runs each")
@@ -376,7 +377,7 @@ def write_table(args: argparse.Namespace, rows: list[dict[str, Any]], models: li
     write_results(args.out, lines, {"threads": args.threads, "seq_len": args.seq_len, "decode": args.decode,
                                     "repeats": args.repeats, "device": args.device, "all_logits": args.all_logits,
                                     "compile": args.compile, "measured_on": measured_on,
-                                    **({"measured_by": args.measured_by} if getattr(args, "measured_by", None) else {}),
+                                    **({"measured_by": args.measured_by} if args.measured_by else {}),
                                     "rows": rows,
                                     "alternations": alternations})
 

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import lrc
+from lrc import forms
+from lrc.errors import LrcError
 from lrc.forms import LAYER_FORMS
 from lrc.io.remote_code import FORM_FILE_PREFIX, MODELING_FILE, form_module_files
 from tests.conftest import auto_class, lrc_output, probe_input_ids
@@ -45,14 +48,28 @@ def test_layer_code_is_lrc_source(compressed_outputs):
         assert copied == path.read_text()
 
 
+def test_form_modules_import_optional_packages_in_a_try_block(tmp_path, monkeypatch):
+    """A form module that imports Triton (optional) outside a try block is refused at write time: transformers'
+    check of remote code would demand it, and the output would not load where it is missing."""
+    for path in Path(forms.__file__).parent.glob("*.py"):
+        (tmp_path / path.name).write_text(path.read_text())
+    (tmp_path / "guarded.py").write_text("try:\n    import triton\nexcept ImportError:\n    raise\n")
+    (tmp_path / "unguarded.py").write_text("import triton\n")
+    monkeypatch.setattr(forms, "__file__", str(tmp_path / "__init__.py"))
+    assert "guarded" in form_module_files(("guarded",))
+    with pytest.raises(LrcError, match="imports triton outside a try block"):
+        form_module_files(("unguarded",))
+
+
 def test_fresh_venv_without_lrc_loads_outputs(compressed_outputs, tmp_path):
-    """A virtual environment that cannot import lrc loads every output with trust_remote_code=True (and a
-    dense export without it) and computes the same logits as lrc.load here.
+    """A virtual environment that cannot import lrc, nor Triton (as with torch's CPU build), loads every output
+    with trust_remote_code=True (and a dense export without it) and computes the same logits as lrc.load here.
 
     The venv is made with --system-site-packages so that torch and transformers come from this
     interpreter's site-packages without a download; those site-packages also hold lrc's editable install
-    (a .pth file and a meta-path finder). The venv's own sitecustomize.py therefore puts a finder first on
-    sys.meta_path that refuses `lrc` and every `lrc.*` module, and the subprocess runs outside the
+    (a .pth file and a meta-path finder), and Triton where this torch pulled it in. The venv's own
+    sitecustomize.py therefore puts a finder first on sys.meta_path that refuses `lrc`, `triton` and their
+    submodules, and the subprocess runs outside the
     repository with no PYTHONPATH. The script first checks that `import lrc` fails, and at the end that no
     module of the lrc package was imported (the folder's own modules are transformers_modules.*).
     """
@@ -64,14 +81,14 @@ def test_fresh_venv_without_lrc_loads_outputs(compressed_outputs, tmp_path):
         import sys
 
 
-        class RefuseLrc(importlib.abc.MetaPathFinder):
+        class Refuse(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name == "lrc" or name.startswith("lrc."):
-                    raise ModuleNotFoundError(f"No module named {name!r} (this environment has no lrc)")
+                if name.split(".")[0] in ("lrc", "triton"):
+                    raise ModuleNotFoundError(f"No module named {name!r} (this environment has neither lrc nor Triton)")
                 return None
 
 
-        sys.meta_path.insert(0, RefuseLrc())
+        sys.meta_path.insert(0, Refuse())
     """))
     script = textwrap.dedent("""
         import json, sys

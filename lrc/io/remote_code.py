@@ -40,7 +40,11 @@ from ..errors import LrcError
 
 MODELING_FILE = "modeling_lrc.py"
 FORM_FILE_PREFIX = "lrc_"
-ALLOWED_PACKAGES = {"torch", "transformers", "triton"}  # triton: imported only where present (gpu_kernels)
+REQUIRED_PACKAGES = {"torch", "transformers"}
+# imported inside a `try:` only, the module imported where they are present: transformers' check of a
+# checkpoint's remote code skips imports in try blocks, so an output loads without them (torch's CPU build has
+# no Triton)
+OPTIONAL_PACKAGES = {"triton"}
 SIBLING_IMPORT = re.compile(r"^(\s*from\s+)\.(\w+)(\s+import)", flags=re.MULTILINE)
 
 
@@ -58,14 +62,11 @@ def form_module_files(extra: tuple[str, ...] = ()) -> dict[str, Path]:
             return
         path = package / f"{name}.py"
         tree = ast.parse(path.read_text(encoding="utf-8"))
+        for imported, guarded in _package_imports(tree):
+            _check_package(imported, guarded, path)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    _check_package(alias.name, path)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level == 0:
-                    _check_package(node.module or "", path)
-                elif node.level == 1 and node.module:
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                if node.level == 1 and node.module:
                     visit(node.module, (*seen, name))
                 elif node.level == 1:  # from . import sibling
                     for alias in node.names:
@@ -86,11 +87,35 @@ def form_module_files(extra: tuple[str, ...] = ()) -> dict[str, Path]:
     return ordered
 
 
-def _check_package(module: str, path: Path) -> None:
-    top = module.split(".")[0]
-    if top not in ALLOWED_PACKAGES and top not in sys.stdlib_module_names:
-        raise LrcError(f"layer form module {path.name} imports {module}: the output's modeling code may import "
+def _package_imports(tree: ast.Module) -> list[tuple[str, bool]]:
+    """(top-level package, whether the import sits in a try block) of each absolute import of a module."""
+    guarded = {id(node) for block in ast.walk(tree) if isinstance(block, ast.Try)
+               for statement in block.body for node in ast.walk(statement)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name.split(".")[0], id(node) in guarded) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.append(((node.module or "").split(".")[0], id(node) in guarded))
+    return found
+
+
+def _check_package(package: str, guarded: bool, path: Path) -> None:
+    if package in OPTIONAL_PACKAGES and not guarded:
+        raise LrcError(f"layer form module {path.name} imports {package} outside a try block: the output's modeling "
+                       f"code would not load where {package} is not installed")
+    if package not in REQUIRED_PACKAGES | OPTIONAL_PACKAGES and package not in sys.stdlib_module_names:
+        raise LrcError(f"layer form module {path.name} imports {package}: the output's modeling code may import "
                        "only torch, transformers, triton and the standard library")
+
+
+def _import_by_name(module: str, path: Path) -> str:
+    """The line of modeling_lrc.py that imports a copied module; in a try block where the module needs an
+    optional package (it is then imported where that package is present, as lrc imports it)."""
+    line = f"from .{FORM_FILE_PREFIX}{module} import __name__ as _{module}  # noqa: F401"
+    if not any(package in OPTIONAL_PACKAGES for package, _ in _package_imports(ast.parse(path.read_text(encoding="utf-8")))):
+        return line
+    return f"try:  # needs an optional package\n    {line}\nexcept ImportError:\n    pass"
 
 
 def copied_source(path: Path) -> str:
@@ -168,8 +193,7 @@ def modeling_source(model_class: type, auto_class: str, experts: dict[str, tuple
     from ..model import experts as experts_module
 
     # every copied module imported by name, so that transformers copies each one next to this file
-    imports = "\n".join(f"from .{FORM_FILE_PREFIX}{module} import __name__ as _{module}  # noqa: F401"
-                        for module in form_module_files(("fused",) if fused else ()))
+    imports = "\n".join(_import_by_name(module, path) for module, path in form_module_files(("fused",) if fused else ()).items())
     imports += "\n" + "\n".join(f"from .{FORM_FILE_PREFIX}{module} import {cls}" for module, cls in form_classes().values())
     fuse = ""
     if fused:
