@@ -25,7 +25,8 @@ about 400 candidate ranks at the knapsack's step of 8.
 and the rest (attention, norms, embeddings, the head): the latency objective's budget counts both.
 
 Measured once per device and cached as JSON under the lrc cache dir (`latency/<key hash>.json`), keyed
-by the device (CPU model or GPU name), torch version, thread count, dtype and token count; later runs
+by the device (CPU model or GPU name), torch version, thread count, dtype, token count and the layer forms'
+source (a change to a kernel measures again); later runs
 measure only the entries they lack. A sparse entry's nnz is rounded to 1/64 of its factor's slots
 (up, never to 0), so the options of many matrices share measurements.
 """
@@ -68,6 +69,16 @@ class LayerShape:
 
     def key(self) -> str:
         return f"{self.kind}:{self.out_features}x{self.in_features}:r{self.rank}:nnz{self.nnz}:{self.layout}"
+
+
+def forms_source_digest() -> str:
+    """A digest of the layer forms' source files (lrc/forms/*.py): what a layer runs when it is timed."""
+    from .. import forms
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(forms.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def device_name(device: torch.device) -> str:
@@ -223,6 +234,7 @@ class LayerCostTable:
             "device": device_name(self.device), "torch": str(torch.__version__), "threads": torch.get_num_threads(),
             "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
             "timing": "ratio to dense, back to back",  # tables timed otherwise are measured again
+            "forms": forms_source_digest(),
         }
         digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
         self.path = (cache_dir or default_cache_dir()) / "latency" / f"{digest}.json"

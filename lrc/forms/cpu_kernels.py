@@ -18,15 +18,20 @@ expand-load (`vexpandps`: values to the lanes whose mask bit is set, zeros elsew
 device, dtype or index width, `available()` is False and `SparseMatrix` densifies with torch instead (same
 numbers, slower).
 
-`linear` is nn.functional.linear with one exception: a few tokens in bfloat16 on CPU (decoding) run a
+`linear` is nn.functional.linear with two exceptions in bfloat16 on CPU. A few tokens (decoding) run a
 dense C kernel, four rows of W by up to four tokens per pass, accumulated in float32 and rounded once.
 Measured on Xeons with AVX-512 (2 threads, torch 2.13, SmolLM2-135M's factor shapes, 128 x 576 to 576 x 1536):
 with AMX, torch's bfloat16 product for one token took 38-160 us, slower than its float32 one (10-67 us), the
 kernel 10-42 us, and from 5 tokens torch's AMX product was as fast or faster; without AMX (oneDNN's
 avx512_core_bf16 kernels), torch's product took 1.15-2.4x the kernel's time at 8 tokens and 0.7-1.3x at 32
 (bench/cpu_kernel_crossover.py).
-So the kernel runs up to 4 tokens where the CPU has AMX and up to 8 where it has not. This module imports
-torch and the standard library only (it travels with the model's own modeling code).
+So the kernel runs up to 4 tokens where the CPU has AMX and up to 8 where it has not. Above that, on an
+x86 CPU without AMX, the product runs in float32 (x and W converted for the call, rounded once to
+bfloat16): there torch's bfloat16 product took 1.5-1.7x the float32 one's time at 512 tokens (0.7-1.3x at
+16), and oneDNN kept about 0.7 MiB per distinct (weight shape, token count) it had seen for the life of
+the process (a low-rank model has ~100 factor shapes: +80 MiB per new prompt length, against +7 for the
+dense model's 7 shapes). This module imports torch and the standard library only (it travels with the
+model's own modeling code).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from typing import Any
 
 import torch
 
-ENABLED = os.environ.get("LRC_CPU_KERNELS", "1") != "0"  # "0": torch everywhere (same numbers, slower)
+ENABLED = os.environ.get("LRC_CPU_KERNELS", "1") != "0"  # "0": torch's products everywhere (slower)
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -466,6 +471,10 @@ _FLAGS_HERE = _cpu_flags()
 # `linear` runs the C kernel up to this many bfloat16 tokens per call (torch's product was as fast or faster
 # from 5 tokens with AMX, from 9-16 without; measured, see the module's docstring)
 DENSE_KERNEL_MAX_TOKENS = 4 if "amx_bf16" in _FLAGS_HERE.split() else 8
+# more bfloat16 tokens than that run in float32 on an x86 CPU without AMX: there torch's bfloat16 product
+# (oneDNN) was 1.5-1.7x slower than converting to float32 and back at prefill shapes, and each distinct
+# (weight shape, token count) kept about 0.7 MiB of oneDNN state for the life of the process
+BF16_PRODUCTS_IN_FLOAT32 = ENABLED and platform.machine() in ("x86_64", "AMD64") and "amx_bf16" not in _FLAGS_HERE.split()
 
 
 def _cpu_signature() -> str:
@@ -631,6 +640,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if x.is_cpu and tokens <= DENSE_KERNEL_MAX_TOKENS and not _gradients_flow(x, weight, bias):
             return linear_op(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)
+    if tokens > DENSE_KERNEL_MAX_TOKENS and BF16_PRODUCTS_IN_FLOAT32 and x.is_cpu and weight.dtype is torch.bfloat16:
+        y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return y.to(torch.bfloat16)
     if not available(weight, x):
         return torch.nn.functional.linear(x, weight, bias)
     if (not 0 < tokens <= DENSE_KERNEL_MAX_TOKENS or weight.dim() != 2 or x.shape[-1] != weight.shape[1]

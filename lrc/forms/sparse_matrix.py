@@ -182,7 +182,7 @@ def multiply(layout: str, rows: int, cols: int, stored: tuple[torch.Tensor, ...]
             warnings.warn(DENSIFIED_ON_DEVICE.format(device=x.device.type), stacklevel=3)
         return nn.functional.linear(x, stored_to_dense(layout, rows, cols, stored))
     if tokens > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
-        return nn.functional.linear(x, kernel_dense(layout, cols, stored, starts))
+        return cpu_kernels.linear(x, kernel_dense(layout, cols, stored, starts))
     return gpu_kernels.bitmask_matmul(values, stored[1], starts, cols, x)  # memory bound on a GPU
 
 

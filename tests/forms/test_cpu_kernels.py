@@ -1,5 +1,5 @@
-"""`cpu_kernels.linear`: a few bfloat16 tokens through the C kernel, against a float64 product; everything
-else is torch's own."""
+"""`cpu_kernels.linear`: a few bfloat16 tokens through the C kernel, more in float32 on an x86 CPU without
+AMX, each against a float64 product; everything else is torch's own."""
 
 from __future__ import annotations
 
@@ -29,12 +29,34 @@ def test_few_bf16_tokens_run_the_kernel_and_match_float64(monkeypatch, rows, col
     assert ((y.double() - exact).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("case", ["more tokens", "float32", "gradient"])
+@pytest.mark.parametrize("in_float32", [True, False], ids=["x86 without AMX", "elsewhere"])
+@pytest.mark.parametrize("tokens", [cpu_kernels.DENSE_KERNEL_MAX_TOKENS + 1, 64])
+def test_more_bf16_tokens_run_in_float32_without_amx_and_match_float64(monkeypatch, in_float32, tokens):
+    monkeypatch.setattr(cpu_kernels, "BF16_PRODUCTS_IN_FLOAT32", in_float32)
+    g = torch.Generator().manual_seed(tokens)
+    w, b = torch.randn(130, 576, generator=g).bfloat16(), torch.randn(130, generator=g).bfloat16()
+    x = torch.randn(1, tokens, 576, generator=g).bfloat16()
+    exact = x.double() @ w.double().T + b.double()
+    torch_linear, products = torch.nn.functional.linear, []
+
+    def recorded(*args):
+        products.append(args[0].dtype)
+        return torch_linear(*args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recorded)
+    y = cpu_kernels.linear(x, w, b)
+    assert products == [torch.float32 if in_float32 else torch.bfloat16]
+    assert y.dtype == torch.bfloat16 and y.shape == (1, tokens, 130)
+    bound = 2.0**-8 * exact.abs() + 1e-5 * (x.double().abs() @ w.double().abs().T)
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("case", ["float32", "gradient"])
 def test_other_calls_are_torchs_linear(case):
     g = torch.Generator().manual_seed(0)
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     w = torch.randn(9, 40, generator=g).to(dtype).requires_grad_(case == "gradient")
-    x = torch.randn(cpu_kernels.DENSE_KERNEL_MAX_TOKENS + 1 if case == "more tokens" else 1, 40, generator=g).to(dtype)
+    x = torch.randn(1, 40, generator=g).to(dtype)
     y = cpu_kernels.linear(x, w)
     assert torch.equal(y, torch.nn.functional.linear(x, w))
     if case == "gradient":
