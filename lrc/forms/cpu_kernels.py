@@ -629,20 +629,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Up to DENSE_KERNEL_MAX_TOKENS tokens in bfloat16 on CPU (decoding) run the dense C kernel, 2-5x faster
     there than torch's bfloat16 product at this package's factor shapes (accumulated in float32, bias
-    added, rounded once); anything else, or where gradients flow, is torch's. In a graph torch.compile
-    traces, such a product is the custom op `linear_op` (this function, run at each call; the token count a
-    guard of the graph), the others torch's, which the compiler sees."""
+    added, rounded once); more, on an x86 CPU without AMX (BF16_PRODUCTS_IN_FLOAT32), torch's float32
+    product of the converted x and W, rounded once; anything else, or where gradients flow, is torch's. In
+    a graph torch.compile traces, a decode-sized product is the custom op `linear_op` (this function, run
+    at each call; the token count a guard of the graph), the others torch's, which the compiler sees."""
     # checks cheapest first: this runs once per factor per decoded token
     if x.dtype is not torch.bfloat16 or x.dim() == 0:
         return torch.nn.functional.linear(x, weight, bias)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if tokens > DENSE_KERNEL_MAX_TOKENS and BF16_PRODUCTS_IN_FLOAT32 and x.is_cpu and weight.dtype is torch.bfloat16:
+        y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return y.to(torch.bfloat16)
     if torch.compiler.is_compiling():  # decode shapes: the op; prefill: torch's, which the compiler sees
         if x.is_cpu and tokens <= DENSE_KERNEL_MAX_TOKENS and not _gradients_flow(x, weight, bias):
             return linear_op(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)
-    if tokens > DENSE_KERNEL_MAX_TOKENS and BF16_PRODUCTS_IN_FLOAT32 and x.is_cpu and weight.dtype is torch.bfloat16:
-        y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
-        return y.to(torch.bfloat16)
     if not available(weight, x):
         return torch.nn.functional.linear(x, weight, bias)
     if (not 0 < tokens <= DENSE_KERNEL_MAX_TOKENS or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
