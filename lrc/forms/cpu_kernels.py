@@ -29,8 +29,8 @@ So the kernel runs up to 4 tokens where the CPU has AMX and up to 8 where it has
 x86 CPU without AMX, the product runs in float32 (x and W converted for the call, rounded once to
 bfloat16): there torch's bfloat16 product took 1.5-1.7x the float32 one's time at 512 tokens (0.7-1.3x at
 16), and oneDNN kept about 0.7 MiB per distinct (weight shape, token count) it had seen for the life of
-the process (a low-rank model has ~100 factor shapes: +80 MiB per new prompt length, against +7 for the
-dense model's 7 shapes). This module imports torch and the standard library only (it travels with the
+the process (SmolLM2-135M compressed at 0.3 has ~95 factor shapes, dense 7: each new prompt length cost
+it 30-115 MiB, bench/prompt_lengths.py). This module imports torch and the standard library only (it travels with the
 model's own modeling code).
 """
 

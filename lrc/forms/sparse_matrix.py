@@ -180,7 +180,7 @@ def multiply(layout: str, rows: int, cols: int, stored: tuple[torch.Tensor, ...]
         if not x.is_cpu and x.device.type not in _warned_devices:  # once per process and device type
             _warned_devices.add(x.device.type)
             warnings.warn(DENSIFIED_ON_DEVICE.format(device=x.device.type), stacklevel=3)
-        return nn.functional.linear(x, stored_to_dense(layout, rows, cols, stored))
+        return cpu_kernels.linear(x, stored_to_dense(layout, rows, cols, stored))
     if tokens > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
         return cpu_kernels.linear(x, kernel_dense(layout, cols, stored, starts))
     return gpu_kernels.bitmask_matmul(values, stored[1], starts, cols, x)  # memory bound on a GPU
