@@ -23,12 +23,12 @@ dense C kernel, four rows of W by up to four tokens per pass, accumulated in flo
 Measured on Xeons with AVX-512 (2 threads, torch 2.13, SmolLM2-135M's factor shapes, 128 x 576 to 576 x 1536):
 with AMX, torch's bfloat16 product for one token took 38-160 us, slower than its float32 one (10-67 us), the
 kernel 10-42 us, and from 5 tokens torch's AMX product was as fast or faster; without AMX (oneDNN's
-avx512_core_bf16 kernels), torch's product took 1.15-2.4x the kernel's time at 8 tokens and 0.7-1.3x at 32
-(bench/cpu_kernel_crossover.py).
+avx512_core_bf16 kernels), torch's product took 1.0-2.4x the kernel's time at 8 tokens and 0.6-1.3x at 32
+(bench/cpu_kernel_crossover.py, three runs).
 So the kernel runs up to 4 tokens where the CPU has AMX and up to 8 where it has not. Above that, on an
 x86 CPU without AMX, the product runs in float32 (x and W converted for the call, rounded once to
-bfloat16): there torch's bfloat16 product took 1.5-1.7x the float32 one's time at 512 tokens (0.7-1.3x at
-16), and oneDNN kept about 0.7 MiB per distinct (weight shape, token count) it had seen for the life of
+bfloat16): there torch's bfloat16 product took 1.3-1.6x the float32 one's time at 512 tokens, 1.1-1.4x at
+64-128, 0.8-1.1x at 8-16 (the same bench; a whole 16-token step the same time either way), and oneDNN kept about 0.7 MiB per distinct (weight shape, token count) it had seen for the life of
 the process (SmolLM2-135M compressed at 0.3 has ~95 factor shapes, dense 7: each new prompt length cost
 it 30-115 MiB, bench/prompt_lengths.py). This module imports torch and the standard library only (it travels with the
 model's own modeling code).
@@ -472,7 +472,7 @@ _FLAGS_HERE = _cpu_flags()
 # from 5 tokens with AMX, from 9-16 without; measured, see the module's docstring)
 DENSE_KERNEL_MAX_TOKENS = 4 if "amx_bf16" in _FLAGS_HERE.split() else 8
 # more bfloat16 tokens than that run in float32 on an x86 CPU without AMX: there torch's bfloat16 product
-# (oneDNN) was 1.5-1.7x slower than converting to float32 and back at prefill shapes, and each distinct
+# (oneDNN) was 1.3-1.6x slower than converting to float32 and back at 512 tokens, and each distinct
 # (weight shape, token count) kept about 0.7 MiB of oneDNN state for the life of the process
 BF16_PRODUCTS_IN_FLOAT32 = ENABLED and platform.machine() in ("x86_64", "AMD64") and "amx_bf16" not in _FLAGS_HERE.split()
 
