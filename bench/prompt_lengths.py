@@ -4,7 +4,8 @@ A server sees prompts of every length. torch's bfloat16 product on a CPU without
 state for each distinct (weight shape, token count) it has run, for the life of the process; a low-rank
 model has many more weight shapes than the dense one (every factor's rank is its own). This loads each
 model (plain transformers after `import lrc`), runs a 16-token warm-up, then one prefill per length in
---lengths (KV cache on, logits of the last position), and records the process's RSS after each. Each
+--lengths (KV cache on, logits of the last position), and records the process's RSS after each, and
+once more after handing freed heap back to the OS (glibc's malloc_trim(0): what is left is held). Each
 model runs twice, each time in its own process: with lrc's products (the default) and with torch's
 everywhere (LRC_CPU_KERNELS=0), so the two are compared in the same run.
 
@@ -47,7 +48,9 @@ def child(args: argparse.Namespace) -> None:
         for length in args.lengths:
             model(ids[:, :length], use_cache=True, logits_to_keep=1)
             after.append(proc_status("VmRSS"))
-    print(json.dumps({"start": start, "after": after}))
+        return_freed_memory()
+        trimmed = proc_status("VmRSS")
+    print(json.dumps({"start": start, "after": after, "trimmed": trimmed}))
 
 
 def run_child(folder: Path, products: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -85,13 +88,14 @@ def main() -> None:
         f"length ({', '.join(map(str, args.lengths))} tokens of wiki.test.raw, KV cache on, last position's logits); "
         "RSS of the process (one per row). torch's products: LRC_CPU_KERNELS=0.",
         "",
-        "| model | products | RSS after warm-up MiB | after each prefill: growth MiB | growth over all lengths MiB |",
-        "| --- | --- | --- | --- | --- |",
+        "| model | products | RSS after warm-up MiB | after each prefill: growth MiB | growth over all lengths MiB "
+        "| growth after malloc_trim(0) MiB |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         steps = " ".join(f"{(value - row['start']) / MIB:+.0f}" for value in row["after"])
         lines.append(f"| {row['model']} | {row['products']} | {row['start'] / MIB:.0f} | {steps} | "
-                     f"**{(row['after'][-1] - row['start']) / MIB:+.0f}** |")
+                     f"**{(row['after'][-1] - row['start']) / MIB:+.0f}** | {(row['trimmed'] - row['start']) / MIB:+.0f} |")
     write_results(args.out, lines, {"measured_on": cpu_description(), "dtype": args.dtype, "threads": args.threads,
                                     "lengths": args.lengths, "rows": rows})
 
