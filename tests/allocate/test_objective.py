@@ -76,10 +76,11 @@ def test_knapsack_with_a_latency_table_finds_the_brute_force_optimum(tmp_path, s
     assert sum(error(m, c) for m, c in zip(matrices, got)) == pytest.approx(best[0], abs=1e-12)
 
 
-def test_latency_table_is_measured_once_and_cached(tmp_path):
+def test_latency_table_is_measured_once_and_cached(tmp_path, monkeypatch):
     """The first table measures every entry and saves them; a second one with the same device, torch, threads,
-    dtype and tokens reads them back and measures nothing; another dtype is another table. Resident bytes
-    of dense and low-rank layers are their weights' bytes."""
+    dtype, tokens and layer forms' source reads them back and measures nothing; another dtype, or forms
+    whose source changed, is another table. Resident bytes of dense and low-rank layers are their weights'
+    bytes."""
     shapes = [LayerShape("dense", 48, 32), LayerShape("low-rank", 48, 32, 8),
               LayerShape("sparse-dictionary", 48, 32, 8, 100, "csr"), LayerShape("low-rank-sparse", 48, 32, 4, 300, "bitmask")]
     first = LayerCostTable(tokens=16, cache_dir=tmp_path)
@@ -97,6 +98,10 @@ def test_latency_table_is_measured_once_and_cached(tmp_path):
     assert again.measured == 0 and again.seconds(shapes[1]) == first.seconds(shapes[1])
     other = LayerCostTable(dtype=torch.bfloat16, tokens=16, cache_dir=tmp_path)
     assert other.path != first.path and not other.entries
+    assert saved["identity"]["forms"] == layer_costs.forms_source_digest()
+    monkeypatch.setattr(layer_costs, "forms_source_digest", lambda: "other kernels")
+    changed = LayerCostTable(tokens=16, cache_dir=tmp_path)
+    assert changed.path != first.path and not changed.entries
 
 
 def test_unknown_objective_is_a_one_line_error(tmp_path, capsys):
