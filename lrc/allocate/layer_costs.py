@@ -25,7 +25,7 @@ about 400 candidate ranks at the knapsack's step of 8.
 and the rest (attention, norms, embeddings, the head): the latency objective's budget counts both.
 
 Measured once per device and cached as JSON under the lrc cache dir (`latency/<key hash>.json`), keyed
-by the device (CPU model or GPU name), torch version, thread count, dtype, token count and the layer forms'
+by the device (CPU model and whether it has AMX, or GPU name), torch version, thread count, dtype, token count and the layer forms'
 source (a change to a kernel measures again); later runs
 measure only the entries they lack. A sparse entry's nnz is rounded to 1/64 of its factor's slots
 (up, never to 0), so the options of many matrices share measurements.
@@ -82,16 +82,20 @@ def forms_source_digest() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The CPU model (from /proc/cpuinfo, else the platform) or the GPU's name."""
+    """The CPU model (from /proc/cpuinfo, else the platform) and whether it has AMX, or the GPU's name. AMX
+    decides which bfloat16 products run (cpu_kernels), and a VM may hide it on the same model of CPU."""
+    from ..forms import cpu_kernels
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    amx = "AMX" if cpu_kernels.HAS_AMX else "no AMX"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                return f"{line.split(':', 1)[1].strip()} ({amx})"
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return f"{platform.processor() or platform.machine()} ({amx})"
 
 
 def sparse_slots(shape: LayerShape) -> int:

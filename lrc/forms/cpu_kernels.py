@@ -468,13 +468,14 @@ def _cpu_flags() -> str:
 
 
 _FLAGS_HERE = _cpu_flags()
+HAS_AMX = "amx_bf16" in _FLAGS_HERE.split()  # torch's bfloat16 products run on AMX tiles (oneDNN)
 # `linear` runs the C kernel up to this many bfloat16 tokens per call (torch's product was as fast or faster
 # from 5 tokens with AMX, from 9-16 without; measured, see the module's docstring)
-DENSE_KERNEL_MAX_TOKENS = 4 if "amx_bf16" in _FLAGS_HERE.split() else 8
+DENSE_KERNEL_MAX_TOKENS = 4 if HAS_AMX else 8
 # more bfloat16 tokens than that run in float32 on an x86 CPU without AMX: there torch's bfloat16 product
 # (oneDNN) was 1.3-1.6x slower than converting to float32 and back at 512 tokens, and each distinct
 # (weight shape, token count) kept about 0.7 MiB of oneDNN state for the life of the process
-BF16_PRODUCTS_IN_FLOAT32 = ENABLED and platform.machine() in ("x86_64", "AMD64") and "amx_bf16" not in _FLAGS_HERE.split()
+BF16_PRODUCTS_IN_FLOAT32 = ENABLED and platform.machine() in ("x86_64", "AMD64") and not HAS_AMX
 
 
 def _cpu_signature() -> str:

@@ -18,6 +18,7 @@ from lrc.allocate.layer_costs import LayerCostTable, LayerShape, linear_fit, rou
 from lrc.allocate.objective import layer_shape, measured_price
 from lrc.config import CompressionConfig
 from lrc.factorize.base import SparseOption
+from lrc.forms import cpu_kernels
 from tests.conftest import run_main, save_tiny_model
 
 
@@ -78,8 +79,8 @@ def test_knapsack_with_a_latency_table_finds_the_brute_force_optimum(tmp_path, s
 
 def test_latency_table_is_measured_once_and_cached(tmp_path, monkeypatch):
     """The first table measures every entry and saves them; a second one with the same device, torch, threads,
-    dtype, tokens and layer forms' source reads them back and measures nothing; another dtype, or forms
-    whose source changed, is another table. Resident bytes of dense and low-rank layers are their weights'
+    dtype, tokens and layer forms' source reads them back and measures nothing; another dtype, forms whose
+    source changed, or a CPU with AMX where this one has none (or the reverse), is another table. Resident bytes of dense and low-rank layers are their weights'
     bytes."""
     shapes = [LayerShape("dense", 48, 32), LayerShape("low-rank", 48, 32, 8),
               LayerShape("sparse-dictionary", 48, 32, 8, 100, "csr"), LayerShape("low-rank-sparse", 48, 32, 4, 300, "bitmask")]
@@ -102,6 +103,10 @@ def test_latency_table_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(layer_costs, "forms_source_digest", lambda: "other kernels")
     changed = LayerCostTable(tokens=16, cache_dir=tmp_path)
     assert changed.path != first.path and not changed.entries
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_kernels, "HAS_AMX", not cpu_kernels.HAS_AMX)  # the same CPU model, AMX hidden or shown
+    other_cpu = LayerCostTable(tokens=16, cache_dir=tmp_path)
+    assert other_cpu.path != first.path and not other_cpu.entries
 
 
 def test_unknown_objective_is_a_one_line_error(tmp_path, capsys):
