@@ -44,7 +44,7 @@ FLOAT32_TOKENS = (8, 16, 32, 64, 128, 512)
 
 def kernel_call(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
     """lrc's dense bfloat16 kernel, called directly at any token count: y (tokens x out) = x weightᵀ."""
-    cpu_kernels.library().lrc_dense_mm_bf16(weight.data_ptr(), None, weight.shape[0], weight.shape[1],  # type: ignore[union-attr]
+    cpu_kernels.library().lrc_dense_mm(1, weight.data_ptr(), None, weight.shape[0], weight.shape[1],  # type: ignore[union-attr]
                                             x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
 
 

@@ -62,7 +62,7 @@ def cases(count: int, gen: torch.Generator) -> dict[str, tuple[list[Any], Callab
         y = torch.empty(tokens, ROWS, dtype=torch.bfloat16)
 
         def dense(lib: Any, w: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y, tokens: int = tokens) -> None:
-            lib.lrc_dense_mm_bf16(w.data_ptr(), None, ROWS, COLS, x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
+            lib.lrc_dense_mm(1, w.data_ptr(), None, ROWS, COLS, x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
 
         out[f"dense factor {ROWS} x {COLS}, bfloat16, {tokens} token(s)"] = (weights, dense)
     return out

@@ -30,8 +30,11 @@ x86 CPU without AMX, the product runs in float32 (x and W converted for the call
 bfloat16): there torch's bfloat16 product took 1.3-1.6x the float32 one's time at 512 tokens, 1.1-1.4x at
 64-128, 0.8-1.1x at 8-16 (the same bench; a whole 16-token step the same time either way), and oneDNN kept about 0.7 MiB per distinct (weight shape, token count) it had seen for the life of
 the process (SmolLM2-135M compressed at 0.3 has ~95 factor shapes, dense 7: each new prompt length cost
-it 30-115 MiB, bench/prompt_lengths.py). This module imports torch and the standard library only (it travels with the
-model's own modeling code).
+it 30-115 MiB, bench/prompt_lengths.py). `lowrank_linear` (bfloat16) and
+`BoundMatmul.after_dense` (float32 or bfloat16) make a factorized layer's two products (low rank: down then
+up; sparse dictionary: atoms then the bitmask mixing) in one call up to DENSE_KERNEL_MAX_TOKENS tokens: at
+decode sizes a call's Python and dispatch cost as much as its product. This module imports torch and the standard library only
+(it travels with the model's own modeling code).
 """
 
 from __future__ import annotations
@@ -246,16 +249,17 @@ static inline __attribute__((always_inline)) void bitmask_four_rows(int bf16, co
     if (bf16) bitmask_row(TN, 1, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb); \
     else bitmask_row(TN, 0, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb); break;
 
-/* y (tokens x rows) = x (tokens x cols) S^T, S in the bitmask layout; bf16: values, x, y are bfloat16 */
-static void bitmask_mm(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
-                       int64_t cols, int64_t stride, const void *x, int64_t tokens, void *y, int threads) {
+/* y (tokens x rows) = x (tokens x cols) S^T, S in the bitmask layout; bf16: values, x, y are bfloat16. The rows
+   are shared among the threads of the enclosing parallel region (outside one, this thread does them all). */
+static void bitmask_stage(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
+                          int64_t cols, int64_t stride, const void *x, int64_t tokens, void *y) {
     int64_t esize = bf16 ? 2 : 4;
 #ifdef LRC_AVX512
     if (tokens == 1) {  /* decoding: groups of four rows while 32 values follow a group's last row, then rows */
         int64_t groups = rows / 4;
         while (groups > 0 && offs[4 * groups] + 32 > offs[rows]) --groups;
         int64_t units = groups + rows - 4 * groups;
-        #pragma omp parallel for num_threads(threads) schedule(static)
+        #pragma omp for schedule(static)
         for (int64_t u = 0; u < units; ++u) {
             if (u < groups) {
                 if (bf16) bitmask_four_rows(1, mask, stride, vals, offs, cols, x, 4 * u, y);
@@ -269,7 +273,7 @@ static void bitmask_mm(int bf16, const uint8_t *mask, const void *vals, const in
         return;
     }
 #endif
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
         const uint8_t *mrow = mask + i * stride;
         for (int64_t t0 = 0; t0 < tokens; t0 += TOKEN_BLOCK) {
@@ -348,13 +352,32 @@ static void csr_dense(int bf16, const void *vals, const int16_t *col, const int3
         }
 }
 
-/* Rows i .. i+R-1 of y (TN x rows) = x W^T (+ b) for TN tokens, W (rows x cols) dense bfloat16 row-major,
-   x (TN x cols) bfloat16: the rows share each load of x, accumulated in float32 and rounded once. R, TN
-   are compile-time constants after inlining (R x TN accumulators stay in registers; for one token two
-   chains per row, even and odd 16-column chunks, so the FMAs overlap). */
-static inline __attribute__((always_inline)) void dense_rows(const int R, const int TN, const uint16_t *w,
-        const uint16_t *bias, int64_t rows, int64_t cols, const uint16_t *x, int64_t i, uint16_t *y) {
+/* Element `at` of a bfloat16 (bf16) or float32 array, as float32, and stored back rounded once. */
+static inline float load_one(int bf16, const void *p, int64_t at) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[at]) : ((const float *)p)[at];
+}
+static inline void store_one(int bf16, void *p, int64_t at, float v) {
+    if (bf16) ((uint16_t *)p)[at] = f32_to_bf16(v);
+    else ((float *)p)[at] = v;
+}
+#ifdef LRC_AVX512
+/* 16 elements from `at` (the lanes of m, zeros elsewhere), as float32 */
+static inline __m512 load_lanes(int bf16, __mmask16 m, const void *p, int64_t at) {
+    return bf16 ? load_bf16(m, (const uint16_t *)p + at) : _mm512_maskz_loadu_ps(m, (const float *)p + at);
+}
+static inline __m512 load_all(int bf16, const void *p, int64_t at) {
+    return bf16 ? widen_bf16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + at))) : _mm512_loadu_ps((const float *)p + at);
+}
+#endif
+
+/* Rows i .. i+R-1 of y (TN x rows) = x W^T (+ b) for TN tokens, W (rows x cols) dense row-major; W, x, b, y
+   all bfloat16 (bf16) or all float32: the rows share each load of x, accumulated in float32 and rounded
+   once. R, TN, bf16 are compile-time constants after inlining (R x TN accumulators stay in registers; for
+   one token two chains per row, even and odd 16-column chunks, so the FMAs overlap). */
+static inline __attribute__((always_inline)) void dense_rows(const int R, const int TN, const int bf16, const void *w,
+        const void *bias, int64_t rows, int64_t cols, const void *x, int64_t i, void *y) {
     float sum[4][4];
+    const int64_t esize = bf16 ? 2 : 4;
 #ifdef LRC_AVX512
     __m512 acc[4][4], acc2[4];
     for (int r = 0; r < R; ++r) {
@@ -364,22 +387,22 @@ static inline __attribute__((always_inline)) void dense_rows(const int R, const 
     int64_t j = 0;
     if (TN == 1)
         for (; j + 32 <= cols; j += 32) {
-            __m512 xv = widen_bf16(_mm256_loadu_si256((const __m256i *)(x + j)));
-            __m512 xv2 = widen_bf16(_mm256_loadu_si256((const __m256i *)(x + j + 16)));
+            __m512 xv = load_all(bf16, x, j), xv2 = load_all(bf16, x, j + 16);
             for (int r = 0; r < R; ++r) {
-                const uint16_t *row = w + (i + r) * cols + j;
-                _mm_prefetch((const char *)row + LRC_PREFETCH, _MM_HINT_T0);  /* streamed once per token */
-                acc[r][0] = _mm512_fmadd_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)row)), xv, acc[r][0]);
-                acc2[r] = _mm512_fmadd_ps(widen_bf16(_mm256_loadu_si256((const __m256i *)(row + 16))), xv2, acc2[r]);
+                int64_t at = (i + r) * cols + j;
+                _mm_prefetch((const char *)w + at * esize + LRC_PREFETCH, _MM_HINT_T0);  /* streamed once per token */
+                acc[r][0] = _mm512_fmadd_ps(load_all(bf16, w, at), xv, acc[r][0]);
+                acc2[r] = _mm512_fmadd_ps(load_all(bf16, w, at + 16), xv2, acc2[r]);
             }
         }
     for (; j < cols; j += 16) {
         __mmask16 lanes = cols - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - j)) - 1u);
         __m512 xv[4];
-        for (int k = 0; k < TN; ++k) xv[k] = load_bf16(lanes, x + k * cols + j);
+        for (int k = 0; k < TN; ++k) xv[k] = load_lanes(bf16, lanes, x, k * cols + j);
         for (int r = 0; r < R; ++r) {
-            _mm_prefetch((const char *)(w + (i + r) * cols + j) + LRC_PREFETCH, _MM_HINT_T0);
-            __m512 v = load_bf16(lanes, w + (i + r) * cols + j);
+            int64_t at = (i + r) * cols + j;
+            _mm_prefetch((const char *)w + at * esize + LRC_PREFETCH, _MM_HINT_T0);
+            __m512 v = load_lanes(bf16, lanes, w, at);
             for (int k = 0; k < TN; ++k) acc[r][k] = _mm512_fmadd_ps(v, xv[k], acc[r][k]);
         }
     }
@@ -391,27 +414,29 @@ static inline __attribute__((always_inline)) void dense_rows(const int R, const 
     for (int r = 0; r < R; ++r)
         for (int k = 0; k < TN; ++k) {
             sum[r][k] = 0.0f;
-            for (int64_t j = 0; j < cols; ++j) sum[r][k] += bf16_to_f32(w[(i + r) * cols + j]) * bf16_to_f32(x[k * cols + j]);
+            for (int64_t j = 0; j < cols; ++j) sum[r][k] += load_one(bf16, w, (i + r) * cols + j) * load_one(bf16, x, k * cols + j);
         }
 #endif
     for (int r = 0; r < R; ++r)
         for (int k = 0; k < TN; ++k)
-            y[k * rows + i + r] = f32_to_bf16(bias ? sum[r][k] + bf16_to_f32(bias[i + r]) : sum[r][k]);
+            store_one(bf16, y, k * rows + i + r, bias ? sum[r][k] + load_one(bf16, bias, i + r) : sum[r][k]);
 }
 
-#define DENSE_CASE(R, TN) case 4 * (R - 1) + TN - 1: dense_rows(R, TN, w, bias, rows, cols, xb, i, yb); break;
+#define DENSE_CASE(R, TN) case 4 * (R - 1) + TN - 1: \
+    if (bf16) dense_rows(R, TN, 1, w, bias, rows, cols, xb, i, yb); else dense_rows(R, TN, 0, w, bias, rows, cols, xb, i, yb); break;
 
-/* y (tokens x rows) = x W^T (+ b), all bfloat16: groups of four rows (in parallel), blocks of four tokens */
-static void dense_mm_bf16(const uint16_t *w, const uint16_t *bias, int64_t rows, int64_t cols, const uint16_t *x,
-                          int64_t tokens, uint16_t *y, int threads) {
-    int64_t units = (rows + 3) / 4;
-    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols * tokens >= 32768)
+/* y (tokens x rows) = x W^T (+ b): groups of four rows, blocks of four tokens, the groups shared among the
+   threads of the enclosing parallel region (outside one, this thread does them all) */
+static void dense_stage(int bf16, const void *w, const void *bias, int64_t rows, int64_t cols, const void *x,
+                        int64_t tokens, void *y) {
+    int64_t units = (rows + 3) / 4, esize = bf16 ? 2 : 4;
+    #pragma omp for schedule(static)
     for (int64_t u = 0; u < units; ++u) {
         int64_t i = 4 * u, nr = rows - i >= 4 ? 4 : rows - i;
         for (int64_t t0 = 0; t0 < tokens; t0 += 4) {
             int64_t tn = tokens - t0 >= 4 ? 4 : tokens - t0;
-            const uint16_t *xb = x + t0 * cols;
-            uint16_t *yb = y + t0 * rows;
+            const char *xb = (const char *)x + t0 * cols * esize;
+            char *yb = (char *)y + t0 * rows * esize;
             switch (4 * (nr - 1) + tn - 1) {
                 DENSE_CASE(1, 1) DENSE_CASE(1, 2) DENSE_CASE(1, 3) DENSE_CASE(1, 4)
                 DENSE_CASE(2, 1) DENSE_CASE(2, 2) DENSE_CASE(2, 3) DENSE_CASE(2, 4)
@@ -422,9 +447,13 @@ static void dense_mm_bf16(const uint16_t *w, const uint16_t *bias, int64_t rows,
     }
 }
 
+/* few products are worth waking a second thread for */
+#define PARALLEL_WORK 32768
+
 void lrc_bitmask_mm(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
                     int64_t cols, int64_t stride, const void *x, int64_t tokens, void *y, int threads) {
-    bitmask_mm(bf16, mask, vals, offs, rows, cols, stride, x, tokens, y, threads);
+    #pragma omp parallel num_threads(threads)
+    bitmask_stage(bf16, mask, vals, offs, rows, cols, stride, x, tokens, y);
 }
 void lrc_bitmask_dense(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
                        int64_t cols, int64_t stride, void *out, int threads) {
@@ -438,9 +467,31 @@ void lrc_csr_dense(int bf16, const void *vals, const int16_t *col, const int32_t
                    int64_t cols, void *out, int threads) {
     csr_dense(bf16, vals, col, offs, rows, cols, out, threads);
 }
-void lrc_dense_mm_bf16(const uint16_t *w, const uint16_t *bias, int64_t rows, int64_t cols, const uint16_t *x,
-                       int64_t tokens, uint16_t *y, int threads) {
-    dense_mm_bf16(w, bias, rows, cols, x, tokens, y, threads);
+void lrc_dense_mm(int bf16, const void *w, const void *bias, int64_t rows, int64_t cols, const void *x,
+                  int64_t tokens, void *y, int threads) {
+    #pragma omp parallel num_threads(threads) if (rows * cols * tokens >= PARALLEL_WORK)
+    dense_stage(bf16, w, bias, rows, cols, x, tokens, y);
+}
+/* y = (x D^T) U^T (+ b), D (rank x in), U (out x rank): t = x D^T (tokens x rank, the caller's buffer, rounded
+   to the layer's dtype as a separate product would be), then y from t, in one parallel region (the threads
+   meet between the two) */
+void lrc_lowrank_mm(int bf16, const void *d, const void *u, const void *bias, int64_t rank, int64_t in, int64_t out,
+                    const void *x, int64_t tokens, void *t, void *y, int threads) {
+    #pragma omp parallel num_threads(threads) if ((in + out) * rank * tokens >= PARALLEL_WORK)
+    {
+        dense_stage(bf16, d, 0, rank, in, x, tokens, t);
+        dense_stage(bf16, u, bias, out, rank, t, tokens, y);
+    }
+}
+/* y = (x F^T) S^T, F (cols x in) dense, S (rows x cols) in the bitmask layout: t = x F^T as above, then y */
+void lrc_bitmask_mm_after_dense(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
+                                int64_t cols, int64_t stride, const void *first, int64_t in, const void *x,
+                                int64_t tokens, void *t, void *y, int threads) {
+    #pragma omp parallel num_threads(threads) if ((in * cols + offs[rows]) * tokens >= PARALLEL_WORK)
+    {
+        dense_stage(bf16, first, 0, cols, in, x, tokens, t);
+        bitmask_stage(bf16, mask, vals, offs, rows, cols, stride, t, tokens, y);
+    }
 }
 """
 
@@ -451,7 +502,9 @@ _SIGNATURES = {
     "lrc_bitmask_dense": [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _INT],
     "lrc_csr_mm": [_INT, _P, _P, _P, _I64, _I64, _P, _I64, _P, _INT],
     "lrc_csr_dense": [_INT, _P, _P, _P, _I64, _I64, _P, _INT],
-    "lrc_dense_mm_bf16": [_P, _P, _I64, _I64, _P, _I64, _P, _INT],
+    "lrc_dense_mm": [_INT, _P, _P, _I64, _I64, _P, _I64, _P, _INT],
+    "lrc_lowrank_mm": [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _INT],
+    "lrc_bitmask_mm_after_dense": [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _INT],
 }
 _DTYPES = (torch.float32, torch.bfloat16)
 _lock = threading.Lock()
@@ -545,21 +598,76 @@ def _kernel(name: str) -> Any:
     return getattr(lib, name)
 
 
+def kernel_tokens(x: torch.Tensor, *weights: torch.Tensor | None) -> int:
+    """The token count of x (..., in) where the decode kernels take a product of x with `weights`, else 0: up to
+    DENSE_KERNEL_MAX_TOKENS tokens, on CPU, float32 or bfloat16 throughout, contiguous weights, no gradient
+    recorded, not in a graph torch.compile traces, and the kernels built."""
+    if x.dtype not in _DTYPES or x.dim() == 0 or not x.is_cpu or not ENABLED or torch.compiler.is_compiling():
+        return 0
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not 0 < tokens <= DENSE_KERNEL_MAX_TOKENS:
+        return 0
+    for w in weights:
+        if w is not None and (w.dtype is not x.dtype or not w.is_cpu or not w.is_contiguous()):
+            return 0
+    if torch.is_grad_enabled() and (x.requires_grad or any(w is not None and w.requires_grad for w in weights)):
+        return 0
+    return tokens if library() is not None else 0
+
+
+LOW_RANK_ONE_CALL_DTYPES = (torch.bfloat16,)  # float32: torch's two products were faster (see lowrank_linear)
+
+
+def lowrank_linear(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(x downᵀ) upᵀ + bias in one kernel call (decoding), bfloat16: x (..., in), down (rank, in), up (out, rank),
+    bias (out,) -> (..., out); x downᵀ is rounded to bfloat16 between the two, as two `linear` calls round it.
+    None where kernel_tokens says no, in float32, or where the shapes do not chain (the caller then makes two
+    products). In float32 torch's two products (MKL) were faster: the kernel's rows of `up` are a rank long,
+    and a row's horizontal sum then costs as much as its multiply-adds (576 -> 24 -> 576: 27 µs against 17)."""
+    tokens = kernel_tokens(x, down, up, bias)
+    if (not tokens or x.dtype not in LOW_RANK_ONE_CALL_DTYPES or down.dim() != 2 or up.dim() != 2 or down.shape[1] != x.shape[-1] or up.shape[1] != down.shape[0]
+            or (bias is not None and bias.shape != (up.shape[0],))):
+        return None
+    x = x.contiguous()
+    between = torch.empty(tokens, down.shape[0], dtype=x.dtype)
+    y = torch.empty((*x.shape[:-1], up.shape[0]), dtype=x.dtype)
+    _kernel("lrc_lowrank_mm")(x.dtype is torch.bfloat16, down.data_ptr(), up.data_ptr(), None if bias is None else bias.data_ptr(),
+                              down.shape[0], down.shape[1], up.shape[0], x.data_ptr(), tokens, between.data_ptr(),
+                              y.data_ptr(), torch.get_num_threads())
+    return y
+
+
 class BoundMatmul:
     """x (tokens, cols) -> y = x Sᵀ (tokens, rows): kernel(*head, x, tokens, y, threads), `head` holding the
     stored tensors' addresses. It keeps no reference to them: its owner (SparseMatrix) calls it only after
-    checking they are still the tensors, at the addresses, it was made for."""
+    checking they are still the tensors, at the addresses, it was made for. For the bitmask layout also
+    `after_dense`, the product with a dense first factor in the same call."""
 
-    __slots__ = ("kernel", "head", "rows", "dtype")
+    __slots__ = ("kernel", "head", "rows", "cols", "dtype", "bitmask")
 
-    def __init__(self, kernel: Any, head: tuple[Any, ...], rows: int, dtype: torch.dtype) -> None:
-        self.kernel, self.head, self.rows, self.dtype = kernel, head, rows, dtype
+    def __init__(self, kernel: Any, head: tuple[Any, ...], rows: int, cols: int, dtype: torch.dtype, bitmask: bool) -> None:
+        self.kernel, self.head, self.rows, self.cols, self.dtype, self.bitmask = kernel, head, rows, cols, dtype, bitmask
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         tokens = x.shape[0]
         y = torch.empty(tokens, self.rows, dtype=self.dtype)
         self.kernel(*self.head, x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
+        return y
+
+    def after_dense(self, first: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """(x firstᵀ) Sᵀ in one kernel call (decoding): x (..., in), first (cols, in) dense -> (..., rows), x firstᵀ
+        rounded to the dtype between the two; None where kernel_tokens says no (the caller then makes two)."""
+        tokens = kernel_tokens(x, first)
+        if (not tokens or not self.bitmask or x.dtype is not self.dtype or first.dim() != 2
+                or first.shape != (self.cols, x.shape[-1])):
+            return None
+        x = x.contiguous()
+        between = torch.empty(tokens, self.cols, dtype=x.dtype)
+        y = torch.empty((*x.shape[:-1], self.rows), dtype=x.dtype)
+        _kernel("lrc_bitmask_mm_after_dense")(*self.head, first.data_ptr(), first.shape[1], x.data_ptr(), tokens,
+                                              between.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
 
 
@@ -571,7 +679,7 @@ def bitmask_matmul_fn(values: torch.Tensor, bitmask: torch.Tensor, starts: torch
     kernel = _kernel("lrc_bitmask_mm")
     head = (_INT(values.dtype == torch.bfloat16), _P(bitmask.data_ptr()), _P(values.data_ptr()), _P(starts.data_ptr()),
             _I64(bitmask.shape[0]), _I64(cols), _I64(bitmask.shape[1]))
-    return BoundMatmul(kernel, head, bitmask.shape[0], values.dtype)
+    return BoundMatmul(kernel, head, bitmask.shape[0], cols, values.dtype, True)
 
 
 def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, starts: torch.Tensor, cols: int) -> torch.Tensor:
@@ -591,7 +699,7 @@ def csr_matmul_fn(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: 
     rows = row_offsets.shape[0] - 1
     head = (_INT(values.dtype == torch.bfloat16), _P(values.data_ptr()), _P(col_indices.data_ptr()),
             _P(row_offsets.data_ptr()), _I64(rows), _I64(cols))
-    return BoundMatmul(kernel, head, rows, values.dtype)
+    return BoundMatmul(kernel, head, rows, cols, values.dtype, False)
 
 
 def csr_dense(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor, cols: int) -> torch.Tensor:
@@ -654,8 +762,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.nn.functional.linear(x, weight, bias)
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.bfloat16)
-    _kernel("lrc_dense_mm_bf16")(weight.data_ptr(), None if bias is None else bias.data_ptr(), weight.shape[0],
-                                 weight.shape[1], x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
+    _kernel("lrc_dense_mm")(1, weight.data_ptr(), None if bias is None else bias.data_ptr(), weight.shape[0],
+                            weight.shape[1], x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
     return y
 
 

@@ -5,7 +5,10 @@ SparseDictionaryLinear: atoms, k_i x n). `fuse_down_factors` stacks those factor
 D = [D_1; D_2; ...] (Σ r_i x n) and makes each layer's factor a view of its rows, so memory holds each
 value once and the state dict is unchanged (views are saved as their own tensors). The first layer called
 with x computes x Dᵀ once; each layer of the group then takes its columns, and the product is dropped
-when every layer has taken its share (or when a call comes with another input). A layer whose factor no
+when every layer has taken its share (or when a call comes with another input). When decoding on CPU,
+layers that make both their products in one kernel call (bfloat16 low rank, a sparse dictionary in the
+bitmask layout) take no share, so in a group with such a layer every layer makes its own first product
+then (the stacked one would compute their rows for nothing). A layer whose factor no
 longer is that view (the model was moved or cast, or a factor replaced) computes its own product again.
 This module imports torch, the standard library and its sibling forms only (it travels with the model's
 own modeling code).
@@ -22,11 +25,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cpu_kernels import linear
+from .cpu_kernels import DENSE_KERNEL_MAX_TOKENS, LOW_RANK_ONE_CALL_DTYPES, linear
 from .lowrank import LowRankLinear
 from .sparse_linear import SparseDictionaryLinear
 
 FUSABLE = (LowRankLinear, SparseDictionaryLinear)
+
+
+def makes_one_call_when_decoding(layer: nn.Module) -> bool:
+    """Whether the layer makes both its products in one kernel call for a decode-sized input on CPU (see
+    cpu_kernels.lowrank_linear and SparseMatrix.after_dense), taking no share of its group's product."""
+    if isinstance(layer, LowRankLinear):
+        return layer.down.weight.dtype in LOW_RANK_ONE_CALL_DTYPES
+    return isinstance(layer, SparseDictionaryLinear) and layer.mixing.layout == "bitmask"
 
 
 def down_factor(layer: nn.Module) -> nn.Linear:
@@ -52,6 +63,8 @@ class SharedInputProduct:
         # the address while this object lives, and a factor moved, cast or replaced is a new tensor elsewhere
         self._views = [(weight.data_ptr() + start * weight.stride(0) * weight.element_size(),
                         torch.Size((end - start, weight.shape[1]))) for start, end in self.bounds]
+        # decode-sized inputs share the product too, unless a layer of the group makes its own in one call
+        self.shared_when_decoding = weight.device.type != "cpu" or not any(map(makes_one_call_when_decoding, layers))
         self._input: torch.Tensor | None = None
         self._version = -1
         self._product: torch.Tensor | None = None
@@ -62,6 +75,10 @@ class SharedInputProduct:
         address, shape = self._views[index]
         w = self.weight
         return factor.data_ptr() == address and factor.shape == shape and factor.dtype == w.dtype and factor.device == w.device
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether the group's layers take their first product from the shared one for this input."""
+        return self.shared_when_decoding or x.numel() > DENSE_KERNEL_MAX_TOKENS * x.shape[-1]
 
     def share(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """x D_indexᵀ: a slice of x Dᵀ, computed when this input comes first (or again)."""

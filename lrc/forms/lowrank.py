@@ -7,16 +7,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cpu_kernels import linear
+from .cpu_kernels import linear, lowrank_linear
+
+
+def parameter(module: nn.Module, name: str) -> Any:
+    """module.<name> (a tensor or None), read from its parameter dict where it is there: a decoded token reads
+    every factor, and nn.Module's attribute lookup costs about a microsecond each (a parametrized weight, kept
+    elsewhere, is read the usual way)."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
+def submodule(module: nn.Module, name: str) -> Any:
+    """module.<name> for a child module, read from its module dict (see `parameter`)."""
+    return module._modules[name]
 
 
 def first_product(layer: nn.Module, factor: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """factor(x), taken from the group's one stacked product when the layer is fused (see fused.py); in a
     graph torch.compile traces, the layer's own product (the group's state is Python's, checked by address)."""
     shared = getattr(layer, "shared_input", None)
-    if shared is not None and not torch.compiler.is_compiling() and shared[0].is_view_of_weight(factor.weight, shared[1]):
+    weight = parameter(factor, "weight")
+    if (shared is not None and not torch.compiler.is_compiling() and shared[0].is_view_of_weight(weight, shared[1])
+            and shared[0].takes(x)):
         return shared[0].share(x, shared[1])
-    return linear(x, factor.weight)
+    return linear(x, weight)
 
 
 class LowRankLinear(nn.Module):
@@ -80,8 +95,12 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # functional calls, not the factor modules': at one token per call their hook machinery cost as much as the
-        # matmul; a few bfloat16 tokens on CPU run lrc's kernel (see cpu_kernels.linear)
-        return linear(first_product(self, self.down, x), self.up.weight, self.up.bias)
+        # matmul. A few tokens on CPU (decoding) run both products in one kernel call; more, two products (the
+        # first shared with the layers reading the same input, see fused.py)
+        down, up = submodule(self, "down"), submodule(self, "up")
+        up_weight, bias = parameter(up, "weight"), parameter(up, "bias")
+        y = lowrank_linear(x, parameter(down, "weight"), up_weight, bias)
+        return y if y is not None else linear(first_product(self, down, x), up_weight, bias)
 
     def dense_weight(self) -> torch.Tensor:
         """The product up @ down (out x in), for checks against a dense reference."""

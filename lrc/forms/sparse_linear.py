@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cpu_kernels import linear
-from .lowrank import first_product
+from .cpu_kernels import linear, lowrank_linear
+from .lowrank import first_product, parameter, submodule
 from .sparse_matrix import SparseMatrix, layout_bytes
 
 
@@ -115,8 +115,13 @@ class SparseDictionaryLinear(_SparseFactorLinear):
         return cls.from_factors(factors["mixing"].cpu(), factors["atoms"].cpu(), bias, dtype, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.mixing.forward(first_product(self, self.atoms, x))  # no module call per factor (see LowRankLinear)
-        return y if self.bias is None else y + self.bias
+        # no module call per factor, and one kernel call for both products when decoding (see LowRankLinear)
+        atoms, mixing = submodule(self, "atoms"), submodule(self, "mixing")
+        y = mixing.after_dense(parameter(atoms, "weight"), x)
+        if y is None:
+            y = mixing.forward(first_product(self, atoms, x))
+        bias = parameter(self, "bias")
+        return y if bias is None else y + bias
 
     def dense_weight(self) -> torch.Tensor:
         return self.mixing.to_dense() @ self.atoms.weight
@@ -177,8 +182,11 @@ class LowRankSparseLinear(_SparseFactorLinear):
         return cls.from_factors(factors["up"].cpu(), factors["down"].cpu(), factors["residual"].cpu(), bias, dtype, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.residual(x) + linear(linear(x, self.down.weight), self.up.weight)
-        return y if self.bias is None else y + self.bias
+        down, up = parameter(submodule(self, "down"), "weight"), parameter(submodule(self, "up"), "weight")
+        low_rank = lowrank_linear(x, down, up)  # one kernel call when decoding (see LowRankLinear)
+        y = submodule(self, "residual").forward(x) + (low_rank if low_rank is not None else linear(linear(x, down), up))
+        bias = parameter(self, "bias")
+        return y if bias is None else y + bias
 
     def dense_weight(self) -> torch.Tensor:
         return self.up.weight @ self.down.weight + self.residual.to_dense()

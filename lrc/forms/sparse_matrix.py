@@ -290,6 +290,14 @@ class SparseMatrix(nn.Module):
             y = multiply(self.layout, self.rows, self.cols, self._stored(), self._kernel_plan(), x)
         return y.reshape(*h.shape[:-1], self.rows)
 
+    def after_dense(self, first: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
+        """(h firstᵀ) Sᵀ in one kernel call, first (cols, in) dense, h (..., in) -> (..., rows), for as many tokens
+        as cpu_kernels.kernel_tokens takes, in the bitmask layout; None elsewhere (the caller makes two products)."""
+        if torch.compiler.is_compiling():
+            return None
+        matmul = self._kernel_plan().cpu_matmul
+        return None if matmul is None else matmul.after_dense(first, h)
+
     def kernel_dense(self, starts: torch.Tensor) -> torch.Tensor:
         """to_dense() through a kernel (one pass over the stored layout); `starts` from kernel_row_starts."""
         return kernel_dense(self.layout, self.cols, self._stored(), starts)

@@ -62,3 +62,74 @@ def test_other_calls_are_torchs_linear(case):
     if case == "gradient":
         y.sum().backward()
         assert w.grad is not None and torch.equal(w.grad, x.expand(9, 40))  # d Σ x wᵀ / dw: x in every row
+
+
+def rounded_chain(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(x firstᵀ, rounded to x's dtype) secondᵀ + bias in float64: what two products of the dtype compute."""
+    between = (x.double() @ first.double().T).to(x.dtype).double()
+    return between @ second.double().T + (0 if bias is None else bias.double())
+
+
+def assert_near(y: torch.Tensor, exact: torch.Tensor, x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> None:
+    """Within float32 accumulation of both products, one rounding of the result (and of the product between)."""
+    unit = 2.0**-8 if y.dtype == torch.bfloat16 else 2.0**-20
+    magnitude = (x.double().abs() @ first.double().abs().T) @ second.double().abs().T
+    assert ((y.double() - exact).abs() <= unit * (exact.abs() + magnitude)).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("rank, cols, rows", [(1, 5, 3), (9, 48, 37), (61, 576, 300)])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+@pytest.mark.parametrize("tokens", [1, 3, cpu_kernels.DENSE_KERNEL_MAX_TOKENS])
+def test_low_rank_product_in_one_call_matches_two_products(monkeypatch, rank, cols, rows, bias, tokens):
+    dtype = torch.bfloat16  # float32 keeps torch's two products (see lowrank_linear)
+    g = torch.Generator().manual_seed(rank + tokens)
+    down, up = torch.randn(rank, cols, generator=g).to(dtype), torch.randn(rows, rank, generator=g).to(dtype)
+    b = torch.randn(rows, generator=g).to(dtype) if bias else None
+    x = torch.randn(1, tokens, cols, generator=g).to(dtype)
+    exact = rounded_chain(x, down, up, b)
+    monkeypatch.setattr(torch.nn.functional, "linear", None)  # one kernel call, no torch product
+    y = cpu_kernels.lowrank_linear(x, down, up, b)
+    assert y is not None and y.dtype == dtype and y.shape == (1, tokens, rows)
+    assert_near(y, exact, x, down, up)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("atoms, cols, rows, density", [(20, 48, 37, 0.5), (416, 576, 1536, 0.12), (70, 33, 5, 0.02)])
+@pytest.mark.parametrize("tokens", [1, 2, cpu_kernels.DENSE_KERNEL_MAX_TOKENS])
+def test_sparse_after_dense_in_one_call_matches_two_products(monkeypatch, dtype, atoms, cols, rows, density, tokens):
+    from lrc.forms.sparse_matrix import SparseMatrix
+
+    g = torch.Generator().manual_seed(atoms + tokens)
+    first = torch.randn(atoms, cols, generator=g).to(dtype)
+    mask = torch.rand(rows, atoms, generator=g) < density
+    mixing = SparseMatrix.from_dense((torch.randn(rows, atoms, generator=g) * mask).to(dtype), mask, "bitmask")
+    x = torch.randn(tokens, 1, cols, generator=g).to(dtype)
+    exact = rounded_chain(x, first, mixing.to_dense(), None)
+    monkeypatch.setattr(torch.nn.functional, "linear", None)
+    y = mixing.after_dense(first, x)
+    assert y is not None and y.dtype == dtype and y.shape == (tokens, 1, rows)
+    assert_near(y, exact, x, first, mixing.to_dense())
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["prefill", "float64", "gradient", "mixed dtypes", "csr", "float32 low rank"])
+def test_products_in_one_call_decline_what_they_do_not_take(case):
+    """None: the layer then makes its two products with torch (or the sparse matrix's own path)."""
+    from lrc.forms.sparse_matrix import SparseMatrix
+
+    tokens = cpu_kernels.DENSE_KERNEL_MAX_TOKENS + 1 if case == "prefill" else 1
+    dtype = {"float64": torch.float64, "float32 low rank": torch.float32}.get(case, torch.bfloat16)
+    down, up = torch.randn(4, 16, dtype=dtype), torch.randn(8, 4, dtype=dtype)
+    x = torch.randn(tokens, 16, dtype=torch.float32 if case == "mixed dtypes" else dtype)
+    if case == "gradient":
+        down.requires_grad_(True)
+    mask = torch.rand(8, 4) < 0.5
+    mixing = SparseMatrix.from_dense(torch.randn(8, 4, dtype=dtype) * mask, mask, "csr" if case == "csr" else "bitmask")
+    if case != "csr":
+        assert cpu_kernels.lowrank_linear(x, down, up) is None
+    if case != "float32 low rank":
+        assert mixing.after_dense(down, x) is None
+    else:  # the sparse dictionary's one call takes float32
+        assert mixing.after_dense(down, x) is not None

@@ -80,6 +80,28 @@ def test_fused_layers_give_the_unfused_outputs(dtype, shape):
     torch.testing.assert_close(layers[1](x), reference[1](x), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("group", ["f32 low rank", "bf16 low rank", "f32 with a sparse dictionary"])
+def test_a_decoding_group_shares_its_product_unless_a_layer_makes_one_call(monkeypatch, group):
+    """Decode-sized inputs on CPU: layers that make both products in one kernel call (bfloat16 low rank, a
+    bitmask sparse dictionary) take no share, so their group computes no stacked product then; a prefill
+    always does. Outputs as unfused either way."""
+    from lrc.forms import fused
+
+    dtype = torch.bfloat16 if group.startswith("bf16") else torch.float32
+    low_rank = [random_layers(48, m, seed=m)["low-rank"].to(dtype) for m in (16, 37)]
+    layers = low_rank if "low rank" in group else [low_rank[0], qkv_like(dtype)[1]]
+    reference = copy.deepcopy(layers)
+    assert fuse_down_factors(layers) is not None
+    stacked = []
+    monkeypatch.setattr(fused, "linear", lambda x, w: stacked.append(x.shape) or torch.nn.functional.linear(x, w))
+    for shape in [(1, 1), (1, 40)]:
+        stacked.clear()
+        x = torch.randn(*shape, 48).to(dtype)
+        for layer, ref in zip(layers, reference):
+            torch.testing.assert_close(layer(x), ref(x), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+        assert len(stacked) == (1 if shape[1] > 1 or group == "f32 low rank" else 0), shape
+
+
 def test_fused_factors_are_views_and_follow_a_move():
     layers = qkv_like(torch.float32)
     reference = copy.deepcopy(layers)
