@@ -28,13 +28,16 @@ avx512_core_bf16 kernels), torch's product took 1.0-2.4x the kernel's time at 8 
 So the kernel runs up to 4 tokens where the CPU has AMX and up to 8 where it has not. Above that, on an
 x86 CPU without AMX, the product runs in float32 (x and W converted for the call, rounded once to
 bfloat16): there torch's bfloat16 product took 1.3-1.6x the float32 one's time at 512 tokens, 1.1-1.4x at
-64-128, 0.8-1.1x at 8-16 (the same bench; a whole 16-token step the same time either way), and oneDNN kept about 0.7 MiB per distinct (weight shape, token count) it had seen for the life of
-the process (SmolLM2-135M compressed at 0.3 has ~95 factor shapes, dense 7: each new prompt length cost
-it 30-115 MiB, bench/prompt_lengths.py). `lowrank_linear` (bfloat16) and
-`BoundMatmul.after_dense` (float32 or bfloat16) make a factorized layer's two products (low rank: down then
-up; sparse dictionary: atoms then the bitmask mixing) in one call up to DENSE_KERNEL_MAX_TOKENS tokens: at
-decode sizes a call's Python and dispatch cost as much as its product. This module imports torch and the standard library only
-(it travels with the model's own modeling code).
+64-128, 0.8-1.1x at 8-16 (the same bench; a whole 16-token step the same time either way), and oneDNN kept
+about 0.7 MiB per distinct (weight shape, token count) it had seen for the life of the process
+(SmolLM2-135M compressed at 0.3 has ~95 factor shapes, dense 7: each new prompt length cost it 30-115 MiB,
+bench/prompt_lengths.py).
+
+`lowrank_linear` (bfloat16) and `BoundMatmul.after_dense` (float32 or bfloat16) make a factorized layer's
+two products (low rank: down then up; sparse dictionary: atoms then the bitmask mixing) in one call up to
+DENSE_KERNEL_MAX_TOKENS tokens: at decode sizes a call's Python and dispatch cost as much as its product
+(bench/decode_calls.py). This module imports torch and the standard library only (it travels with the
+model's own modeling code).
 """
 
 from __future__ import annotations
@@ -615,7 +618,7 @@ def kernel_tokens(x: torch.Tensor, *weights: torch.Tensor | None) -> int:
     return tokens if library() is not None else 0
 
 
-LOW_RANK_ONE_CALL_DTYPES = (torch.bfloat16,)  # float32: torch's two products were faster (see lowrank_linear)
+LOW_RANK_ONE_CALL_DTYPES = (torch.bfloat16,)  # float32: torch's two products were as fast (see lowrank_linear)
 
 
 def lowrank_linear(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
@@ -623,8 +626,8 @@ def lowrank_linear(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
     """(x downᵀ) upᵀ + bias in one kernel call (decoding), bfloat16: x (..., in), down (rank, in), up (out, rank),
     bias (out,) -> (..., out); x downᵀ is rounded to bfloat16 between the two, as two `linear` calls round it.
     None where kernel_tokens says no, in float32, or where the shapes do not chain (the caller then makes two
-    products). In float32 torch's two products (MKL) were faster: the kernel's rows of `up` are a rank long,
-    and a row's horizontal sum then costs as much as its multiply-adds (576 -> 24 -> 576: 27 µs against 17)."""
+    products). In float32 the kernel alone was 0.95-1.14x as fast as torch's two products (MKL) per shape,
+    and this call's checks and buffers took that margin (bench/decode_calls.py), so there the layer makes two."""
     tokens = kernel_tokens(x, down, up, bias)
     if (not tokens or x.dtype not in LOW_RANK_ONE_CALL_DTYPES or down.dim() != 2 or up.dim() != 2 or down.shape[1] != x.shape[-1] or up.shape[1] != down.shape[0]
             or (bias is not None and bias.shape != (up.shape[0],))):
