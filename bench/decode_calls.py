@@ -5,8 +5,9 @@ mixing; at SmolLM2-135M's sizes each call's Python, dispatch and thread wake-up 
 product. lrc makes both products in one C call where that was faster (bfloat16 low rank, a sparse
 dictionary in the bitmask layout; see lrc/forms/cpu_kernels.py). This measures:
 
-1. per shape, a low-rank layer's two products (torch's in float32, lrc's `linear` in bfloat16) against
-   `cpu_kernels.lowrank_linear`, one token, 60 factor pairs of the shape cycled, median of 7 rounds;
+1. per shape, a low-rank layer's two products (torch's in float32, lrc's `linear` in bfloat16) against the
+   one-call kernel, alone and through `cpu_kernels.lowrank_linear` (its checks and output included; timed in
+   float32 too, where lrc does not use it), one token, 60 factor pairs of the shape cycled, median of 7 rounds;
 2. per model, decode steps after a 512-token prefill with the one-call paths on and off, alternating every
    step (two KV caches advance side by side), so the two see the same machine within milliseconds: the
    median of the per-step-pair time ratios (two calls / one call; > 1: one call is faster) and its quartiles.
@@ -35,7 +36,10 @@ def shape_table(dtypes: list[str], threads: int) -> list[str]:
     from lrc.forms import cpu_kernels
 
     torch.set_num_threads(threads)
-    lines = ["| in -> rank -> out | dtype | two calls µs | one call µs | two / one |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| in -> rank -> out | dtype | two calls µs | one call (the C call alone) µs | two / one "
+             "| one call through `lowrank_linear` µs | two / that |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    chosen = cpu_kernels.LOW_RANK_ONE_CALL_DTYPES
+    cpu_kernels.LOW_RANK_ONE_CALL_DTYPES = (torch.float32, torch.bfloat16)  # timed in both, whatever lrc chooses
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         two = torch.nn.functional.linear if dtype == torch.float32 else cpu_kernels.linear
@@ -43,7 +47,7 @@ def shape_table(dtypes: list[str], threads: int) -> list[str]:
             g = torch.Generator().manual_seed(r)
             pairs = [(torch.randn(r, n, generator=g).to(dtype), torch.randn(m, r, generator=g).to(dtype)) for _ in range(60)]
             x = torch.randn(1, 1, n, generator=g).to(dtype)
-            times: dict[str, list[float]] = {"two": [], "one": []}
+            times: dict[str, list[float]] = {"two": [], "one": [], "python": []}
             with torch.inference_mode():
                 for _ in range(7):
                     start = time.perf_counter()
@@ -52,14 +56,20 @@ def shape_table(dtypes: list[str], threads: int) -> list[str]:
                     times["two"].append((time.perf_counter() - start) / len(pairs))
                     start = time.perf_counter()
                     for down, up in pairs:
-                        # the kernel itself, whatever lrc chooses for this dtype (the buffers alive through the call)
-                        between, y = torch.empty(1, r, dtype=dtype), torch.empty(1, m, dtype=dtype)
+                        # the kernel itself, whatever lrc chooses for this dtype (its output alive through the call)
+                        y = torch.empty(1, m, dtype=dtype)
                         cpu_kernels.library().lrc_lowrank_mm(  # type: ignore[union-attr]
                             dtype == torch.bfloat16, down.data_ptr(), up.data_ptr(), None, r, n, m, x.data_ptr(), 1,
-                            between.data_ptr(), y.data_ptr(), torch.get_num_threads())
+                            y.data_ptr(), torch.get_num_threads())
                     times["one"].append((time.perf_counter() - start) / len(pairs))
-            a, b = statistics.median(times["two"]), statistics.median(times["one"])
-            lines.append(f"| {n} -> {r} -> {m} | {dtype_name} | {a * 1e6:.1f} | {b * 1e6:.1f} | {a / b:.2f} |")
+                    start = time.perf_counter()
+                    for down, up in pairs:
+                        cpu_kernels.lowrank_linear(x, down, up)
+                    times["python"].append((time.perf_counter() - start) / len(pairs))
+            a, b, c = (statistics.median(times[key]) for key in ("two", "one", "python"))
+            lines.append(f"| {n} -> {r} -> {m} | {dtype_name} | {a * 1e6:.1f} | {b * 1e6:.1f} | {a / b:.2f} | "
+                         f"{c * 1e6:.1f} | {a / c:.2f} |")
+    cpu_kernels.LOW_RANK_ONE_CALL_DTYPES = chosen
     return lines
 
 

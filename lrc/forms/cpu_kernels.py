@@ -61,6 +61,7 @@ ENABLED = os.environ.get("LRC_CPU_KERNELS", "1") != "0"  # "0": torch's products
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI2__)
 #include <immintrin.h>
@@ -248,9 +249,9 @@ static inline __attribute__((always_inline)) void bitmask_four_rows(int bf16, co
 }
 #endif
 
-#define ROW_CASE(TN) case TN: \
+#define ROW_CASE(TN) case TN: { \
     if (bf16) bitmask_row(TN, 1, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb); \
-    else bitmask_row(TN, 0, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb); break;
+    else bitmask_row(TN, 0, mrow, vals, offs[i], offs[rows], rows, cols, stride, xb, i, yb); } break;
 
 /* y (tokens x rows) = x (tokens x cols) S^T, S in the bitmask layout; bf16: values, x, y are bfloat16. The rows
    are shared among the threads of the enclosing parallel region (outside one, this thread does them all). */
@@ -425,8 +426,8 @@ static inline __attribute__((always_inline)) void dense_rows(const int R, const 
             store_one(bf16, y, k * rows + i + r, bias ? sum[r][k] + load_one(bf16, bias, i + r) : sum[r][k]);
 }
 
-#define DENSE_CASE(R, TN) case 4 * (R - 1) + TN - 1: \
-    if (bf16) dense_rows(R, TN, 1, w, bias, rows, cols, xb, i, yb); else dense_rows(R, TN, 0, w, bias, rows, cols, xb, i, yb); break;
+#define DENSE_CASE(R, TN) case 4 * (R - 1) + TN - 1: { \
+    if (bf16) dense_rows(R, TN, 1, w, bias, rows, cols, xb, i, yb); else dense_rows(R, TN, 0, w, bias, rows, cols, xb, i, yb); } break;
 
 /* y (tokens x rows) = x W^T (+ b): groups of four rows, blocks of four tokens, the groups shared among the
    threads of the enclosing parallel region (outside one, this thread does them all) */
@@ -475,26 +476,35 @@ void lrc_dense_mm(int bf16, const void *w, const void *bias, int64_t rows, int64
     #pragma omp parallel num_threads(threads) if (rows * cols * tokens >= PARALLEL_WORK)
     dense_stage(bf16, w, bias, rows, cols, x, tokens, y);
 }
-/* y = (x D^T) U^T (+ b), D (rank x in), U (out x rank): t = x D^T (tokens x rank, the caller's buffer, rounded
-   to the layer's dtype as a separate product would be), then y from t, in one parallel region (the threads
-   meet between the two) */
-void lrc_lowrank_mm(int bf16, const void *d, const void *u, const void *bias, int64_t rank, int64_t in, int64_t out,
-                    const void *x, int64_t tokens, void *t, void *y, int threads) {
+/* y = (x D^T) U^T (+ b), D (rank x in), U (out x rank): t = x D^T (tokens x rank, rounded to the layer's dtype
+   as a separate product would be), then y from t, in one parallel region (the threads meet between the two).
+   0, or -1 (nothing computed) where t could not be allocated. */
+int lrc_lowrank_mm(int bf16, const void *d, const void *u, const void *bias, int64_t rank, int64_t in, int64_t out,
+                    const void *x, int64_t tokens, void *y, int threads) {
+    void *t = malloc((size_t)(tokens * rank * (bf16 ? 2 : 4)) + 1);
+    if (!t) return -1;
     #pragma omp parallel num_threads(threads) if ((in + out) * rank * tokens >= PARALLEL_WORK)
     {
         dense_stage(bf16, d, 0, rank, in, x, tokens, t);
         dense_stage(bf16, u, bias, out, rank, t, tokens, y);
     }
+    free(t);
+    return 0;
 }
-/* y = (x F^T) S^T, F (cols x in) dense, S (rows x cols) in the bitmask layout: t = x F^T as above, then y */
-void lrc_bitmask_mm_after_dense(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
-                                int64_t cols, int64_t stride, const void *first, int64_t in, const void *x,
-                                int64_t tokens, void *t, void *y, int threads) {
+/* y = (x F^T) S^T, F (cols x in) dense, S (rows x cols) in the bitmask layout: t = x F^T as above, then y;
+   0, or -1 as above */
+int lrc_bitmask_mm_after_dense(int bf16, const uint8_t *mask, const void *vals, const int64_t *offs, int64_t rows,
+                               int64_t cols, int64_t stride, const void *first, int64_t in, const void *x,
+                               int64_t tokens, void *y, int threads) {
+    void *t = malloc((size_t)(tokens * cols * (bf16 ? 2 : 4)) + 1);
+    if (!t) return -1;
     #pragma omp parallel num_threads(threads) if ((in * cols + offs[rows]) * tokens >= PARALLEL_WORK)
     {
         dense_stage(bf16, first, 0, cols, in, x, tokens, t);
         bitmask_stage(bf16, mask, vals, offs, rows, cols, stride, t, tokens, y);
     }
+    free(t);
+    return 0;
 }
 """
 
@@ -506,9 +516,11 @@ _SIGNATURES = {
     "lrc_csr_mm": [_INT, _P, _P, _P, _I64, _I64, _P, _I64, _P, _INT],
     "lrc_csr_dense": [_INT, _P, _P, _P, _I64, _I64, _P, _INT],
     "lrc_dense_mm": [_INT, _P, _P, _I64, _I64, _P, _I64, _P, _INT],
-    "lrc_lowrank_mm": [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _INT],
-    "lrc_bitmask_mm_after_dense": [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _INT],
+    "lrc_lowrank_mm": [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _INT],
+    "lrc_bitmask_mm_after_dense": [_INT, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _INT],
 }
+# 0, or -1 where the product between the two could not be allocated; the others return nothing
+_RETURNS = {"lrc_lowrank_mm": ctypes.c_int, "lrc_bitmask_mm_after_dense": ctypes.c_int}
 _DTYPES = (torch.float32, torch.bfloat16)
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -568,7 +580,7 @@ def compile_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
             continue
         for name, args in _SIGNATURES.items():
             getattr(library, name).argtypes = args
-            getattr(library, name).restype = None
+            getattr(library, name).restype = _RETURNS.get(name)
         return library
     return None
 
@@ -626,18 +638,21 @@ def lowrank_linear(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
     """(x downᵀ) upᵀ + bias in one kernel call (decoding), bfloat16: x (..., in), down (rank, in), up (out, rank),
     bias (out,) -> (..., out); x downᵀ is rounded to bfloat16 between the two, as two `linear` calls round it.
     None where kernel_tokens says no, in float32, or where the shapes do not chain (the caller then makes two
-    products). In float32 the kernel alone was 0.95-1.14x as fast as torch's two products (MKL) per shape,
-    and this call's checks and buffers took that margin (bench/decode_calls.py), so there the layer makes two."""
+    products). In float32 the C call alone was 1.01-1.19x as fast as torch's two products (MKL) per shape, but
+    through this function (its checks, the output tensor, ctypes' argument conversion: ~5 µs) 0.70-0.96x
+    (bench/decode_calls.py), so there the layer makes two."""
+    if x.dtype not in LOW_RANK_ONE_CALL_DTYPES:  # first: float32 decoding asks this for every low-rank layer
+        return None
     tokens = kernel_tokens(x, down, up, bias)
-    if (not tokens or x.dtype not in LOW_RANK_ONE_CALL_DTYPES or down.dim() != 2 or up.dim() != 2 or down.shape[1] != x.shape[-1] or up.shape[1] != down.shape[0]
+    if (not tokens or down.dim() != 2 or up.dim() != 2 or down.shape[1] != x.shape[-1] or up.shape[1] != down.shape[0]
             or (bias is not None and bias.shape != (up.shape[0],))):
         return None
     x = x.contiguous()
-    between = torch.empty(tokens, down.shape[0], dtype=x.dtype)
     y = torch.empty((*x.shape[:-1], up.shape[0]), dtype=x.dtype)
-    _kernel("lrc_lowrank_mm")(x.dtype is torch.bfloat16, down.data_ptr(), up.data_ptr(), None if bias is None else bias.data_ptr(),
-                              down.shape[0], down.shape[1], up.shape[0], x.data_ptr(), tokens, between.data_ptr(),
-                              y.data_ptr(), torch.get_num_threads())
+    if _kernel("lrc_lowrank_mm")(x.dtype is torch.bfloat16, down.data_ptr(), up.data_ptr(), None if bias is None else bias.data_ptr(),
+                                 down.shape[0], down.shape[1], up.shape[0], x.data_ptr(), tokens, y.data_ptr(),
+                                 torch.get_num_threads()):
+        raise MemoryError("lrc: no memory for a low-rank product's intermediate")
     return y
 
 
@@ -667,10 +682,10 @@ class BoundMatmul:
                 or first.shape != (self.cols, x.shape[-1])):
             return None
         x = x.contiguous()
-        between = torch.empty(tokens, self.cols, dtype=x.dtype)
         y = torch.empty((*x.shape[:-1], self.rows), dtype=x.dtype)
-        _kernel("lrc_bitmask_mm_after_dense")(*self.head, first.data_ptr(), first.shape[1], x.data_ptr(), tokens,
-                                              between.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        if _kernel("lrc_bitmask_mm_after_dense")(*self.head, first.data_ptr(), first.shape[1], x.data_ptr(), tokens,
+                                                 y.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("lrc: no memory for a sparse dictionary's atoms product")
         return y
 
 
