@@ -95,8 +95,8 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # functional calls, not the factor modules': at one token per call their hook machinery cost as much as the
-        # matmul. A few tokens on CPU (decoding) run both products in one kernel call; more, two products (the
-        # first shared with the layers reading the same input, see fused.py)
+        # matmul. A few bfloat16 tokens on CPU (decoding) run both products in one kernel call; otherwise two
+        # products (the first shared with the layers reading the same input, see fused.py)
         down, up = submodule(self, "down"), submodule(self, "up")
         up_weight, bias = parameter(up, "weight"), parameter(up, "bias")
         y = lowrank_linear(x, parameter(down, "weight"), up_weight, bias)
