@@ -613,6 +613,11 @@ def _kernel(name: str) -> Any:
     return getattr(lib, name)
 
 
+def _gradients_flow(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a product of these tensors (lrc's kernels have no backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def kernel_tokens(x: torch.Tensor, *weights: torch.Tensor | None) -> int:
     """The token count of x (..., in) where the decode kernels take a product of x with `weights`, else 0: up to
     DENSE_KERNEL_MAX_TOKENS tokens, on CPU, float32 or bfloat16 throughout, contiguous weights, no gradient
@@ -625,7 +630,7 @@ def kernel_tokens(x: torch.Tensor, *weights: torch.Tensor | None) -> int:
     for w in weights:
         if w is not None and (w.dtype is not x.dtype or not w.is_cpu or not w.is_contiguous()):
             return 0
-    if torch.is_grad_enabled() and (x.requires_grad or any(w is not None and w.requires_grad for w in weights)):
+    if _gradients_flow(x, *weights):
         return 0
     return tokens if library() is not None else 0
 
@@ -674,12 +679,11 @@ class BoundMatmul:
         self.kernel(*self.head, x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads())
         return y
 
-    def after_dense(self, first: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        """(x firstᵀ) Sᵀ in one kernel call (decoding): x (..., in), first (cols, in) dense -> (..., rows), x firstᵀ
-        rounded to the dtype between the two; None where kernel_tokens says no (the caller then makes two)."""
-        tokens = kernel_tokens(x, first)
-        if (not tokens or not self.bitmask or x.dtype is not self.dtype or first.dim() != 2
-                or first.shape != (self.cols, x.shape[-1])):
+    def after_dense(self, first: torch.Tensor, x: torch.Tensor, tokens: int) -> torch.Tensor | None:
+        """(x firstᵀ) Sᵀ in one kernel call (decoding): x (..., in) of `tokens` tokens that kernel_tokens(x, first)
+        took, first (cols, in) dense -> (..., rows), x firstᵀ rounded to the dtype between the two; None for
+        the csr layout, another dtype or shapes that do not chain (the caller then makes two products)."""
+        if not self.bitmask or x.dtype is not self.dtype or first.dim() != 2 or first.shape != (self.cols, x.shape[-1]):
             return None
         x = x.contiguous()
         y = torch.empty((*x.shape[:-1], self.rows), dtype=x.dtype)
@@ -745,12 +749,6 @@ def register_op(module: str, name: str, fn: Callable[..., torch.Tensor], schema:
     return op
 
 
-def _gradients_flow(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether autograd records this product (lrc's kernels have no backward)."""
-    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad))
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """nn.functional.linear(x, weight, bias): x (..., in), weight (out, in), bias (out,) -> (..., out).
 
@@ -771,12 +769,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if x.is_cpu and tokens <= DENSE_KERNEL_MAX_TOKENS and not _gradients_flow(x, weight, bias):
             return linear_op(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)
-    if not available(weight, x):
-        return torch.nn.functional.linear(x, weight, bias)
-    if (not 0 < tokens <= DENSE_KERNEL_MAX_TOKENS or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
-            or not weight.is_contiguous()
-            or (bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_cpu or not bias.is_contiguous()))
-            or _gradients_flow(x, weight, bias)):
+    if not kernel_tokens(x, weight, bias) or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return torch.nn.functional.linear(x, weight, bias)
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.bfloat16)

@@ -292,11 +292,13 @@ class SparseMatrix(nn.Module):
 
     def after_dense(self, first: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
         """(h firstᵀ) Sᵀ in one kernel call, first (cols, in) dense, h (..., in) -> (..., rows), for as many tokens
-        as cpu_kernels.kernel_tokens takes, in the bitmask layout; None elsewhere (the caller makes two products)."""
-        if torch.compiler.is_compiling():
+        as cpu_kernels.kernel_tokens takes, in the bitmask layout; None elsewhere (the caller makes two products).
+        The token count is checked first: a prefill call costs no plan check here."""
+        tokens = cpu_kernels.kernel_tokens(h, first)
+        if not tokens:
             return None
         matmul = self._kernel_plan().cpu_matmul
-        return None if matmul is None else matmul.after_dense(first, h)
+        return None if matmul is None else matmul.after_dense(first, h, tokens)
 
     def kernel_dense(self, starts: torch.Tensor) -> torch.Tensor:
         """to_dense() through a kernel (one pass over the stored layout); `starts` from kernel_row_starts."""
