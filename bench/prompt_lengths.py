@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from results_files import cpu_description, write_results
-from runtime import MIB, ROOT, WIKI_TEST, proc_status, prompt, return_freed_memory
+from runtime import MIB, ROOT, WIKI_TEST, proc_status, prompt
 
 LENGTHS = [512, 448, 384, 320, 256, 192, 128, 64]
 PRODUCTS = {"lrc's": "1", "torch's": "0"}  # LRC_CPU_KERNELS
@@ -34,6 +34,7 @@ def child(args: argparse.Namespace) -> None:
     import transformers
 
     import lrc  # noqa: F401  (registers the lrc loader with transformers)
+    from lrc.forms.fused import release_freed_heap
 
     torch.set_num_threads(args.threads)
     folder = Path(args.child)
@@ -42,13 +43,13 @@ def child(args: argparse.Namespace) -> None:
     ids = prompt(folder, args)
     with torch.inference_mode():
         model(ids[:, :16], use_cache=True, logits_to_keep=1)
-        return_freed_memory()
+        release_freed_heap()
         start = proc_status("VmRSS")
         after = []
         for length in args.lengths:
             model(ids[:, :length], use_cache=True, logits_to_keep=1)
             after.append(proc_status("VmRSS"))
-        return_freed_memory()
+        release_freed_heap()
         trimmed = proc_status("VmRSS")
     print(json.dumps({"start": start, "after": after, "trimmed": trimmed}))
 

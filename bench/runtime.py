@@ -8,8 +8,10 @@ budget 0.3), in float32 and bfloat16, each model in its own process, loaded with
 - tensors: bytes held by the model's tensors after loading (parameters, buffers and any tensor a module
   keeps, each storage once), and after the run (caches built on first use included);
 - peak RSS: the process's peak resident set during a 512-token prefill and the decode steps (VmHWM, reset
-  after loading and a warm-up, memory freed while loading handed back to the OS first: the model,
-  activations, KV cache and transients, plus the Python / torch runtime);
+  after loading and a warm-up: the model, activations, KV cache and transients, plus the Python / torch
+  runtime, and whatever heap the process keeps resident after freeing it: the bench hands nothing back to
+  the OS itself, so this is what a user's process holds; lrc's loader returns what loading freed, see
+  lrc.forms.fused.release_freed_heap, transformers' own loader for the dense model does not);
 - prefill tok/s (one 512-token forward that, as transformers' generate() does, computes the logits of the
   last position only; `--all-logits` for all 512, as a perplexity evaluation does) and decode tok/s (greedy steps with the KV cache, one over the
   median step time of a run, so a stall of the machine within a run does not count), measured in one more
@@ -30,8 +32,6 @@ Memory rounds interleave the models too, so a change in the machine's load touch
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -74,12 +74,6 @@ def proc_status(field: str) -> int:
     if value is None:
         raise KeyError(field)
     return value
-
-
-def return_freed_memory() -> None:
-    """Hand memory freed while loading back to the OS (glibc malloc_trim), for every model alike."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reset_peak_rss() -> None:
@@ -169,12 +163,10 @@ def child(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - start
     ids = prompt(folder, args)
     gc.collect()
-    return_freed_memory()
     held_after_load = held_tensor_bytes(model)
     rss_after_load = proc_status("VmRSS")
     warm_up(model, ids, args)
     gc.collect()
-    return_freed_memory()
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -170,6 +170,7 @@ def load_model(
     import transformers
     from transformers import AutoTokenizer
 
+    from .forms.fused import release_freed_heap
     from .io import hf_integration
     from .io.checkpoint import read_tensor_names
     from .load_check import check_loading_info, load_with_report, one_line
@@ -194,6 +195,7 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     check_finite_model(model)
+    release_freed_heap()  # what loading freed (transformers' copies too, released by now) back to the OS
     tokenizer = None
     if need_tokenizer:
         try:

@@ -16,6 +16,7 @@ own modeling code).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -134,6 +135,18 @@ def release_file_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]]) ->
     if last > first and any(start <= first and last <= end for start, end in mappings):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+def release_freed_heap() -> None:
+    """Hand the heap pages that loading freed back to the OS (glibc's malloc_trim(0); elsewhere nothing).
+    Loading leaves freed memory between live blocks of the heap: the factors copied into stacked matrices
+    (`fuse_down_factors`) and, at another dtype than the files', the converted copies of every tensor.
+    glibc keeps such pages resident until the process trims them; measured on SmolLM2-135M at budget 0.3
+    (2 threads, a 512-token prefill after loading), trimming once after loading lowered the peak RSS by
+    about 54 MiB for the default recipe in bfloat16, 15 MiB in float32, and 6 MiB for the dense model."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def fuse_down_factors(layers: list[nn.Module]) -> SharedInputProduct | None:

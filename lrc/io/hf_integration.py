@@ -153,9 +153,12 @@ class LrcHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         """Layers reading one input (the adapter's shared_inputs: q/k/v, gate/up) share one matmul for their
-        first factors (see lrc.forms.fused)."""
+        first factors (see lrc.forms.fused); the memory loading freed goes back to the OS."""
+        from ..forms.fused import release_freed_heap
+
         fuse_shared_inputs(model)
         copy_indices_out_of_file(model)
+        release_freed_heap()
         return model
 
     def update_weight_conversions(self, weight_conversions: Any, model: Any = None) -> Any:

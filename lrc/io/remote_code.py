@@ -197,8 +197,9 @@ def modeling_source(model_class: type, auto_class: str, experts: dict[str, tuple
     imports += "\n" + "\n".join(f"from .{FORM_FILE_PREFIX}{module} import {cls}" for module, cls in form_classes().values())
     fuse = ""
     if fused:
-        imports += f"\nfrom .{FORM_FILE_PREFIX}fused import fuse_down_factors"
-        fuse = "\n        for group in FUSED_GROUPS:\n            fuse_down_factors([model.get_submodule(name) for name in group])"
+        imports += f"\nfrom .{FORM_FILE_PREFIX}fused import fuse_down_factors, release_freed_heap"
+        fuse = ("\n        for group in FUSED_GROUPS:\n            fuse_down_factors([model.get_submodule(name) for name in group])"
+                "\n        release_freed_heap()")
     forms = ",\n    ".join(f"{kind!r}: {cls}" for kind, (_, cls) in form_classes().items())
     expert_code = ""
     if experts:

@@ -5,6 +5,7 @@ same outputs after save / load."""
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -12,10 +13,10 @@ from torch import nn
 
 import lrc
 from lrc.forms import LowRankLinear, cpu_kernels
-from lrc.forms.fused import fuse_down_factors, unfuse
+from lrc.forms.fused import fuse_down_factors, release_freed_heap, unfuse
 from lrc.forms.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
 from lrc.forms.sparse_matrix import KERNEL_MAX_TOKENS
-from lrc.peak_memory import held_tensor_bytes
+from lrc.peak_memory import held_tensor_bytes, process_status_bytes
 
 from ..test_pipeline import config, logits
 
@@ -175,6 +176,22 @@ def test_loaded_at_another_dtype_keeps_no_pages_of_the_file(sparse_output):
     reference = AutoModelForCausalLM.from_pretrained(sparse_output)
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(logits(model, ids).float(), logits(reference, ids), rtol=0.1, atol=0.1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc")
+def test_heap_freed_while_loading_goes_back_to_the_os():
+    """Blocks freed below a live one stay resident (the heap cannot shrink past it) until the process trims
+    them: release_freed_heap hands their pages back, the live block untouched."""
+    mib = 2**20
+    blocks = [bytearray(b"x" * (60 * 1024)) for _ in range(800)]  # ~47 MiB of heap blocks, every page written
+    live = bytearray(b"y" * (60 * 1024))
+    del blocks
+    resident = process_status_bytes("VmRSS")
+    release_freed_heap()
+    trimmed = process_status_bytes("VmRSS")
+    assert resident is not None and trimmed is not None
+    assert resident - trimmed > 30 * mib
+    assert live == b"y" * (60 * 1024)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
