@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
@@ -26,7 +27,17 @@ def cpu_description() -> str:
     flags = set(fields.get("flags", "").split())
     present = " ".join(flag for flag in _MATRIX_FLAGS if flag in flags)
     amx = "" if "amx_bf16" in flags else " (no AMX)"  # what lrc's choice of bfloat16 kernel reads too
-    return f"{fields.get('model name', 'CPU')}, {platform.machine()}, {present or 'no AVX2'}{amx}"
+    return f"{fields.get('model name', 'CPU')}, {platform.machine()}, {present or 'no AVX2'}{amx}{tuning_environment()}"
+
+
+TUNING_PREFIXES = ("MKL_", "ONEDNN_", "DNNL_", "MALLOC_", "LRC_", "OMP_", "KMP_", "GOMP_")
+
+
+def tuning_environment() -> str:
+    """"; environment: NAME=value ..." for the variables set here that change how the libraries run (MKL's
+    memory manager, oneDNN's caches, glibc's malloc, lrc's kernels, OpenMP), "" when none is set."""
+    names = sorted(name for name in os.environ if name.startswith(TUNING_PREFIXES))
+    return "; environment: " + " ".join(f"{name}={os.environ[name]}" for name in names) if names else ""
 
 
 def write_results(out: str, lines: list[str], data: dict[str, Any]) -> None:
