@@ -193,13 +193,12 @@ def modeling_source(model_class: type, auto_class: str, experts: dict[str, tuple
     from ..model import experts as experts_module
 
     # every copied module imported by name, so that transformers copies each one next to this file
-    imports = "\n".join(_import_by_name(module, path) for module, path in form_module_files(("fused",) if fused else ()).items())
+    imports = "\n".join(_import_by_name(module, path) for module, path in form_module_files(("fused",)).items())
     imports += "\n" + "\n".join(f"from .{FORM_FILE_PREFIX}{module} import {cls}" for module, cls in form_classes().values())
-    fuse = ""
-    if fused:
-        imports += f"\nfrom .{FORM_FILE_PREFIX}fused import fuse_down_factors, release_freed_heap"
-        fuse = ("\n        for group in FUSED_GROUPS:\n            fuse_down_factors([model.get_submodule(name) for name in group])"
-                "\n        release_freed_heap()")
+    imports += f"\nfrom .{FORM_FILE_PREFIX}fused import fuse_down_factors, release_freed_heap"
+    fuse = ("\n        for group in FUSED_GROUPS:\n            fuse_down_factors([model.get_submodule(name) for name in group])"
+            if fused else "")
+    fuse += "\n        release_freed_heap()  # what loading freed (converted copies, stacked factors) back to the OS"
     forms = ",\n    ".join(f"{kind!r}: {cls}" for kind, (_, cls) in form_classes().items())
     expert_code = ""
     if experts:
@@ -227,7 +226,7 @@ def write_remote_code(model: nn.Module, folder: Path) -> list[Path]:
     auto_class = adapter_for(model).auto_class
     written = []
     fused = fused_groups(model)
-    for name, path in form_module_files(("fused",) if fused else ()).items():
+    for name, path in form_module_files(("fused",)).items():
         target = folder / f"{FORM_FILE_PREFIX}{name}.py"
         target.write_text(copied_source(path), encoding="utf-8")
         written.append(target)
