@@ -141,9 +141,11 @@ def release_freed_heap() -> None:
     """Hand the heap pages that loading freed back to the OS (glibc's malloc_trim(0); elsewhere nothing).
     Loading leaves freed memory between live blocks of the heap: the factors copied into stacked matrices
     (`fuse_down_factors`) and, at another dtype than the files', the converted copies of every tensor.
-    glibc keeps such pages resident until the process trims them; measured on SmolLM2-135M at budget 0.3
-    (2 threads, a 512-token prefill after loading), trimming once after loading lowered the peak RSS by
-    about 54 MiB for the default recipe in bfloat16, 15 MiB in float32, and 6 MiB for the dense model."""
+    glibc keeps such pages resident until the process trims them. On SmolLM2-135M at budget 0.3 loaded in
+    bfloat16 from float32 files, trimming once after loading lowered the peak RSS of a 512-token prefill and
+    32 decode steps from 799-803 to 766-779 MiB for the default recipe (dense: 799-809), and by 15-20 MiB for
+    pure low rank (bench/results/runtime_memory_884ad23.md against runtime_memory_load_trim.md); in float32
+    the change was within the runs' spread."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # not glibc
             ctypes.CDLL("libc.so.6").malloc_trim(0)
