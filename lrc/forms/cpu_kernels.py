@@ -646,9 +646,9 @@ def lowrank_linear(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
     products). In float32 the C call alone was 1.01-1.19x as fast as torch's two products (MKL) per shape, but
     through this function (its checks, the output tensor, ctypes' argument conversion: ~5 µs) 0.70-0.96x
     (bench/decode_calls.py), so there the layer makes two. Binding a layer's factors once (addresses and
-    shapes checked per call instead of converted; a trial, not kept) did not pay either: whole-model float32 decode with it
-    0.997-1.001x two calls, bfloat16 0.995-1.008x this function (three SmolLM2-135M outputs, 150 steps each
-    way, alternating)."""
+    shapes checked per call instead of converted; a trial, not kept) did not pay either: whole-model decode
+    with it 0.997-1.001x two calls in float32, 0.995-1.008x this function in bfloat16 (three SmolLM2-135M
+    outputs, 150 steps each way, alternating)."""
     if x.dtype not in LOW_RANK_ONE_CALL_DTYPES:  # first: float32 decoding asks this for every low-rank layer
         return None
     tokens = kernel_tokens(x, down, up, bias)
