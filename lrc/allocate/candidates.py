@@ -13,6 +13,7 @@ from torch import nn
 from ..config import CompressionConfig
 from ..errors import ConfigError
 from ..model.targets import matrix_type
+from ..progress import Progress, no_progress
 from .base import ALLOCATORS, Allocator, Choice, MatrixCandidates
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def build_candidates(analysis: Analysis, config: CompressionConfig) -> list[Matr
 
 def allocate_ranks(
     analysis: Analysis, config: CompressionConfig, model: nn.Module | None = None,
-    problems: ProblemGroups | None = None, allocator: Allocator | None = None,
+    problems: ProblemGroups | None = None, allocator: Allocator | None = None, progress: Progress = no_progress,
 ) -> tuple[list[MatrixCandidates], Mapping[str, Choice]]:
     """The allocator's choice of a rank, DENSE or a sparse option for every targeted matrix under config.budget,
     the options priced by config.objective (see lrc.allocate.objective).
@@ -66,7 +67,7 @@ def allocate_ranks(
     model: the model the analysis decomposed (or `problems`, its weights and statistics group by group); with
     it, sparse options next to the choices that carry a first fit's error are refined and the allocation made
     again (lrc.allocate.refine). allocator: config's allocator made by the caller, to read its pricing after
-    (see objective.predicted_cost); else one is made here.
+    (see objective.predicted_cost); else one is made here. progress: measuring layer costs, refining.
     """
     from .knapsack import KnapsackAllocator
     from .objective import price_for
@@ -75,10 +76,12 @@ def allocate_ranks(
     allocator = allocator or ALLOCATORS.create(config.allocator, config.allocator_options)
     candidates = build_candidates(analysis, config)
     if isinstance(allocator, KnapsackAllocator):  # the other allocators count parameters (config.validate)
-        pricing = price_for(config, candidates, allocator.rank_step, model)  # by layer shape: refining keeps it
+        pricing = price_for(config, candidates, allocator.rank_step, model, progress)  # by shape: kept when refining
         if pricing is not None:
             allocator.price, allocator.outside = pricing.price, pricing.outside
     allocation = candidates, allocator.allocate(candidates, config.budget)
     if problems is None and model is not None:
         problems = model_problems(model, analysis.stats, config)
-    return allocation if problems is None else refine_near_choices(problems, analysis, config, allocator, allocation)
+    if problems is None:
+        return allocation
+    return refine_near_choices(problems, analysis, config, allocator, allocation, progress=progress)

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..io.atomic_file import atomic_file
+from ..progress import Progress, no_progress
 
 DENSE_KIND = "dense"
 NNZ_STEPS = 64
@@ -226,6 +227,9 @@ def sample_ranks(ranks: list[int], samples: int = RANK_SAMPLES) -> list[int]:
     return sorted({ranks[round(i * (len(ranks) - 1) / (samples - 1))] for i in range(samples)})
 
 
+MEASURE_PHASE = "measure layer costs"
+
+
 class LayerCostTable:
     """Forward seconds and resident bytes of layer forms at given shapes, measured once and cached on disk."""
 
@@ -282,11 +286,14 @@ class LayerCostTable:
             return float(shape.rank * (shape.out_features + shape.in_features) * self.dtype.itemsize)
         return self._entry(shape)["resident_bytes"]
 
-    def fill(self, shapes: list[LayerShape]) -> None:
+    def fill(self, shapes: list[LayerShape], progress: Progress = no_progress) -> None:
         """Measure every shape not in the table yet (each non-dense form back to back with the dense layer of
-        its shape), then save the table (once)."""
+        its shape), then save the table (once). progress: ("measure layer costs", measurements made, to make)."""
         missing = {rounded(s).key(): rounded(s) for s in shapes if rounded(s).key() not in self.entries}
         order = sorted(missing.items(), key=lambda item: (item[1].out_features, item[1].in_features))
+        done, total = 0, PASSES * len(order)
+        if total:
+            progress(MEASURE_PHASE, done, total)
         dense_seconds: dict[str, float] = {}
         ratios: dict[str, list[float]] = {}
         held: dict[str, float] = {}
@@ -301,12 +308,13 @@ class LayerCostTable:
                 assert dense_layer is not None
                 t_dense = measure(dense_layer, self.tokens, shape.in_features, self.dtype, self.device)
                 dense_seconds[dense_key] = min(t_dense, dense_seconds.get(dense_key, math.inf))
-                if shape.kind == DENSE_KIND:
-                    continue
-                layer = build_layer(shape, self.dtype, self.device)
-                t = measure(layer, self.tokens, shape.in_features, self.dtype, self.device)
-                held[key] = float(held_bytes(layer))
-                ratios.setdefault(key, []).append(t / t_dense)
+                if shape.kind != DENSE_KIND:
+                    layer = build_layer(shape, self.dtype, self.device)
+                    t = measure(layer, self.tokens, shape.in_features, self.dtype, self.device)
+                    held[key] = float(held_bytes(layer))
+                    ratios.setdefault(key, []).append(t / t_dense)
+                done += 1
+                progress(MEASURE_PHASE, done, total)
             del dense_layer
         for key, t in dense_seconds.items():  # the least of every measurement of the shape, earlier ones too
             previous = self.entries.get(key, {}).get("seconds", math.inf)

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..factorize.base import SparseOption
+from ..progress import Progress, no_progress
 from .base import DENSE, Allocator, Choice, MatrixCandidates
 from .layer_costs import DENSE_KIND, LayerCostTable, LayerShape, sample_ranks, time_outside
 
@@ -124,9 +125,10 @@ def _is_module(model: nn.Module, name: str) -> bool:
 
 
 def price_for(config: CompressionConfig, matrices: list[MatrixCandidates], rank_step: int,
-              model: nn.Module | None = None) -> Pricing | None:
+              model: nn.Module | None = None, progress: Progress = no_progress) -> Pricing | None:
     """The pricing of config.objective, its table filled for every option of `matrices` (None for disk); for
-    latency, `model` (dense, in memory) gives the time outside the targeted matrices."""
+    latency, `model` (dense, in memory) gives the time outside the targeted matrices. progress: the
+    measuring of shapes not in the cached table yet (LayerCostTable.fill)."""
     from ..distributed import from_main
     from ..forms import LowRankLinear
     from ..io.checkpoint import DTYPES
@@ -148,7 +150,7 @@ def price_for(config: CompressionConfig, matrices: list[MatrixCandidates], rank_
     shapes += [LayerShape(LowRankLinear.kind, *shape, r) for shape, rs in ranks.items() for r in sample_ranks(list(rs))]
 
     def measure() -> tuple[dict[str, dict[str, float]], float]:
-        table.fill(shapes)
+        table.fill(shapes, progress)
         share = 0.0
         if config.objective == "latency" and model is not None:
             share = outside_share(model, [m.name for m in matrices], config.latency_tokens)

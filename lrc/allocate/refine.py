@@ -23,6 +23,7 @@ from ..config import CompressionConfig
 from ..device import resolve_device
 from ..factorize import METHODS, SparseOption
 from ..model.targets import target_linears
+from ..progress import Progress, no_progress
 from .base import Allocator, Choice, MatrixCandidates
 
 if TYPE_CHECKING:
@@ -65,10 +66,13 @@ def refine_near_choices(
     allocator: Allocator,
     allocation: Allocation,
     passes: int = 6,
+    progress: Progress = no_progress,
 ) -> Allocation:
     """Refine the options next to every choice (in `analysis`, in place) and allocate again, up to `passes` times.
 
     problems: the refitted matrices' weights and statistics (model_problems for a model in memory).
+    progress: (phase, matrices refined, matrices to refine) per pass, the phase "refine" and then
+    "refine, pass 2", ... (a refit of a wide matrix takes seconds to minutes).
 
     The time spent is added to analysis.timing["refine_s"].
     """
@@ -77,11 +81,13 @@ def refine_near_choices(
     start = time.perf_counter()
     method = METHODS.create(config.method, config.method_options)
     device = resolve_device(config.device)
-    for _ in range(passes):
+    for number in range(1, passes + 1):
         candidates, choices = allocation
         todo = {c.name: near for c in candidates if (near := near_choice(c, choices[c.name], method.refine_neighbours))}
         if not todo:
             break
+        phase, done = "refine" if number == 1 else f"refine, pass {number}", 0
+        progress(phase, done, len(todo))
         for targets, stats in problems(list(todo)):
             in_weights = {}
             for name in [n for n in todo if n in targets]:
@@ -98,6 +104,8 @@ def refine_near_choices(
                 originals = [o for o in dec.sparse_options if (o.rank, o.nnz) in keys]  # unscaled errors
                 refined = {(o.rank, o.nnz): o for o in method.refine_options(problem, originals)}
                 dec.sparse_options = [refined.get((o.rank, o.nnz), o) for o in dec.sparse_options]
+                done += 1
+                progress(phase, done, len(todo))
         candidates = build_candidates(analysis, config)
         allocation = candidates, allocator.allocate(candidates, config.budget)
     analysis.timing["refine_s"] = analysis.timing.get("refine_s", 0.0) + time.perf_counter() - start

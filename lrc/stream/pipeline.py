@@ -114,7 +114,7 @@ def compress_streamed(
         t = time.perf_counter()
         allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
         allocation = allocate_ranks(analysis, config, problems=streamed_problems(loaded, config, store, stats),
-                                    allocator=allocator)
+                                    allocator=allocator, progress=progress)
         timing["allocation_s"] = time.perf_counter() - t
         timing["refine_s"] = analysis.timing.get("refine_s", 0.0)  # the part of allocation_s spent refining
         t = time.perf_counter()

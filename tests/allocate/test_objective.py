@@ -84,9 +84,11 @@ def test_latency_table_is_measured_once_and_cached(tmp_path, monkeypatch):
     bytes."""
     shapes = [LayerShape("dense", 48, 32), LayerShape("low-rank", 48, 32, 8),
               LayerShape("sparse-dictionary", 48, 32, 8, 100, "csr"), LayerShape("low-rank-sparse", 48, 32, 4, 300, "bitmask")]
-    first = LayerCostTable(tokens=16, cache_dir=tmp_path)
-    first.fill(shapes)
+    first, reports = LayerCostTable(tokens=16, cache_dir=tmp_path), []
+    first.fill(shapes, progress=lambda *r: reports.append(r))
     assert first.measured == 4 and first.path.is_file()
+    steps = layer_costs.PASSES * len(shapes)  # every shape once per pass, the dense one too
+    assert reports == [(layer_costs.MEASURE_PHASE, done, steps) for done in range(steps + 1)]
     saved = json.loads(first.path.read_text())
     assert saved["identity"]["threads"] == torch.get_num_threads() and saved["identity"]["tokens"] == 16
     assert all(first.seconds(s) > 0 for s in shapes)
@@ -94,9 +96,9 @@ def test_latency_table_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert first.resident_bytes(shapes[1]) == 8 * (48 + 32) * 4
     assert first.resident_bytes(shapes[2]) >= 8 * 32 * 4 + 100 * (4 + 2)  # atoms + values + int16 indices
 
-    again = LayerCostTable(tokens=16, cache_dir=tmp_path)
-    again.fill(shapes)
-    assert again.measured == 0 and again.seconds(shapes[1]) == first.seconds(shapes[1])
+    again, reports = LayerCostTable(tokens=16, cache_dir=tmp_path), []
+    again.fill(shapes, progress=lambda *r: reports.append(r))
+    assert again.measured == 0 and again.seconds(shapes[1]) == first.seconds(shapes[1]) and not reports
     other = LayerCostTable(dtype=torch.bfloat16, tokens=16, cache_dir=tmp_path)
     assert other.path != first.path and not other.entries
     assert saved["identity"]["forms"] == layer_costs.forms_source_digest()

@@ -27,12 +27,21 @@ def test_choices_land_on_refined_options_with_the_errors_of_refining_all(llama_d
     candidates, choices = allocate_ranks(analysis, config)  # without the model: nothing refined
     assert not any(o.refined for dec in analysis.decompositions.values() for o in dec.sparse_options)
 
-    candidates, choices = allocate_ranks(analysis, config, loaded.model)
+    reports = []
+    candidates, choices = allocate_ranks(analysis, config, loaded.model, progress=lambda *r: reports.append(r))
     chosen = [c for c in choices.values() if isinstance(c, SparseOption)]
     assert chosen and all(c.refined for c in chosen)
     refined = [o for dec in analysis.decompositions.values() for o in dec.sparse_options if o.refined]
     total = sum(len(options) for options in first.values())
     assert len(refined) < total  # only the neighbourhoods of the choices
+    # each pass counts the matrices it refits from 0 to all of them; together they refit every refined matrix
+    passes = list(dict.fromkeys(phase for phase, _, _ in reports))
+    assert passes[0] == "refine" and passes[1:] == [f"refine, pass {k}" for k in range(2, len(passes) + 1)]
+    for phase in passes:
+        counts = [(done, of) for p, done, of in reports if p == phase]
+        assert counts == [(done, counts[0][1]) for done in range(counts[0][1] + 1)]
+    refitted = {name for name, dec in analysis.decompositions.items() if any(o.refined for o in dec.sparse_options)}
+    assert 0 < reports[0][2] <= len(refitted)
     assert analysis.timing["refine_s"] > 0
 
     _, _, every = decomposed(llama_dir, calib_file, "all")
