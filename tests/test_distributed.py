@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import re
 import subprocess
 
 import pytest
@@ -52,10 +53,13 @@ def test_two_processes_write_the_bytes_of_one(tmp_path, calib_file, capsys, one_
     # the gradient pass runs 5 batches of 1 window. The default method (sparse-dictionary, needs gradients).
     recipe.write_text("samples: 5\nseq_len: 32\nbatch_size: 2\nheldout_windows: 2\n")
     args = ["compress", model, "--calib", calib_file, "--recipe", recipe, "--budget", "0.3"]
-    code, _, err = run_main(capsys, *args, "-o", tmp_path / "one", "--quiet")
+    code, _, err = run_main(capsys, *args, "-o", tmp_path / "one")
     assert code == 0, err
     result = run_ranks(*args, "-o", tmp_path / "two", "--json")
     assert result.returncode == 0, result.stderr
+    # the sparse options near the choices are refitted, each rank a share (rank 0's progress is the log)
+    refits = [int(re.search(r"\] refine 0/(\d+): started", log)[1]) for log in (err, result.stderr)]
+    assert refits[0] >= 2 and refits[1] < refits[0]
     one, two = file_hashes(tmp_path / "one"), file_hashes(tmp_path / "two")
     assert one.keys() == two.keys()
     assert {k: v for k, v in one.items() if k != "lrc_report.yaml"} == {

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import CompressionConfig
 from ..device import resolve_device
+from ..distributed import merged_over_ranks, pack_jobs, world
 from ..factorize import METHODS, SparseOption
 from ..model.targets import target_linears
 from ..progress import Progress, no_progress
@@ -59,6 +60,12 @@ def near_choice(candidate: MatrixCandidates, choice: Choice, neighbours: int = 1
     return [o for o in near if not o.refined]
 
 
+def refit_cost(shape: tuple[int, int], options: list[SparseOption]) -> float:
+    """A refit's relative cost, to share them out between ranks: m · n · k summed over the options (its
+    rounds' products are m x n by n x k)."""
+    return float(shape[0] * shape[1] * sum(o.rank for o in options))
+
+
 def refine_near_choices(
     problems: ProblemGroups,
     analysis: Analysis,
@@ -71,8 +78,10 @@ def refine_near_choices(
     """Refine the options next to every choice (in `analysis`, in place) and allocate again, up to `passes` times.
 
     problems: the refitted matrices' weights and statistics (model_problems for a model in memory).
-    progress: (phase, matrices refined, matrices to refine) per pass, the phase "refine" and then
+    progress: (phase, matrices refitted, matrices to refit) per pass, the phase "refine" and then
     "refine, pass 2", ... (a refit of a wide matrix takes seconds to minutes).
+    Under torch.distributed each rank refits a share of the matrices (bin-packed by `refit_cost`) and
+    every rank takes all the refits: the allocations made again are the same on every rank.
 
     The time spent is added to analysis.timing["refine_s"].
     """
@@ -81,16 +90,21 @@ def refine_near_choices(
     start = time.perf_counter()
     method = METHODS.create(config.method, config.method_options)
     device = resolve_device(config.device)
+    rank, size = world()
     for number in range(1, passes + 1):
         candidates, choices = allocation
         todo = {c.name: near for c in candidates if (near := near_choice(c, choices[c.name], method.refine_neighbours))}
         if not todo:
             break
+        shapes = {c.name: c.shape for c in candidates}
+        share = set(pack_jobs([(name, refit_cost(shapes[name], todo[name])) for name in todo], size)[rank])
+        mine = [name for name in todo if name in share]  # in model order: q/k/v, gate/up share a weighting
         phase, done = "refine" if number == 1 else f"refine, pass {number}", 0
-        progress(phase, done, len(todo))
-        for targets, stats in problems(list(todo)):
+        progress(phase, done, len(mine))
+        refitted: dict[str, list[SparseOption]] = {}
+        for targets, stats in problems(mine):
             in_weights = {}
-            for name in [n for n in todo if n in targets]:
+            for name in [n for n in mine if n in targets]:
                 options = todo[name]
                 owner = stats.shares.get(name, name)
                 inputs = stats.inputs[owner].to(device)
@@ -99,13 +113,15 @@ def refine_near_choices(
                 outputs = stats.outputs[name].to(device) if name in stats.outputs else None
                 problem = method.weighted_problem(targets[name].weight.detach().to(device), inputs, name,
                                                   in_weights[owner], outputs)
-                dec = analysis.decompositions[name]
                 keys = {(o.rank, o.nnz) for o in options}
-                originals = [o for o in dec.sparse_options if (o.rank, o.nnz) in keys]  # unscaled errors
-                refined = {(o.rank, o.nnz): o for o in method.refine_options(problem, originals)}
-                dec.sparse_options = [refined.get((o.rank, o.nnz), o) for o in dec.sparse_options]
+                originals = [o for o in analysis.decompositions[name].sparse_options if (o.rank, o.nnz) in keys]
+                refitted[name] = method.refine_options(problem, originals)  # errors unscaled, as the originals'
                 done += 1
-                progress(phase, done, len(todo))
+                progress(phase, done, len(mine))
+        for name, options in merged_over_ranks(refitted).items():  # every rank's refits, on every rank
+            dec = analysis.decompositions[name]
+            refined = {(o.rank, o.nnz): o for o in options}
+            dec.sparse_options = [refined.get((o.rank, o.nnz), o) for o in dec.sparse_options]
         candidates = build_candidates(analysis, config)
         allocation = candidates, allocator.allocate(candidates, config.budget)
     analysis.timing["refine_s"] = analysis.timing.get("refine_s", 0.0) + time.perf_counter() - start
