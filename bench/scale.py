@@ -11,7 +11,9 @@ vocabulary, which only sizes the embeddings and head, outside the layer) and lrc
   leave them singular; real calibration does not). Jobs run cheapest first until `--job-budget-s` is
   spent; the others are projected from the measured ones by the flop model `DecompositionJob.cost()`
   (seconds per unit fitted on the measured jobs of this device), and marked so.
-- allocation: the knapsack over the layer's measured matrices, scaled per matrix to the whole model.
+- allocation: the knapsack over the layer's measured matrices, scaled per matrix to the whole model, and
+  the refits of the sparse options next to its choices (the default recipe; lrc.allocate.refine), scaled
+  to the layer's seven matrices by Σ m · n · min(m, n) and to the model by its layers, split over the GPUs.
 - write: safetensors save of the layer's weights at bfloat16, as bytes per second, scaled to the model's
   compressed bytes (1 - budget of the targeted weights, plus the rest).
 
@@ -208,10 +210,13 @@ def measure_shape(label: str, args: argparse.Namespace, device: torch.device) ->
 
     from lrc.allocate import allocate_ranks
 
-    t = clock.now()
+    t, wall = clock.now(), time.perf_counter()
     analysis = Analysis(stats, decompositions, output_errors, method.errors_comparable, {})
-    allocate_ranks(analysis, config)
-    result["allocation"] = {"seconds": round(clock.now() - t, 4), "matrices": len(decompositions)}
+    allocate_ranks(analysis, config, loaded.model)  # with the model: sparse options near the choices refitted
+    seconds, wall = clock.now() - t, time.perf_counter() - wall
+    refine = seconds * analysis.timing.get("refine_s", 0.0) / wall if wall > 0 else 0.0  # its share, on the clock
+    result["allocation"] = {"seconds": round(seconds - refine, 4), "matrices": len(decompositions),  # measured ones
+                            "refine_seconds": round(refine, 4), "refine_work": refine_work(targets, list(decompositions))}
 
     from safetensors.torch import save_file
 
@@ -226,6 +231,20 @@ def measure_shape(label: str, args: argparse.Namespace, device: torch.device) ->
     result["write"] = {"seconds": round(write_s, 3), "bytes": nbytes, "bytes_per_s": nbytes / write_s}
     result["projection"] = project(result, costs, args)
     return result, costs
+
+
+def refine_work(shapes: Any, names: list[str]) -> float:
+    """Σ m · n · min(m, n) over the named matrices (shapes: name -> module with a weight, or -> (m, n)): the
+    scale of refitting a matrix's sparse options (products m x n by n x k, atoms k growing with min(m, n)),
+    to project the refits of a layer from those of its measured matrices."""
+    dims = [tuple(shapes[n].weight.shape) if hasattr(shapes[n], "weight") else shapes[n] for n in names]
+    return float(sum(m * n * min(m, n) for m, n in dims))
+
+
+def layer_matrices(hidden: int, mlp: int, kv_width: int) -> dict[str, tuple[int, int]]:
+    """(out, in) of a Llama decoder layer's seven projections."""
+    return {"q_proj": (hidden, hidden), "k_proj": (kv_width, hidden), "v_proj": (kv_width, hidden),
+            "o_proj": (hidden, hidden), "gate_proj": (mlp, hidden), "up_proj": (mlp, hidden), "down_proj": (hidden, mlp)}
 
 
 def projected_shape(label: str, reference: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -269,6 +288,12 @@ def project(result: dict[str, Any], costs: list[JobCost], args: argparse.Namespa
     stats_layer = result["statistics"]["per_token_s"] * DEFAULT_TOKENS + result["statistics"].get("fixed_s", 0.0)
     matrices_per_layer = 7
     alloc = result["allocation"]["seconds"] / max(result["allocation"]["matrices"], 1) * matrices_per_layer * layers
+    # refits: the measured matrices' seconds per unit of refine_work, for the layer's seven, in every layer;
+    # one refit per matrix, bin-packed over the GPUs (lrc.allocate.refine), here split evenly
+    allocation = result["allocation"]
+    layer_work = refine_work(layer_matrices(hidden, mlp, kv_width), list(layer_matrices(hidden, mlp, kv_width)))
+    refine_layer = (allocation.get("refine_seconds", 0.0) / allocation["refine_work"] * layer_work
+                    if allocation.get("refine_work") else 0.0)
     model_bytes = 2 * layers * layer_params * (1 - args.budget) + 2 * 2 * 128256 * hidden  # bf16, embeddings + head
     write = model_bytes / result["write"]["bytes_per_s"]
     kv = hidden // result["heads"] * result["kv_heads"]
@@ -285,8 +310,10 @@ def project(result: dict[str, Any], costs: list[JobCost], args: argparse.Namespa
         seconds = dict(all_jobs)
         decompose = max(sum(seconds[n] for n in b) for b in bins)
         statistics = stats_layer * layers / gpus
+        refine = refine_layer * layers / gpus
         out[f"gpus_{gpus}"] = {"statistics_s": statistics, "decomposition_s": decompose, "allocation_s": alloc,
-                               "write_s": write, "total_s": statistics + decompose + alloc + write}
+                               "refine_s": refine, "write_s": write,
+                               "total_s": statistics + decompose + alloc + refine + write}
     return out
 
 
@@ -314,8 +341,9 @@ def table(results: list[dict[str, Any]], device_name: str, label: str) -> list[s
             lines.append(f"{head} {j['matrices']} | {j['cost']:.3g} | {seconds} | {peak} |")
     lines += ["", f"Whole model ({label}): default calibration {DEFAULT_TOKENS} tokens, statistics split over the "
               "GPUs, jobs bin-packed (LPT):", "",
-              "| model | GPUs | statistics | decomposition | allocation | write | total | device peak | "
-              "host: weights + statistics + decompositions |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| model | GPUs | statistics | decomposition | allocation | refits near the choices | write | total | "
+              "device peak | host: weights + statistics + decompositions |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         p = r["projection"]
         host = p["host_bytes"]
@@ -324,7 +352,8 @@ def table(results: list[dict[str, Any]], device_name: str, label: str) -> list[s
             q = p[f"gpus_{gpus}"]
             lines.append(
                 f"| {r['shape']} ({r['layers']} layers) | {gpus} | {q['statistics_s'] / 60:.1f} min | "
-                f"{q['decomposition_s'] / 60:.1f} min | {q['allocation_s']:.1f} s | {q['write_s']:.0f} s | "
+                f"{q['decomposition_s'] / 60:.1f} min | {q['allocation_s']:.1f} s | {q.get('refine_s', 0.0) / 60:.1f} min | "
+                f"{q['write_s']:.0f} s | "
                 f"**{q['total_s'] / 60:.1f} min** | {peak} | "
                 f"{host['weights_bf16'] / GIB:.0f} + {host['statistics_f64'] / GIB:.0f} + "
                 f"{host['decompositions_f32'] / GIB:.0f} GiB |")
