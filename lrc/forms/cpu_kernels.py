@@ -544,6 +544,10 @@ DENSE_KERNEL_MAX_TOKENS = 4 if HAS_AMX else 8
 # (oneDNN) was 1.3-1.6x slower than converting to float32 and back at 512 tokens, and each distinct
 # (weight shape, token count) kept about 0.7 MiB of oneDNN state for the life of the process
 BF16_PRODUCTS_IN_FLOAT32 = ENABLED and platform.machine() in ("x86_64", "AMD64") and not HAS_AMX
+# a weight made for one product (a float32 copy of a bfloat16 factor, a sparse matrix densified) is made this
+# many bytes of its rows at a time: a whole copy is transient memory as large as the matrix (a 14336 x 4096
+# float32 copy is 224 MiB), which a model's peak memory would carry
+BLOCK_BYTES = 8 * 1024**2
 
 
 def _cpu_signature() -> str:
@@ -752,13 +756,37 @@ def register_op(module: str, name: str, fn: Callable[..., torch.Tensor], schema:
     return op
 
 
+def product_by_row_blocks(x: torch.Tensor, out_features: int, rows: Callable[[int, int], torch.Tensor],
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x Wᵀ + b: x (..., in), W (out_features, in) made `rows(start, end)` (W[start:end], any float dtype) a
+    block of at most BLOCK_BYTES at the product's dtype at a time, bias (out_features,) or None -> (..., out)
+    in x's dtype. The product's dtype is float32 for bfloat16 x where BF16_PRODUCTS_IN_FLOAT32 (rounded once
+    to bfloat16), else x's. One block (the matrix within BLOCK_BYTES): one product, as `linear` makes."""
+    compute = torch.float32 if x.dtype is torch.bfloat16 and BF16_PRODUCTS_IN_FLOAT32 else x.dtype
+    flat = x.reshape(-1, x.shape[-1]).to(compute)
+    step = max(1, BLOCK_BYTES // max(1, x.shape[-1] * flat.element_size()))
+
+    def block(start: int, end: int) -> torch.Tensor:
+        return torch.nn.functional.linear(flat, rows(start, end).to(compute),
+                                          None if bias is None else bias[start:end].to(compute))
+
+    if step >= out_features:
+        y = block(0, out_features).to(x.dtype)
+    else:
+        y = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
+        for start in range(0, out_features, step):
+            y[:, start : start + step] = block(start, min(start + step, out_features))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """nn.functional.linear(x, weight, bias): x (..., in), weight (out, in), bias (out,) -> (..., out).
 
     Up to DENSE_KERNEL_MAX_TOKENS tokens in bfloat16 on CPU (decoding) run the dense C kernel, 2-5x faster
     there than torch's bfloat16 product at this package's factor shapes (accumulated in float32, bias
     added, rounded once); more, on an x86 CPU without AMX (BF16_PRODUCTS_IN_FLOAT32), torch's float32
-    product of the converted x and W, rounded once; anything else, or where gradients flow, is torch's. In
+    product of the converted x and W, rounded once, W converted a block of rows at a time
+    (product_by_row_blocks); anything else, or where gradients flow, is torch's. In
     a graph torch.compile traces, a decode-sized product is the custom op `linear_op` (this function, run
     at each call; the token count a guard of the graph), the others torch's, which the compiler sees."""
     # checks cheapest first: this runs once per factor per decoded token
@@ -766,8 +794,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.nn.functional.linear(x, weight, bias)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if tokens > DENSE_KERNEL_MAX_TOKENS and BF16_PRODUCTS_IN_FLOAT32 and x.is_cpu and weight.dtype is torch.bfloat16:
-        y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
-        return y.to(torch.bfloat16)
+        return product_by_row_blocks(x, weight.shape[0], lambda start, end: weight[start:end], bias)
     if torch.compiler.is_compiling():  # decode shapes: the op; prefill: torch's, which the compiler sees
         if x.is_cpu and tokens <= DENSE_KERNEL_MAX_TOKENS and not _gradients_flow(x, weight, bias):
             return linear_op(x, weight, bias)

@@ -25,8 +25,9 @@ from . import cpu_kernels, gpu_kernels
 
 LAYOUTS = ("csr", "bitmask")
 # Up to this many tokens per call (decoding) the kernels multiply from the stored layout; above (prefill)
-# the matrix is densified for the call and one dense matmul runs (measured on SmolLM2-135M's mixing shapes,
-# 2 CPU threads: see bench/runtime.py and notes in docs/design.md). The GPU kernel takes as many at once.
+# the matrix is densified for the call (on CPU a block of rows at a time) and dense matmuls run (measured
+# on SmolLM2-135M's mixing shapes, 2 CPU threads: see bench/runtime.py and notes in docs/design.md). The GPU
+# kernel takes as many at once.
 KERNEL_MAX_TOKENS = gpu_kernels.MAX_TOKENS
 DENSIFIED_ON_DEVICE = (
     "sparse layers on {device} without lrc's kernels (there: the bitmask layout with Triton) are densified with torch "
@@ -133,6 +134,15 @@ def kernel_dense(layout: str, cols: int, stored: tuple[torch.Tensor, ...], start
     return cpu_kernels.csr_dense(stored[0], stored[1], stored[2], cols)
 
 
+def kernel_dense_rows(layout: str, cols: int, stored: tuple[torch.Tensor, ...], starts: torch.Tensor, start: int,
+                      end: int) -> torch.Tensor:
+    """Rows start:end of stored_to_dense, on CPU, through the kernel (the offsets into the stored values are
+    absolute: a block's rows read them where the whole matrix's would)."""
+    if layout == "bitmask":
+        return cpu_kernels.bitmask_dense(stored[0], stored[1][start:end], starts[start:], cols)
+    return cpu_kernels.csr_dense(stored[0], stored[1], stored[2][start : end + 1], cols)
+
+
 def check_csr(cols: int, stored: tuple[torch.Tensor, ...]) -> None:
     """ValueError unless the csr row offsets and column indices are in range for the stored values."""
     values, col_indices, offsets = stored
@@ -181,7 +191,10 @@ def multiply(layout: str, rows: int, cols: int, stored: tuple[torch.Tensor, ...]
             _warned_devices.add(x.device.type)
             warnings.warn(DENSIFIED_ON_DEVICE.format(device=x.device.type), stacklevel=3)
         return cpu_kernels.linear(x, stored_to_dense(layout, rows, cols, stored))
-    if tokens > KERNEL_MAX_TOKENS:  # compute bound: densify for this call, one dense matmul
+    if tokens > KERNEL_MAX_TOKENS and x.is_cpu:  # compute bound: dense matmuls, the matrix densified by blocks
+        return cpu_kernels.product_by_row_blocks(
+            x, rows, lambda start, end: kernel_dense_rows(layout, cols, stored, starts, start, end))
+    if tokens > KERNEL_MAX_TOKENS:  # densified for this call, one dense matmul
         return cpu_kernels.linear(x, kernel_dense(layout, cols, stored, starts))
     return gpu_kernels.bitmask_matmul(values, stored[1], starts, cols, x)  # memory bound on a GPU
 
