@@ -81,7 +81,7 @@ def apply(
     results = []
     method = METHODS.create(config.method, config.method_options)
     device = resolve_device(config.device)
-    for c in candidates:
+    for done, c in enumerate(candidates, 1):
         choice = choices[c.name]
         linear = targets[c.name]
         bias = linear.bias.detach() if linear.bias is not None else None
@@ -103,6 +103,7 @@ def apply(
             results.append(_result(c, choice, float(analysis.output_errors[c.name][choice])))
         else:
             results.append(_result(c, DENSE, 0.0))
+        progress("build layers", done, len(candidates))  # a sparse layer's final fit: minutes at 8192 x 2048
     return results, timing
 
 

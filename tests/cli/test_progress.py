@@ -24,6 +24,7 @@ def test_compress_logs_every_layer_with_time_left(compressed_run):
     assert [p[1] for p in phases if p[0] == "decompose"] == list(range(1, 15))
     # loss-aware's backward sweep: one line per decoder layer (the 4 windows fit one group of the sweep)
     assert [p for p in phases if p[0] == "output gradients"] == [("output gradients", 1, 2), ("output gradients", 2, 2)]
+    assert [p[1:] for p in phases if p[0] == "build layers"] == [(i, 14) for i in range(1, 15)]  # one per matrix
     stamps = [float(m["at"]) for m in lines]
     assert stamps == sorted(stamps)
     first: dict[str, re.Match[str]] = {}
