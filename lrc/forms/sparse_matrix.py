@@ -134,6 +134,16 @@ def kernel_dense(layout: str, cols: int, stored: tuple[torch.Tensor, ...], start
     return cpu_kernels.csr_dense(stored[0], stored[1], stored[2], cols)
 
 
+def stored_rows(layout: str, stored: tuple[torch.Tensor, ...], offsets: torch.Tensor, start: int,
+                end: int) -> tuple[torch.Tensor, ...]:
+    """The stored tensors of rows start:end alone, as stored_to_dense takes them (offsets (rows + 1,): where
+    each row's values start; on CPU)."""
+    first, last = int(offsets[start]), int(offsets[end])
+    if layout == "bitmask":
+        return stored[0][first:last], stored[1][start:end]
+    return stored[0][first:last], stored[1][first:last], stored[2][start : end + 1] - first
+
+
 def kernel_dense_rows(layout: str, cols: int, stored: tuple[torch.Tensor, ...], starts: torch.Tensor, start: int,
                       end: int) -> torch.Tensor:
     """Rows start:end of stored_to_dense, on CPU, through the kernel (the offsets into the stored values are
@@ -190,6 +200,10 @@ def multiply(layout: str, rows: int, cols: int, stored: tuple[torch.Tensor, ...]
         if not x.is_cpu and x.device.type not in _warned_devices:  # once per process and device type
             _warned_devices.add(x.device.type)
             warnings.warn(DENSIFIED_ON_DEVICE.format(device=x.device.type), stacklevel=3)
+        if x.is_cpu:  # torch's densifying holds several times a block's bytes: a block of rows at a time
+            offsets = stored[2] if layout == "csr" else bitmask_row_starts(stored[1], cols, values.numel())
+            return cpu_kernels.product_by_row_blocks(x, rows, lambda start, end: stored_to_dense(
+                layout, end - start, cols, stored_rows(layout, stored, offsets, start, end)))
         return cpu_kernels.linear(x, stored_to_dense(layout, rows, cols, stored))
     if tokens > KERNEL_MAX_TOKENS and x.is_cpu:  # compute bound: dense matmuls, the matrix densified by blocks
         return cpu_kernels.product_by_row_blocks(
