@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -134,6 +135,22 @@ def kernel_dense(layout: str, cols: int, stored: tuple[torch.Tensor, ...], start
     return cpu_kernels.csr_dense(stored[0], stored[1], stored[2], cols)
 
 
+def torch_dense_rows(layout: str, rows: int, cols: int,
+                     stored: tuple[torch.Tensor, ...]) -> Callable[[int, int], torch.Tensor]:
+    """(start, end) -> rows start:end of stored_to_dense, by torch ops: all rows in one piece as before, a
+    block from the row offsets, computed for the first block that needs them (on CPU)."""
+    offsets: list[torch.Tensor] = []
+
+    def dense_rows(start: int, end: int) -> torch.Tensor:
+        if start == 0 and end == rows:
+            return stored_to_dense(layout, rows, cols, stored)
+        if not offsets:
+            offsets.append(stored[2] if layout == "csr" else bitmask_row_starts(stored[1], cols, stored[0].numel()))
+        return stored_to_dense(layout, end - start, cols, stored_rows(layout, stored, offsets[0], start, end))
+
+    return dense_rows
+
+
 def stored_rows(layout: str, stored: tuple[torch.Tensor, ...], offsets: torch.Tensor, start: int,
                 end: int) -> tuple[torch.Tensor, ...]:
     """The stored tensors of rows start:end alone, as stored_to_dense takes them (offsets (rows + 1,): where
@@ -201,9 +218,7 @@ def multiply(layout: str, rows: int, cols: int, stored: tuple[torch.Tensor, ...]
             _warned_devices.add(x.device.type)
             warnings.warn(DENSIFIED_ON_DEVICE.format(device=x.device.type), stacklevel=3)
         if x.is_cpu:  # torch's densifying holds several times a block's bytes: a block of rows at a time
-            offsets = stored[2] if layout == "csr" else bitmask_row_starts(stored[1], cols, values.numel())
-            return cpu_kernels.product_by_row_blocks(x, rows, lambda start, end: stored_to_dense(
-                layout, end - start, cols, stored_rows(layout, stored, offsets, start, end)))
+            return cpu_kernels.product_by_row_blocks(x, rows, torch_dense_rows(layout, rows, cols, stored))
         return cpu_kernels.linear(x, stored_to_dense(layout, rows, cols, stored))
     if tokens > KERNEL_MAX_TOKENS and x.is_cpu:  # compute bound: dense matmuls, the matrix densified by blocks
         return cpu_kernels.product_by_row_blocks(
