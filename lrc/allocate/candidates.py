@@ -59,7 +59,8 @@ def build_candidates(analysis: Analysis, config: CompressionConfig) -> list[Matr
 
 def allocate_ranks(
     analysis: Analysis, config: CompressionConfig, model: nn.Module | None = None,
-    problems: ProblemGroups | None = None, allocator: Allocator | None = None, progress: Progress = no_progress,
+    problems: ProblemGroups | None = None, allocator: Allocator | None = None,
+    progress: Progress = no_progress,
 ) -> tuple[list[MatrixCandidates], Mapping[str, Choice]]:
     """The allocator's choice of a rank, DENSE or a sparse option for every targeted matrix under config.budget,
     the options priced by config.objective (see lrc.allocate.objective).
@@ -76,7 +77,8 @@ def allocate_ranks(
     allocator = allocator or ALLOCATORS.create(config.allocator, config.allocator_options)
     candidates = build_candidates(analysis, config)
     if isinstance(allocator, KnapsackAllocator):  # the other allocators count parameters (config.validate)
-        pricing = price_for(config, candidates, allocator.rank_step, model, progress)  # by shape: kept when refining
+        # by layer shape: refining keeps it
+        pricing = price_for(config, candidates, allocator.rank_step, model, progress)
         if pricing is not None:
             allocator.price, allocator.outside = pricing.price, pricing.outside
     allocation = candidates, allocator.allocate(candidates, config.budget)

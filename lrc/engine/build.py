@@ -62,7 +62,8 @@ def apply(
     timing = {}
     if allocation is None:
         t = time.perf_counter()
-        allocation = allocate_ranks(analysis, config, loaded.model, progress=progress)  # sparse options near the choices refined
+        # sparse options near the choices refined
+        allocation = allocate_ranks(analysis, config, loaded.model, progress=progress)
         timing["allocation_s"] = time.perf_counter() - t
     candidates, choices = allocation
     targets = target_linears(loaded.model, config.exclude)
