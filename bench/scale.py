@@ -18,7 +18,8 @@ vocabulary, which only sizes the embeddings and head, outside the layer) and lrc
   compressed bytes (1 - budget of the targeted weights, plus the rest).
 
 Projection: L layers (32 for 8B, 80 for 70B); statistics split over G GPUs by batches; decompositions
-bin-packed over G (lrc.distributed.pack_jobs over every layer's jobs); allocation and write on one rank.
+bin-packed over G (lrc.distributed.pack_jobs over every layer's jobs); refits split over G; allocation and
+write on one rank.
 Memory: the device peak per phase (CUDA: torch.cuda.max_memory_allocated; CPU: sampled resident set
 size), which does not grow with depth, and the host memory the current pipeline holds for the whole
 model (weights at bfloat16, every layer's float64 statistics, decompositions at float32 up to the
