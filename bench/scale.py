@@ -37,6 +37,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,7 @@ def measure_shape(label: str, args: argparse.Namespace, device: torch.device) ->
     seconds, wall = clock.now() - t, time.perf_counter() - wall
     refine = seconds * analysis.timing.get("refine_s", 0.0) / wall if wall > 0 else 0.0  # its share, on the clock
     result["allocation"] = {"seconds": round(seconds - refine, 4), "matrices": len(decompositions),  # measured ones
-                            "refine_seconds": round(refine, 4), "refine_work": refine_work(targets, list(decompositions))}
+                            "refine_seconds": round(refine, 4), "refine_work": matrix_work(tuple(targets[n].weight.shape) for n in decompositions)}
 
     from safetensors.torch import save_file
 
@@ -234,11 +235,10 @@ def measure_shape(label: str, args: argparse.Namespace, device: torch.device) ->
     return result, costs
 
 
-def refine_work(shapes: Any, names: list[str]) -> float:
-    """Σ m · n · min(m, n) over the named matrices (shapes: name -> module with a weight, or -> (m, n)): the
-    scale of refitting a matrix's sparse options (products m x n by n x k, atoms k growing with min(m, n)),
-    to project the refits of a layer from those of its measured matrices."""
-    dims = [tuple(shapes[n].weight.shape) if hasattr(shapes[n], "weight") else shapes[n] for n in names]
+def matrix_work(dims: Iterable[tuple[int, int]]) -> float:
+    """Σ m · n · min(m, n) over (m, n) matrices: the factorization term of the flop model, and the scale of
+    refitting a matrix's sparse options (products m x n by n x k, atoms k growing with min(m, n)), by which
+    a layer's refits are projected from those of its measured matrices."""
     return float(sum(m * n * min(m, n) for m, n in dims))
 
 
@@ -261,13 +261,11 @@ def projected_shape(label: str, reference: dict[str, Any], args: argparse.Namesp
     ref_work = work(reference["hidden"], reference["mlp"], reference["hidden"] // reference["heads"] * reference["kv_heads"])
     per_token = reference["statistics"]["per_token_s"] * work(hidden, mlp, kv_width) / ref_work
     rate = reference["seconds_per_cost_unit"]
-    shapes = {"q_proj,k_proj,v_proj": [(hidden, hidden), (kv_width, hidden), (kv_width, hidden)],
-              "o_proj": [(hidden, hidden)], "gate_proj,up_proj": [(mlp, hidden), (mlp, hidden)],
-              "down_proj": [(hidden, mlp)]}
+    matrices = layer_matrices(hidden, mlp, kv_width)
     costs = []
-    for names, dims in shapes.items():
-        n = dims[0][1]
-        cost = float(n**3 + sum(m * k * min(m, k) for m, k in dims))
+    for names in ("q_proj,k_proj,v_proj", "o_proj", "gate_proj,up_proj", "down_proj"):  # one job per shared input
+        dims = [matrices[name] for name in names.split(",")]
+        cost = dims[0][1] ** 3 + matrix_work(dims)
         costs.append(JobCost(names, names, cost, rate * cost, False, 0))
     result: dict[str, Any] = {
         "shape": label, "hidden": hidden, "mlp": mlp, "heads": heads, "kv_heads": kv, "layers": layers,
@@ -285,22 +283,20 @@ def project(result: dict[str, Any], costs: list[JobCost], args: argparse.Namespa
     """Whole-model time and memory on 1 and 8 GPUs from the per-layer numbers (see the module docstring)."""
     layers, hidden, mlp = result["layers"], result["hidden"], result["mlp"]
     kv_width = hidden // result["heads"] * result["kv_heads"]
-    layer_params = 2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * mlp
+    matrices = layer_matrices(hidden, mlp, kv_width)
+    layer_params = sum(m * n for m, n in matrices.values())
     stats_layer = result["statistics"]["per_token_s"] * DEFAULT_TOKENS + result["statistics"].get("fixed_s", 0.0)
-    matrices_per_layer = 7
-    alloc = result["allocation"]["seconds"] / max(result["allocation"]["matrices"], 1) * matrices_per_layer * layers
-    # refits: the measured matrices' seconds per unit of refine_work, for the layer's seven, in every layer;
-    # one refit per matrix, bin-packed over the GPUs (lrc.allocate.refine), here split evenly
     allocation = result["allocation"]
-    layer_work = refine_work(layer_matrices(hidden, mlp, kv_width), list(layer_matrices(hidden, mlp, kv_width)))
-    refine_layer = (allocation.get("refine_seconds", 0.0) / allocation["refine_work"] * layer_work
-                    if allocation.get("refine_work") else 0.0)
+    alloc = allocation["seconds"] / max(allocation["matrices"], 1) * len(matrices) * layers
+    # refits: the measured matrices' seconds per unit of matrix_work, for the layer's seven, in every layer;
+    # one refit per matrix, bin-packed over the GPUs (lrc.allocate.refine), here split evenly
+    refine_layer = (allocation["refine_seconds"] / allocation["refine_work"] * matrix_work(matrices.values())
+                    if allocation["refine_work"] else 0.0)
     model_bytes = 2 * layers * layer_params * (1 - args.budget) + 2 * 2 * 128256 * hidden  # bf16, embeddings + head
     write = model_bytes / result["write"]["bytes_per_s"]
-    kv = hidden // result["heads"] * result["kv_heads"]
     stat_bytes = 8 * (3 * hidden**2 + mlp**2)  # input Grams: q/k/v, o, gate/up, down
-    stat_bytes += sum(8 * m * m for m in (hidden, kv, kv, hidden, mlp, mlp, hidden) if m <= 2048)  # output Grams
-    stat_bytes += 16 * (3 * hidden + 2 * kv + 2 * mlp)  # output diagonals and Fisher rows
+    stat_bytes += sum(8 * m * m for m in (hidden, kv_width, kv_width, hidden, mlp, mlp, hidden) if m <= 2048)  # output Grams
+    stat_bytes += 16 * (3 * hidden + 2 * kv_width + 2 * mlp)  # output diagonals and Fisher rows
     host = {"weights_bf16": 2 * layers * layer_params + 4 * 128256 * hidden, "statistics_f64": layers * stat_bytes,
             "decompositions_f32": 4 * layers * layer_params}
     device_peak = max([result["statistics"]["peak_bytes"], *(c.peak_bytes for c in costs)])
@@ -353,7 +349,7 @@ def table(results: list[dict[str, Any]], device_name: str, label: str) -> list[s
             q = p[f"gpus_{gpus}"]
             lines.append(
                 f"| {r['shape']} ({r['layers']} layers) | {gpus} | {q['statistics_s'] / 60:.1f} min | "
-                f"{q['decomposition_s'] / 60:.1f} min | {q['allocation_s']:.1f} s | {q.get('refine_s', 0.0) / 60:.1f} min | "
+                f"{q['decomposition_s'] / 60:.1f} min | {q['allocation_s']:.1f} s | {q['refine_s'] / 60:.1f} min | "
                 f"{q['write_s']:.0f} s | "
                 f"**{q['total_s'] / 60:.1f} min** | {peak} | "
                 f"{host['weights_bf16'] / GIB:.0f} + {host['statistics_f64'] / GIB:.0f} + "

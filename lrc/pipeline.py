@@ -91,7 +91,8 @@ def compress(
     timing.update(analysis.timing)
     t = time.perf_counter()
     allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
-    allocation = allocate_ranks(analysis, config, loaded.model, allocator=allocator, progress=progress)  # options near the choices refined
+    # sparse options near the choices refined
+    allocation = allocate_ranks(analysis, config, loaded.model, allocator=allocator, progress=progress)
     timing["allocation_s"] = time.perf_counter() - t
     timing["refine_s"] = analysis.timing.get("refine_s", 0.0)  # the part of allocation_s spent refining
     t = time.perf_counter()  # the allocator's error-vs-size curve, for `lrc report --plot`

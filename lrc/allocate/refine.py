@@ -96,8 +96,8 @@ def refine_near_choices(
         todo = {c.name: near for c in candidates if (near := near_choice(c, choices[c.name], method.refine_neighbours))}
         if not todo:
             break
-        shapes = {c.name: c.shape for c in candidates}
-        share = set(pack_jobs([(name, refit_cost(shapes[name], todo[name])) for name in todo], size)[rank])
+        costs = [(c.name, refit_cost(c.shape, todo[c.name])) for c in candidates if c.name in todo]
+        share = set(pack_jobs(costs, size)[rank])
         mine = [name for name in todo if name in share]  # in model order: q/k/v, gate/up share a weighting
         phase, done = "refine" if number == 1 else f"refine, pass {number}", 0
         progress(phase, done, len(mine))

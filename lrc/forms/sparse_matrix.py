@@ -126,13 +126,17 @@ def stored_to_dense(layout: str, rows: int, cols: int, stored: tuple[torch.Tenso
     return torch.where(mask, values[positions], 0).reshape(rows, cols)
 
 
-def kernel_dense(layout: str, cols: int, stored: tuple[torch.Tensor, ...], starts: torch.Tensor) -> torch.Tensor:
-    """stored_to_dense through a kernel (one pass over the stored layout); `starts` from the kernel plan."""
+def kernel_dense(layout: str, cols: int, stored: tuple[torch.Tensor, ...], starts: torch.Tensor, start: int = 0,
+                 end: int | None = None) -> torch.Tensor:
+    """Rows start:end (default: all) of stored_to_dense through a kernel (one pass over the stored layout);
+    `starts` from the kernel plan. On CPU the offsets into the stored values are absolute, so a block of rows
+    reads them where the whole matrix's would; the GPU kernel makes every row."""
     if stored[0].device.type != "cpu":
+        assert start == 0 and end is None, "the GPU kernel densifies the whole matrix"
         return gpu_kernels.bitmask_dense(stored[0], stored[1], starts, cols)
     if layout == "bitmask":
-        return cpu_kernels.bitmask_dense(stored[0], stored[1], starts, cols)
-    return cpu_kernels.csr_dense(stored[0], stored[1], stored[2], cols)
+        return cpu_kernels.bitmask_dense(stored[0], stored[1][start:end], starts[start:], cols)
+    return cpu_kernels.csr_dense(stored[0], stored[1], stored[2][start : None if end is None else end + 1], cols)
 
 
 def torch_dense_rows(layout: str, rows: int, cols: int,
@@ -159,15 +163,6 @@ def stored_rows(layout: str, stored: tuple[torch.Tensor, ...], offsets: torch.Te
     if layout == "bitmask":
         return stored[0][first:last], stored[1][start:end]
     return stored[0][first:last], stored[1][first:last], stored[2][start : end + 1] - first
-
-
-def kernel_dense_rows(layout: str, cols: int, stored: tuple[torch.Tensor, ...], starts: torch.Tensor, start: int,
-                      end: int) -> torch.Tensor:
-    """Rows start:end of stored_to_dense, on CPU, through the kernel (the offsets into the stored values are
-    absolute: a block's rows read them where the whole matrix's would)."""
-    if layout == "bitmask":
-        return cpu_kernels.bitmask_dense(stored[0], stored[1][start:end], starts[start:], cols)
-    return cpu_kernels.csr_dense(stored[0], stored[1], stored[2][start : end + 1], cols)
 
 
 def check_csr(cols: int, stored: tuple[torch.Tensor, ...]) -> None:
@@ -222,7 +217,7 @@ def multiply(layout: str, rows: int, cols: int, stored: tuple[torch.Tensor, ...]
         return cpu_kernels.linear(x, stored_to_dense(layout, rows, cols, stored))
     if tokens > KERNEL_MAX_TOKENS and x.is_cpu:  # compute bound: dense matmuls, the matrix densified by blocks
         return cpu_kernels.product_by_row_blocks(
-            x, rows, lambda start, end: kernel_dense_rows(layout, cols, stored, starts, start, end))
+            x, rows, lambda start, end: kernel_dense(layout, cols, stored, starts, start, end))
     if tokens > KERNEL_MAX_TOKENS:  # densified for this call, one dense matmul
         return cpu_kernels.linear(x, kernel_dense(layout, cols, stored, starts))
     return gpu_kernels.bitmask_matmul(values, stored[1], starts, cols, x)  # memory bound on a GPU
