@@ -8,7 +8,11 @@ prefill (512 tokens) in three forms holding the same share `--keep` of the dense
 - sparse dictionary (lrc's SparseDictionaryLinear): half of the out x k mixing entries stored (bitmask layout,
   1/8 byte per entry) and k atoms such that it too holds `keep` of the dense bytes (at bfloat16),
   k = keep · out · in / (in + (1/2 + 1/16) · out); on SmolLM2-135M's gate / up (1536 x 576) that is 430 atoms,
-  where the default recipe at budget 0.3 chose 413-418 atoms with half the mixing stored.
+  where the default recipe at budget 0.3 chose 413-418 atoms with half the mixing stored;
+- sparse dictionary 2:4 (CUDA only): the same atoms and bytes with the mixing in the 2:4 pattern
+  (`method_options: {pattern: "2:4"}`), held as torch's semi-structured sparse tensor, whose kernels
+  (cuSPARSELt or CUTLASS) multiply it; atom counts rounded to a multiple of 64 (their shape rule). On a CPU
+  torch has no such kernels: the form is left out and the table says so.
 Each form's time is the median over `--rounds` rounds (forms in rotated order within a round, seconds apart) of
 the mean of `--calls` back-to-back calls; on CUDA timed after a synchronize. The decoder-layer row sums the
 seven projections. Attention, norms and the head are not here: bench/runtime.py measures whole models.
@@ -31,8 +35,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scale import SHAPES  # noqa: E402  (bench/scale.py: name -> hidden, MLP, heads, KV heads, layers)
 
+from lrc.factorize.sparse_dictionary import group_top_mask  # noqa: E402
 from lrc.forms.lowrank import LowRankLinear  # noqa: E402
 from lrc.forms.sparse_linear import SparseDictionaryLinear  # noqa: E402
+
+SEMI_STRUCTURED = "sparse dictionary 2:4"
+LEFT_OUT: dict[str, str] = {}  # form -> why it was not measured
 
 MIXING_DENSITY = 0.5
 
@@ -46,6 +54,18 @@ def projections(hidden: int, mlp: int, heads: int, kv: int, *_: int) -> dict[str
 
 def aligned(value: float, multiple: int) -> int:
     return max(multiple, round(value / multiple) * multiple)
+
+
+class SemiStructuredDictionary(nn.Module):
+    """y = (x Uᵀ) Sᵀ: atoms U (k x in) dense, mixing S (out x k) 2:4 as torch's semi-structured sparse tensor."""
+
+    def __init__(self, mixing: torch.Tensor, atoms: torch.Tensor) -> None:
+        super().__init__()
+        self.atoms = nn.Parameter(atoms, requires_grad=False)
+        self.mixing = nn.Parameter(torch.sparse.to_sparse_semi_structured(mixing), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.atoms), self.mixing)
 
 
 def forms(out: int, inp: int, keep: float, align: int, wanted: list[str], device: torch.device, dtype: torch.dtype,
@@ -67,12 +87,36 @@ def forms(out: int, inp: int, keep: float, align: int, wanted: list[str], device
         mixing = randn(out, atoms) * (torch.rand(out, atoms, generator=gen) < MIXING_DENSITY)
         return SparseDictionaryLinear.from_factors(mixing, randn(atoms, inp), layout="bitmask")
 
-    builders = {"dense": dense, "low rank": low_rank, "sparse dictionary": sparse}
-    return {name: builders[name]().to(device=device, dtype=dtype).eval() for name in builders if name in wanted}
+    def semi_structured() -> nn.Module:
+        atoms = aligned(keep * out * inp / (inp + (MIXING_DENSITY + 1 / 16) * out), 64)
+        mixing = randn(out, atoms) * group_top_mask(torch.rand(out, atoms, generator=gen), 2, 4)
+        return SemiStructuredDictionary(mixing.to(device=device, dtype=dtype), randn(atoms, inp).to(device=device, dtype=dtype))
+
+    builders = {"dense": dense, "low rank": low_rank, "sparse dictionary": sparse, SEMI_STRUCTURED: semi_structured}
+    if device.type != "cuda" and SEMI_STRUCTURED in wanted:
+        LEFT_OUT.setdefault(SEMI_STRUCTURED, "torch's semi-structured sparse kernels run on CUDA only")
+    made = {}
+    for name in [n for n in builders if n in wanted and n not in LEFT_OUT]:
+        try:
+            made[name] = builders[name]().to(device=device, dtype=dtype).eval()
+        except (RuntimeError, NotImplementedError) as error:  # torch's semi-structured tensor on this GPU
+            if name != SEMI_STRUCTURED:
+                raise
+            LEFT_OUT[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return made
 
 
 def weight_bytes(layer: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
+    """Bytes held: a semi-structured tensor's stored values and metadata, not its dense shape."""
+    total = 0
+    for t in [*layer.parameters(), *layer.buffers()]:
+        data = t.data if isinstance(t, nn.Parameter) else t
+        if isinstance(data, torch.sparse.SparseSemiStructuredTensor):
+            parts = [data.packed, data.meta, data.packed_t, data.meta_t, data.compressed_swizzled_bitmask]
+            total += sum(part.numel() * part.element_size() for part in parts if part is not None)
+        else:
+            total += t.numel() * t.element_size()
+    return total
 
 
 @torch.inference_mode()
@@ -97,8 +141,14 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
         layers = forms(out, inp, args.keep, args.align, args.forms, device, dtype, gen)
         for tokens in args.tokens:
             x = torch.randn(tokens, inp, generator=gen).to(device=device, dtype=dtype)
-            for layer in layers.values():  # warm-up: kernels chosen, caches built
-                call_seconds(layer, x, 3, device)
+            for form, layer in list(layers.items()):  # warm-up: kernels chosen, caches built
+                try:
+                    call_seconds(layer, x, 3, device)
+                except (RuntimeError, NotImplementedError) as error:
+                    if form != SEMI_STRUCTURED:
+                        raise
+                    LEFT_OUT[form] = f"{tokens} tokens: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                    del layers[form]
             times: dict[str, list[float]] = {form: [] for form in layers}
             order = list(layers)
             for r in range(args.rounds):
@@ -119,6 +169,8 @@ def table(rows: list[dict[str, object]], args: argparse.Namespace, device_name: 
              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads.", "",
              "| projection | out x in | form | bytes x dense | " + " | ".join(f"{t} tok: µs (x dense)" for t in args.tokens) + " |",
              "| --- | --- | --- | --- | " + " | ".join("---" for _ in args.tokens) + " |"]
+    notes = [f"{form}: not measured or not at every size ({why})." for form, why in LEFT_OUT.items()]
+    lines[4:4] = [*notes, ""] if notes else []
     key = {(r["projection"], r["tokens"], r["form"]): r for r in rows}
     names = list(dict.fromkeys(str(r["projection"]) for r in rows))
     forms_ = list(dict.fromkeys(str(r["form"]) for r in rows))
@@ -147,7 +199,7 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.7, help="low rank's share of the dense bytes")
     parser.add_argument("--align", type=int, default=8,
                         help="round ranks and atom counts to a multiple of this (8: the knapsack's rank step)")
-    parser.add_argument("--forms", nargs="+", default=["dense", "low rank", "sparse dictionary"])
+    parser.add_argument("--forms", nargs="+", default=["dense", "low rank", "sparse dictionary", SEMI_STRUCTURED])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=20)

@@ -78,6 +78,8 @@ def check_value(key: str, value: Any, annotation: Any, where: str = "") -> None:
         if isinstance(value, str) and (matches(1.0, annotation) or matches(1, annotation)) and _is_number(value):
             quirk = isinstance(yaml.safe_load(value), str)  # PyYAML reads 1e-3 (no decimal point) as a string
             hint = f" (YAML reads {value} as a string: write {float(value)!r})" if quirk else " (remove the quotes)"
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 60 and matches("", annotation):
+            hint = " (YAML reads an unquoted N:M as a base-60 number, 2:4 as 124: quote it)"
         raise ConfigError(
             f"{key}{place} must be {_article(type_name(annotation))}, got {value!r} ({_yaml_name(value)}){hint}"
         )

@@ -77,3 +77,20 @@ def test_sparse_layers_compute_the_dense_product(llama_dir, calib_file):
 def test_sequential_mode_refuses_sparse_options(llama_dir, calib_file):
     with pytest.raises(lrc.LrcError, match="sequential"):
         lrc.compress(str(llama_dir), config(calib_file, budget=0.3, method="sparse-dictionary", sequential=True))
+
+
+def test_a_pattern_reaches_the_loaded_layers(tiny_model_dir, calib_file, tmp_path):
+    """pattern 2:4 through compress -> write -> load: every loaded sparse layer's mixing keeps at most 2 of each
+    4 consecutive atoms in every row, its stored entries exactly half of its slots."""
+    out = tmp_path / "out"
+    cfg = config(calib_file, budget=0.3, method="sparse-dictionary").replace(method_options={"pattern": "2:4"})
+    result = lrc.compress(str(tiny_model_dir), cfg, out)
+    sparse = [m for m in result.matrices if m.kind == "sparse-dictionary"]
+    assert sparse, "the allocator picked no sparse option on this model"
+    model = lrc.load(str(out)).model
+    for m in sparse:
+        layer = model.get_submodule(m.name)
+        mixing = layer.sparse_factor().to_dense()
+        rows, atoms = mixing.shape
+        groups = (mixing != 0).reshape(rows, atoms // 4, 4).sum(2)
+        assert (groups <= 2).all() and m.nnz == rows * atoms // 2

@@ -27,6 +27,9 @@ the options with their one-shot error (an upper bound, `refined` False) and leav
 (the chosen one and one on either side by cost): the same final fits where the allocation lands, for
 about a quarter of the rounds; "chosen" refines only the chosen option (for a plain rank or dense, the
 options just below and above its cost), allocating again until the choices stand still.
+`pattern: "N:M"` makes the mixing semi-structured: in each row, N of every M consecutive atoms (M / N the
+only level, k a multiple of M), the pattern torch's semi-structured sparse kernels run on GPUs (2:4); the
+entries kept are the N largest |importance| of each group instead of the s largest of the row.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class SparseDictionary(LossAwareSVD):
     reselect_options: str = "near-choice"
     max_work: float | None = 1.0
     atom_step: int = 8  # atom counts are multiples of this: GPU (and oneDNN) matrix products want aligned sizes
+    pattern: str | None = None  # "N:M": N of every M consecutive atoms per row of the mixing (see the module docstring)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +85,19 @@ class SparseDictionary(LossAwareSVD):
             raise ConfigError(f"{KIND} atom_step must be >= 1, got {self.atom_step}")
         if self.reselect_options not in ("chosen", "near-choice", "all"):
             raise ConfigError(f"{KIND} reselect_options must be 'chosen', 'near-choice' or 'all', got {self.reselect_options!r}")
+        self.group = semi_structured(self.pattern)
+        if self.group is not None:
+            kept, size = self.group
+            if self.atom_step % size:
+                raise ConfigError(f"{KIND} pattern {self.pattern} needs atom_step a multiple of {size}, got {self.atom_step}")
+            if self.sparsity_levels not in ([1.75, 2.0], [size / kept]):
+                raise ConfigError(f"{KIND} pattern {self.pattern} fixes the level at {size / kept:g} atoms per entry: "
+                                  f"leave sparsity_levels out or set it to [{size / kept:g}]")
+
+    @property
+    def levels(self) -> list[float]:
+        """The sparsity levels q = k / s offered: M / N alone under a pattern N:M, else `sparsity_levels`."""
+        return [self.group[1] / self.group[0]] if self.group is not None else self.sparsity_levels
 
     @property
     def refine_neighbours(self) -> int:
@@ -97,7 +114,7 @@ class SparseDictionary(LossAwareSVD):
         m, n = problem.weight.shape
         shapes: dict[float, list[tuple[int, int]]] = {}
         for c in self.ratios:
-            for q in self.sparsity_levels:
+            for q in self.levels:
                 k, s = atoms_within(m, n, q, int((1 - c) * m * n * value_bytes), value_bytes, self.most_atoms(m, n),
                                     self.atom_step)
                 if k >= 1:
@@ -175,7 +192,8 @@ class SparseDictionary(LossAwareSVD):
         self, problem: WeightedProblem, values: torch.Tensor, importance: torch.Tensor, s: int, total: float
     ) -> Fit:
         """(S, Z, error): S keeps `values` (m x k) at the s largest |importance| of each row; Z the ridge refit."""
-        mixing = torch.where(row_top_mask(importance, s), values, torch.zeros((), dtype=values.dtype))
+        mask = row_top_mask(importance, s) if self.group is None else group_top_mask(importance, *self.group)
+        mixing = torch.where(mask, values, torch.zeros((), dtype=values.dtype))
         weighted_mixing = apply_left(problem.out_weights[0], mixing)  # S̃ = P_out S
         gram = weighted_mixing.T @ weighted_mixing
         rhs = weighted_mixing.T @ problem.weighted
@@ -201,6 +219,25 @@ def row_top_mask(importance: torch.Tensor, s: int) -> torch.Tensor:
         rows = torch.zeros((tied.numel(), k), dtype=torch.bool, device=a.device)
         mask[tied] = rows.scatter_(1, a[tied].topk(s, dim=1).indices, True)
     return mask
+
+
+def semi_structured(pattern: str | None) -> tuple[int, int] | None:
+    """"N:M" -> (N, M) with 0 < N < M; None for no pattern."""
+    if pattern is None:
+        return None
+    kept, _, size = pattern.partition(":")
+    if not (kept.isdigit() and size.isdigit() and 0 < int(kept) < int(size)):
+        raise ConfigError(f"{KIND} pattern must be 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
+    return int(kept), int(size)
+
+
+def group_top_mask(importance: torch.Tensor, kept: int, size: int) -> torch.Tensor:
+    """Boolean mask (m x k, k a multiple of `size`) of the `kept` largest |importance| in each group of `size`
+    consecutive columns of each row (topk's choice within the group)."""
+    m, k = importance.shape
+    groups = importance.abs().reshape(m, k // size, size)
+    mask = torch.zeros(groups.shape, dtype=torch.bool, device=importance.device)
+    return mask.scatter_(2, groups.topk(kept, dim=2).indices, True).reshape(m, k)
 
 
 def input_weighted(problem: WeightedProblem) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from lrc.errors import ConfigError
 from lrc.factorize import METHODS, breakeven_rank
 from lrc.factorize.low_rank_sparse import sparse_correction
-from lrc.factorize.sparse_dictionary import row_top_mask
+from lrc.factorize.sparse_dictionary import group_top_mask, row_top_mask
 from lrc.forms.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
 
 from .test_loss_aware import output_stats
@@ -216,3 +216,39 @@ def test_atom_step_makes_every_atom_count_its_multiple_and_the_largest_that_fits
     assert {k // 8 * 8 for k in free_ranks} >= set(stepped_ranks)
     with pytest.raises(ConfigError, match="atom_step"):
         METHODS.create("sparse-dictionary", {"atom_step": 0})
+
+
+def test_group_top_mask_keeps_the_largest_of_each_group_as_sorting_does():
+    values = torch.randn(6, 16, generator=torch.Generator().manual_seed(3))
+    for kept, size in [(2, 4), (1, 4), (3, 8)]:
+        mask = group_top_mask(values, kept, size)
+        for i in range(values.shape[0]):
+            for start in range(0, values.shape[1], size):
+                group = values[i, start : start + size].abs().tolist()
+                largest = sorted(range(size), key=lambda j: -group[j])[:kept]
+                assert sorted(mask[i, start : start + size].nonzero().flatten().tolist()) == sorted(largest)
+
+
+def test_a_pattern_makes_every_fit_semi_structured_with_the_weighted_error():
+    """pattern 2:4: every option offers k a multiple of 4 and s = k / 2; the built mixing keeps at most 2 of each
+    4 consecutive atoms in every row (exactly 2 of its stored entries), and the option's error is the fit's."""
+    m, n = 48, 40
+    method = METHODS.create("sparse-dictionary", {"ridge": 0.0, "pattern": "2:4", "reselect_options": "all"})
+    weight, inputs, outputs, problem, a, g = problem_and_reference(method, m, n)
+    options = method.decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs).sparse_options
+    assert options
+    for option in options:
+        assert option.rank % 4 == 0 and option.nnz == m * option.rank // 2
+        factors = method.sparse_layer(problem, option)
+        groups = (factors["mixing"] != 0).reshape(m, option.rank // 4, 4).sum(2)
+        assert (groups <= 2).all() and int(groups.sum()) == option.nnz
+        assert option.error == pytest.approx(loss_error(a, g, weight - factors["mixing"] @ factors["atoms"]), rel=1e-3)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"pattern": "4:2"}, "pattern"), ({"pattern": "2-4"}, "pattern"), ({"pattern": "2:4", "atom_step": 6}, "atom_step"),
+    ({"pattern": "2:4", "sparsity_levels": [1.5]}, "sparsity_levels"),
+])
+def test_a_pattern_refuses_what_it_cannot_make(options, match):
+    with pytest.raises(ConfigError, match=match):
+        METHODS.create("sparse-dictionary", options)

@@ -34,6 +34,9 @@ CASES = [
      "reselect (option of method 'sparse-dictionary') must be an integer, got 2.0 (a number)"),
     ("allocator_options: {same_rank_per_type: 'yes'}",
      "same_rank_per_type (option of allocator 'knapsack') must be a boolean (true or false), got 'yes' (a string)"),
+    ("method_options: {pattern: 2:4}",
+     "pattern (option of method 'sparse-dictionary') must be a string or null, got 124 (an integer) (YAML reads an "
+     "unquoted N:M as a base-60 number, 2:4 as 124: quote it)"),
     ("allocator: energy\nallocator_options: {mode: 1}", "mode (option of allocator 'energy') must be a string, got 1 (an integer)"),
 ]
 
