@@ -20,13 +20,14 @@ from .config import CompressionConfig
 from .device import resolve_device
 from .distributed import is_main
 from .engine import Analysis, decompose_all
-from .engine.build import MatrixResult, apply
+from .engine.build import KeptLayers, MatrixResult, apply
 from .errors import ConfigError
 from .factorize import METHODS
 from .forms import count_params
 from .io.output import check_output_path, run_places
 from .io.report import build_report
 from .io.writer import write_output
+from .model.targets import target_linears
 from .peak_memory import peak_memory
 from .progress import Progress, no_progress
 from .quality_check import HeldOutCheck
@@ -91,8 +92,9 @@ def compress(
     timing.update(analysis.timing)
     t = time.perf_counter()
     allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
-    # sparse options near the choices refined
-    allocation = allocate_ranks(analysis, config, loaded.model, allocator=allocator, progress=progress)
+    # sparse options near the choices refined, the choices' fits kept for apply
+    kept = KeptLayers(target_linears(loaded.model, config.exclude))
+    allocation = allocate_ranks(analysis, config, loaded.model, allocator=allocator, progress=progress, keep=kept.keep)
     timing["allocation_s"] = time.perf_counter() - t
     timing["refine_s"] = analysis.timing.get("refine_s", 0.0)  # the part of allocation_s spent refining
     t = time.perf_counter()  # the allocator's error-vs-size curve, for `lrc report --plot`
@@ -102,7 +104,7 @@ def compress(
     held_out = HeldOutCheck.measure_dense(loaded, config)  # dense loss on held-out windows, before apply
     timing["heldout_s"] = time.perf_counter() - t
     t = time.perf_counter()  # the chosen forms built (sparse options refitted) and swapped in
-    results, apply_timing = apply(loaded, analysis, config, progress, allocation)
+    results, apply_timing = apply(loaded, analysis, config, progress, allocation, kept)
     timing["apply_s"] = time.perf_counter() - t
     timing.update(apply_timing)
     report = build_report(loaded, config, analysis.stats, results, original_params, resolve_device(config.device))

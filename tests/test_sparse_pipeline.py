@@ -15,6 +15,7 @@ import lrc
 from lrc.forms import count_params
 from lrc.forms.sparse_linear import LowRankSparseLinear, SparseDictionaryLinear
 
+from .conftest import file_hashes
 from .test_pipeline import config, logits
 
 LAYERS = {"sparse-dictionary": SparseDictionaryLinear, "low-rank-sparse": LowRankSparseLinear}
@@ -94,3 +95,24 @@ def test_a_pattern_reaches_the_loaded_layers(tiny_model_dir, calib_file, tmp_pat
         rows, atoms = mixing.shape
         groups = (mixing != 0).reshape(rows, atoms // 4, 4).sum(2)
         assert (groups <= 2).all() and m.nnz == rows * atoms // 2
+
+
+def test_chosen_sparse_layers_are_fitted_once_to_the_same_bytes(tiny_model_dir, calib_file, tmp_path, monkeypatch):
+    """The refits of the allocator's choices become the written layers (lrc.engine.build.KeptLayers): building
+    fits again only the choices that moved after their last refit, and the file is the one written when every
+    chosen layer is fitted again."""
+    from lrc.engine.build import KeptLayers
+    from lrc.factorize.sparse_dictionary import SparseDictionary
+
+    fitted = []
+    fit = SparseDictionary.sparse_layer
+    monkeypatch.setattr(SparseDictionary, "sparse_layer", lambda self, problem, option: fitted.append(option) or fit(self, problem, option))
+    cfg = config(calib_file, budget=0.3, method="sparse-dictionary")
+    result = lrc.compress(str(tiny_model_dir), cfg, tmp_path / "kept")
+    sparse = [m for m in result.matrices if m.kind == "sparse-dictionary"]
+    assert sparse and len(fitted) < len(sparse)
+    fitted.clear()
+    monkeypatch.setattr(KeptLayers, "take", lambda self, name, option: None)
+    lrc.compress(str(tiny_model_dir), cfg, tmp_path / "refitted")
+    assert len(fitted) == len(sparse)
+    assert file_hashes(tmp_path / "kept")["model.safetensors"] == file_hashes(tmp_path / "refitted")["model.safetensors"]

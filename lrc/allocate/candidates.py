@@ -18,7 +18,7 @@ from .base import ALLOCATORS, Allocator, Choice, MatrixCandidates
 
 if TYPE_CHECKING:
     from ..engine import Analysis
-    from .refine import ProblemGroups
+    from .refine import KeepFit, ProblemGroups
 
 
 def compile_patterns(patterns: list[str], what: str) -> list[re.Pattern[str]]:
@@ -60,7 +60,7 @@ def build_candidates(analysis: Analysis, config: CompressionConfig) -> list[Matr
 def allocate_ranks(
     analysis: Analysis, config: CompressionConfig, model: nn.Module | None = None,
     problems: ProblemGroups | None = None, allocator: Allocator | None = None,
-    progress: Progress = no_progress,
+    progress: Progress = no_progress, keep: KeepFit | None = None,
 ) -> tuple[list[MatrixCandidates], Mapping[str, Choice]]:
     """The allocator's choice of a rank, DENSE or a sparse option for every targeted matrix under config.budget,
     the options priced by config.objective (see lrc.allocate.objective).
@@ -69,6 +69,7 @@ def allocate_ranks(
     it, sparse options next to the choices that carry a first fit's error are refined and the allocation made
     again (lrc.allocate.refine). allocator: config's allocator made by the caller, to read its pricing after
     (see objective.predicted_cost); else one is made here. progress: measuring layer costs, refining.
+    keep: handed the refits of the choices (see lrc.allocate.refine), for the layers to be built from.
     """
     from .knapsack import KnapsackAllocator
     from .objective import price_for
@@ -86,4 +87,4 @@ def allocate_ranks(
         problems = model_problems(model, analysis.stats, config)
     if problems is None:
         return allocation
-    return refine_near_choices(problems, analysis, config, allocator, allocation, progress=progress)
+    return refine_near_choices(problems, analysis, config, allocator, allocation, progress=progress, keep=keep)

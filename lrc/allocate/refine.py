@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from ..config import CompressionConfig
@@ -36,6 +37,9 @@ Allocation = tuple[list[MatrixCandidates], Mapping[str, Choice]]
 ProblemGroups = Callable[[list[str]], Iterator[tuple["dict[str, Projection]", "CalibrationStats"]]]
 """Matrix names -> their weights and statistics, one group at a time (the whole model in memory; one decoder
 block at a time when streamed, see lrc.stream.pipeline): what refining needs of the matrices it refits."""
+KeepFit = Callable[[str, SparseOption, dict[str, torch.Tensor]], None]
+"""(matrix name, option, the method's factors for it): a refit of a matrix's current choice, handed to the
+caller (lrc.engine.build.KeptLayers) so that the layer it builds if the choice stands is not fitted again."""
 
 
 def model_problems(model: nn.Module, stats: CalibrationStats, config: CompressionConfig) -> ProblemGroups:
@@ -74,6 +78,7 @@ def refine_near_choices(
     allocation: Allocation,
     passes: int = 6,
     progress: Progress = no_progress,
+    keep: KeepFit | None = None,
 ) -> Allocation:
     """Refine the options next to every choice (in `analysis`, in place) and allocate again, up to `passes` times.
 
@@ -82,6 +87,8 @@ def refine_near_choices(
     "refine, pass 2", ... (a refit of a wide matrix takes seconds to minutes).
     Under torch.distributed each rank refits a share of the matrices (bin-packed by `refit_cost`) and
     every rank takes all the refits: the allocations made again are the same on every rank.
+    keep: given the factors of each refitted matrix's current choice (on the rank that refitted it; the
+    last refit of a matrix replaces its earlier ones).
 
     The time spent is added to analysis.timing["refine_s"].
     """
@@ -115,7 +122,13 @@ def refine_near_choices(
                                                   in_weights[owner], outputs)
                 keys = {(o.rank, o.nnz) for o in options}
                 originals = [o for o in analysis.decompositions[name].sparse_options if (o.rank, o.nnz) in keys]
-                refitted[name] = method.refine_options(problem, originals)  # errors unscaled, as the originals'
+                pairs = method.refine_options(problem, originals)  # errors unscaled, as the originals'
+                refitted[name] = [option for option, _ in pairs]
+                chosen = choices[name]
+                for option, factors in pairs:
+                    if (keep is not None and factors is not None and isinstance(chosen, SparseOption)
+                            and (option.kind, option.rank, option.nnz) == (chosen.kind, chosen.rank, chosen.nnz)):
+                        keep(name, option, factors)
                 done += 1
                 progress(phase, done, len(mine))
         for name, options in merged_over_ranks(refitted).items():  # every rank's refits, on every rank

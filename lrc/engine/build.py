@@ -15,6 +15,7 @@ from ..device import resolve_device
 from ..errors import ConfigError
 from ..factorize import METHODS, SparseOption
 from ..forms import LAYER_FORMS, LowRankLinear, LowRankSparseLinear, SparseDictionaryLinear
+from ..model.projection import Projection
 from ..model.targets import replace_module, target_linears
 from ..progress import Progress, no_progress
 from ..sequential import sequential_factorize
@@ -47,26 +48,50 @@ class MatrixResult:
         return {"kind": self.kind, "rank": self.rank, "nnz": self.nnz, "layout": self.layout}
 
 
+class KeptLayers:
+    """Sparse layers built from the refits of the allocator's choices (lrc.allocate.refine's `keep`), at most
+    one per matrix (its latest), for `apply` to swap in where the final choice is that option: its final fit,
+    minutes for a wide matrix, made once. Holds up to the chosen sparse layers' bytes until `apply` takes them."""
+
+    def __init__(self, targets: Mapping[str, Projection]) -> None:
+        self.targets = targets
+        self.layers: dict[str, tuple[tuple[str, int, int], SparseDictionaryLinear | LowRankSparseLinear]] = {}
+
+    def keep(self, name: str, option: SparseOption, factors: dict[str, torch.Tensor]) -> None:
+        linear = self.targets[name]
+        bias = linear.bias.detach() if linear.bias is not None else None
+        self.layers[name] = ((option.kind, option.rank, option.nnz),
+                             build_sparse_layer(option, factors, bias, linear.weight.dtype))
+
+    def take(self, name: str, option: SparseOption) -> SparseDictionaryLinear | LowRankSparseLinear | None:
+        """The layer kept for `name` if it was built for `option` (None otherwise); it is kept no longer."""
+        found = self.layers.pop(name, None)
+        return found[1] if found is not None and found[0] == (option.kind, option.rank, option.nnz) else None
+
+
 def apply(
     loaded: LoadedModel,
     analysis: Analysis,
     config: CompressionConfig,
     progress: Progress = no_progress,
     allocation: tuple[list[MatrixCandidates], Mapping[str, Choice]] | None = None,
+    kept: KeptLayers | None = None,
 ) -> tuple[list[MatrixResult], dict[str, float]]:
     """Swap the allocated linears for their compressed forms, in place (one-shot or sequential).
 
     allocation: `allocate_ranks(analysis, config)` if the caller already made it, else it is made here.
+    kept: the layers built while refining that allocation (else, when allocated here, those of this allocation);
+    a chosen sparse option without one is fitted here (the same bits).
     Returns the per-matrix results and timings (allocation_s when allocated here, sequential_s in sequential mode).
     """
     timing = {}
+    targets = target_linears(loaded.model, config.exclude)
     if allocation is None:
         t = time.perf_counter()
-        # sparse options near the choices refined
-        allocation = allocate_ranks(analysis, config, loaded.model, progress=progress)
+        kept = KeptLayers(targets)  # sparse options near the choices refined, the choices' fits kept
+        allocation = allocate_ranks(analysis, config, loaded.model, progress=progress, keep=kept.keep)
         timing["allocation_s"] = time.perf_counter() - t
     candidates, choices = allocation
-    targets = target_linears(loaded.model, config.exclude)
     if config.sequential:
         ranks = {name: choice for name, choice in choices.items() if isinstance(choice, int)}
         if len(ranks) < len(choices):
@@ -88,11 +113,13 @@ def apply(
         bias = linear.bias.detach() if linear.bias is not None else None
         if isinstance(choice, SparseOption):
             inp = analysis.stats.input_of(c.name).to(device)
-            outputs = analysis.stats.outputs.get(c.name)
-            problem = method.weighted_problem(
-                linear.weight.detach().to(device), inp, c.name, None, outputs.to(device) if outputs else None
-            )
-            layer = build_sparse_layer(choice, method.sparse_layer(problem, choice), bias, linear.weight.dtype)
+            layer = kept.take(c.name, choice) if kept is not None else None
+            if layer is None:
+                outputs = analysis.stats.outputs.get(c.name)
+                problem = method.weighted_problem(
+                    linear.weight.detach().to(device), inp, c.name, None, outputs.to(device) if outputs else None
+                )
+                layer = build_sparse_layer(choice, method.sparse_layer(problem, choice), bias, linear.weight.dtype)
             replace_module(loaded.model, c.name, layer)
             error = relative_output_error(linear.weight.detach(), layer.dense_weight().detach(), inp.gram)
             sparse = layer.sparse_factor()  # the layer as built: its real entry count and bytes

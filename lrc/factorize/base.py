@@ -215,9 +215,11 @@ class FactorizationMethod:
         """Unrefined options on either side of the allocator's choice that lrc.allocate.refine refines."""
         return 1
 
-    def refine_options(self, problem: WeightedProblem, options: list[SparseOption]) -> list[SparseOption]:
-        """The options (of this problem's matrix) with their final errors, refined=True; as given by default."""
-        return options
+    def refine_options(self, problem: WeightedProblem,
+                       options: list[SparseOption]) -> list[tuple[SparseOption, dict[str, torch.Tensor] | None]]:
+        """The options (of this problem's matrix) with their final errors, refined=True, each with the factors
+        `sparse_layer` would return for it where the refit computed them (else None); as given by default."""
+        return [(option, None) for option in options]
 
     def sparse_layer(self, problem: WeightedProblem, option: SparseOption) -> dict[str, torch.Tensor]:
         """The factors of a chosen sparse option, in the original space (float64), by factor name."""

@@ -144,25 +144,33 @@ class SparseDictionary(LossAwareSVD):
             offered[(k, s)] = option
         return list(offered.values())
 
-    def refine_options(self, problem: WeightedProblem, options: list[SparseOption]) -> list[SparseOption]:
-        """The options with the error after the rounds (step 4): the fit `sparse_layer` builds, refined=True."""
-        if not self.reselect or not options:
-            return [replace(o, refined=True) for o in options]
-        m = problem.weight.shape[0]
-        total = float(problem.weighted.square().sum())
-        coefficients = self._coefficients(problem, max(o.rank for o in options))
-        data = input_weighted(problem)
-        return [
-            replace(o, error=self._fit(problem, coefficients[:, : o.rank], o.nnz // m, total, data)[2], refined=True)
-            for o in options
-        ]
+    def refine_options(self, problem: WeightedProblem,
+                       options: list[SparseOption]) -> list[tuple[SparseOption, dict[str, torch.Tensor] | None]]:
+        """Each option with the error after the rounds (step 4), refined=True, and that fit's factors: what
+        `sparse_layer` returns for it (None without rounds, where the options' errors are already final)."""
+        if not self.reselect:
+            return [(replace(o, refined=True), None) for o in options]
+        refined: list[tuple[SparseOption, dict[str, torch.Tensor] | None]] = []
+        for option in options:
+            mixing, z, error = self._final_fit(problem, option)
+            refined.append((replace(option, error=error, refined=True), self._factors(problem, mixing, z)))
+        return refined
 
     def sparse_layer(self, problem: WeightedProblem, option: SparseOption) -> dict[str, torch.Tensor]:
         """{"mixing": S (m x k, zeros off the support), "atoms": U (k x n)} in the original space."""
-        m = problem.weight.shape[0]
-        total = float(problem.weighted.square().sum())  # the rounds compare errors: the same fit as the option's
+        mixing, z, _ = self._final_fit(problem, option)
+        return self._factors(problem, mixing, z)
+
+    def _final_fit(self, problem: WeightedProblem, option: SparseOption) -> Fit:
+        """Steps 1-4 for one option, computed alone (the same bits wherever and with whatever else it is
+        computed): the fit its layer is built from, its error the option's refined error."""
+        total = float(problem.weighted.square().sum())
         coefficients = self._coefficients(problem, option.rank)
-        mixing, z, _ = self._fit(problem, coefficients, option.nnz // m, total, input_weighted(problem))
+        return self._fit(problem, coefficients, option.nnz // problem.weight.shape[0], total, input_weighted(problem))
+
+    @staticmethod
+    def _factors(problem: WeightedProblem, mixing: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A fit's layer factors: the mixing S as it is, the atoms U = Z P_in⁻¹ (original input space)."""
         return {"mixing": mixing, "atoms": apply_right(z, problem.in_weights[1])}
 
     @staticmethod

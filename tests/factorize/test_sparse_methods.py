@@ -41,8 +41,13 @@ def test_sparse_dictionary_option_errors_are_the_weighted_error(shape):
     weight, inputs, outputs, problem, a, g = problem_and_reference(method, m, n)
     dec = method.decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs)
     assert dec.sparse_options and not any(o.refined for o in dec.sparse_options)  # first fits, upper bounds
-    refined = method.refine_options(problem, dec.sparse_options)
+    pairs = method.refine_options(problem, dec.sparse_options)
+    refined = [option for option, _ in pairs]
     assert all(o.refined for o in refined)
+    for option, factors in pairs:  # the refit's factors are the layer's, to the bit
+        assert factors is not None
+        for name, tensor in method.sparse_layer(problem, option).items():
+            assert torch.equal(tensor, factors[name])
     assert all(r.error <= o.error for r, o in zip(refined, dec.sparse_options))
     for option in refined:
         factors = method.sparse_layer(problem, option)
@@ -78,7 +83,7 @@ def test_refining_chosen_options_gives_the_errors_of_refining_every_option():
     assert [(o.rank, o.nnz) for o in first] == [(o.rank, o.nnz) for o in all_options]
     assert all(o.refined for o in all_options) and not any(o.refined for o in first)
     picked = first[1::3]
-    for option, refined in zip(picked, deferred.refine_options(problem, picked)):
+    for option, (refined, _) in zip(picked, deferred.refine_options(problem, picked)):
         expected = next(o for o in all_options if (o.rank, o.nnz) == (option.rank, option.nnz))
         assert refined.error == pytest.approx(expected.error, rel=1e-9) and refined.refined
     one_shot = METHODS.create("sparse-dictionary", {"reselect": 0}).decompose(weight, inputs, breakeven_rank(m, n), outputs=outputs)
