@@ -27,7 +27,6 @@ from .forms import count_params
 from .io.output import check_output_path, run_places
 from .io.report import build_report
 from .io.writer import write_output
-from .model.targets import target_linears
 from .peak_memory import peak_memory
 from .progress import Progress, no_progress
 from .quality_check import HeldOutCheck
@@ -93,7 +92,7 @@ def compress(
     t = time.perf_counter()
     allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
     # sparse options near the choices refined, the choices' fits kept for apply
-    kept = KeptLayers(target_linears(loaded.model, config.exclude))
+    kept = KeptLayers()
     allocation = allocate_ranks(analysis, config, loaded.model, allocator=allocator, progress=progress, keep=kept.keep)
     timing["allocation_s"] = time.perf_counter() - t
     timing["refine_s"] = analysis.timing.get("refine_s", 0.0)  # the part of allocation_s spent refining

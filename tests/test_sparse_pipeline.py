@@ -97,22 +97,25 @@ def test_a_pattern_reaches_the_loaded_layers(tiny_model_dir, calib_file, tmp_pat
         assert (groups <= 2).all() and m.nnz == rows * atoms // 2
 
 
-def test_chosen_sparse_layers_are_fitted_once_to_the_same_bytes(tiny_model_dir, calib_file, tmp_path, monkeypatch):
-    """The refits of the allocator's choices become the written layers (lrc.engine.build.KeptLayers): building
-    fits again only the choices that moved after their last refit, and the file is the one written when every
-    chosen layer is fitted again."""
+@pytest.mark.parametrize("stream", [False, True])
+def test_chosen_sparse_layers_are_fitted_once_to_the_same_bytes(tiny_model_dir, calib_file, tmp_path, monkeypatch,
+                                                                 stream):
+    """The refits of the allocator's choices become the written layers (lrc.engine.build.KeptLayers; streamed:
+    kept in files): building fits again only the choices that moved after their last refit, and the file is
+    the one written when every chosen layer is fitted again."""
+    monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path / "cache"))
     from lrc.engine.build import KeptLayers
     from lrc.factorize.sparse_dictionary import SparseDictionary
 
     fitted = []
     fit = SparseDictionary.sparse_layer
     monkeypatch.setattr(SparseDictionary, "sparse_layer", lambda self, problem, option: fitted.append(option) or fit(self, problem, option))
-    cfg = config(calib_file, budget=0.3, method="sparse-dictionary")
+    cfg = config(calib_file, budget=0.3, method="sparse-dictionary", stream=stream)
     result = lrc.compress(str(tiny_model_dir), cfg, tmp_path / "kept")
     sparse = [m for m in result.matrices if m.kind == "sparse-dictionary"]
     assert sparse and len(fitted) < len(sparse)
     fitted.clear()
-    monkeypatch.setattr(KeptLayers, "take", lambda self, name, option: None)
+    monkeypatch.setattr(KeptLayers, "take", lambda self, name, option, linear: None)
     lrc.compress(str(tiny_model_dir), cfg, tmp_path / "refitted")
     assert len(fitted) == len(sparse)
     assert file_hashes(tmp_path / "kept")["model.safetensors"] == file_hashes(tmp_path / "refitted")["model.safetensors"]

@@ -37,8 +37,8 @@ Allocation = tuple[list[MatrixCandidates], Mapping[str, Choice]]
 ProblemGroups = Callable[[list[str]], Iterator[tuple["dict[str, Projection]", "CalibrationStats"]]]
 """Matrix names -> their weights and statistics, one group at a time (the whole model in memory; one decoder
 block at a time when streamed, see lrc.stream.pipeline): what refining needs of the matrices it refits."""
-KeepFit = Callable[[str, SparseOption, dict[str, torch.Tensor]], None]
-"""(matrix name, option, the method's factors for it): a refit of a matrix's current choice, handed to the
+KeepFit = Callable[[str, SparseOption, dict[str, torch.Tensor], "Projection"], None]
+"""(matrix name, option, the method's factors for it, the matrix): a refit of a matrix's current choice, handed to the
 caller (lrc.engine.build.KeptLayers) so that the layer it builds if the choice stands is not fitted again."""
 
 
@@ -128,7 +128,7 @@ def refine_near_choices(
                 for option, factors in pairs:
                     if (keep is not None and factors is not None and isinstance(chosen, SparseOption)
                             and (option.kind, option.rank, option.nnz) == (chosen.kind, chosen.rank, chosen.nnz)):
-                        keep(name, option, factors)
+                        keep(name, option, factors, targets[name])
                 done += 1
                 progress(phase, done, len(mine))
         for name, options in merged_over_ranks(refitted).items():  # every rank's refits, on every rank

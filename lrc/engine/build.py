@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..allocate import DENSE, Choice, MatrixCandidates, allocate_ranks
 from ..config import CompressionConfig
 from ..device import resolve_device
 from ..errors import ConfigError
 from ..factorize import METHODS, SparseOption
-from ..forms import LAYER_FORMS, LowRankLinear, LowRankSparseLinear, SparseDictionaryLinear
+from ..forms import LAYER_FORMS, LowRankLinear, LowRankSparseLinear, SparseDictionaryLinear, skeleton
+from ..io.atomic_file import atomic_file
 from ..model.projection import Projection
 from ..model.targets import replace_module, target_linears
 from ..progress import Progress, no_progress
@@ -51,22 +56,48 @@ class MatrixResult:
 class KeptLayers:
     """Sparse layers built from the refits of the allocator's choices (lrc.allocate.refine's `keep`), at most
     one per matrix (its latest), for `apply` to swap in where the final choice is that option: its final fit,
-    minutes for a wide matrix, made once. Holds up to the chosen sparse layers' bytes until `apply` takes them."""
+    minutes for a wide matrix, made once. In memory (up to the chosen sparse layers' bytes until `apply` takes
+    them), or in `folder` (a streamed run: one safetensors file per matrix, the option in its metadata; the
+    folder must be keyed by the weights, statistics and method options the fits came from, as the layer
+    store's decomposition folder is, so a file left by an earlier run is the same fit)."""
 
-    def __init__(self, targets: Mapping[str, Projection]) -> None:
-        self.targets = targets
-        self.layers: dict[str, tuple[tuple[str, int, int], SparseDictionaryLinear | LowRankSparseLinear]] = {}
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self.layers: dict[str, tuple[list[object], SparseDictionaryLinear | LowRankSparseLinear]] = {}
 
-    def keep(self, name: str, option: SparseOption, factors: dict[str, torch.Tensor]) -> None:
-        linear = self.targets[name]
+    def keep(self, name: str, option: SparseOption, factors: dict[str, torch.Tensor], linear: Projection) -> None:
         bias = linear.bias.detach() if linear.bias is not None else None
-        self.layers[name] = ((option.kind, option.rank, option.nnz),
-                             build_sparse_layer(option, factors, bias, linear.weight.dtype))
+        layer = build_sparse_layer(option, factors, bias, linear.weight.dtype)
+        if self.folder is None:
+            self.layers[name] = (_key(option), layer)
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.folder / f"{name}.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, str(tmp),
+                      metadata={"option": json.dumps(_key(option)), "spec": json.dumps(layer.spec())})
 
-    def take(self, name: str, option: SparseOption) -> SparseDictionaryLinear | LowRankSparseLinear | None:
-        """The layer kept for `name` if it was built for `option` (None otherwise); it is kept no longer."""
-        found = self.layers.pop(name, None)
-        return found[1] if found is not None and found[0] == (option.kind, option.rank, option.nnz) else None
+    def take(self, name: str, option: SparseOption,
+             linear: Projection) -> SparseDictionaryLinear | LowRankSparseLinear | None:
+        """The layer kept for `name` if it was built for `option` (None otherwise); in memory it is kept no longer."""
+        if self.folder is None:
+            found = self.layers.pop(name, None)
+            return found[1] if found is not None and found[0] == _key(option) else None
+        path = self.folder / f"{name}.safetensors"
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        if json.loads(meta.get("option", "null")) != _key(option):
+            return None
+        layer = skeleton(linear.in_features, linear.out_features, json.loads(meta["spec"]), linear.bias is not None,
+                         "cpu", linear.weight.dtype)
+        layer.load_state_dict(load_file(str(path)))
+        assert isinstance(layer, (SparseDictionaryLinear, LowRankSparseLinear))
+        return layer
+
+
+def _key(option: SparseOption) -> list[object]:
+    return [option.kind, option.rank, option.nnz]
 
 
 def apply(
@@ -88,7 +119,7 @@ def apply(
     targets = target_linears(loaded.model, config.exclude)
     if allocation is None:
         t = time.perf_counter()
-        kept = KeptLayers(targets)  # sparse options near the choices refined, the choices' fits kept
+        kept = KeptLayers()  # sparse options near the choices refined, the choices' fits kept
         allocation = allocate_ranks(analysis, config, loaded.model, progress=progress, keep=kept.keep)
         timing["allocation_s"] = time.perf_counter() - t
     candidates, choices = allocation
@@ -113,7 +144,7 @@ def apply(
         bias = linear.bias.detach() if linear.bias is not None else None
         if isinstance(choice, SparseOption):
             inp = analysis.stats.input_of(c.name).to(device)
-            layer = kept.take(c.name, choice) if kept is not None else None
+            layer = kept.take(c.name, choice, linear) if kept is not None else None
             if layer is None:
                 outputs = analysis.stats.outputs.get(c.name)
                 problem = method.weighted_problem(

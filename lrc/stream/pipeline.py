@@ -40,7 +40,7 @@ from ..config import CompressionConfig
 from ..device import resolve_device
 from ..distributed import launched, world
 from ..engine import Analysis
-from ..engine.build import MatrixResult, apply
+from ..engine.build import KeptLayers, MatrixResult, apply
 from ..engine.executors import EXECUTORS
 from ..engine.jobs import decomposition_jobs, run_job
 from ..errors import ConfigError
@@ -113,8 +113,9 @@ def compress_streamed(
         timing.update(analysis.timing)
         t = time.perf_counter()
         allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
+        kept = KeptLayers(store.decomp_dir / "kept")  # the choices' refits, for the blocks' builds
         allocation = allocate_ranks(analysis, config, problems=streamed_problems(loaded, config, store, stats),
-                                    allocator=allocator, progress=progress)
+                                    allocator=allocator, progress=progress, keep=kept.keep)
         timing["allocation_s"] = time.perf_counter() - t
         timing["refine_s"] = analysis.timing.get("refine_s", 0.0)  # the part of allocation_s spent refining
         t = time.perf_counter()
@@ -126,7 +127,7 @@ def compress_streamed(
         with atomic_directory(out_path) as tmp:
             t = time.perf_counter()
             results, held_out_entry = build_and_write(loaded, analysis, config, store, allocation, held_out, tmp,
-                                                      activations, progress)
+                                                      activations, kept, progress)
             timing["apply_s"] = time.perf_counter() - t
             device = resolve_device(config.device)
             report = build_report(loaded, config, analysis.stats, results, original_params, device)
@@ -342,9 +343,11 @@ def streamed_mean_loss(model: Any, windows: torch.Tensor, batch_size: int, devic
 
 def build_and_write(
     loaded: LoadedModel, analysis: Analysis, config: CompressionConfig, store: LayerStore, allocation: Any,
-    held_out: HeldOutCheck, folder: Path, activations: ActivationStore, progress: Progress = no_progress,
+    held_out: HeldOutCheck, folder: Path, activations: ActivationStore, kept: KeptLayers | None = None,
+    progress: Progress = no_progress,
 ) -> tuple[list[MatrixResult], dict[str, Any]]:
-    """Per layer: reload its decompositions and statistics, build its chosen forms (lrc.engine.build.apply), run
+    """Per layer: reload its decompositions and statistics, build its chosen forms (lrc.engine.build.apply, the
+    sparse ones from `kept` where the refits made them), run
     the held-out hidden states through it, stage its tensors; then the checkpoint's shards from the staged
     tensors and the resident ones. Returns the per-matrix results and the held-out report entry."""
     model = loaded.model
@@ -370,7 +373,7 @@ def build_and_write(
                     dec.sparse_options = analysis.decompositions[name].sparse_options
                 layer_analysis = Analysis(_layer_stats(store, index, analysis.stats), found[0], found[1],
                                           analysis.errors_comparable, {})
-                results += apply(loaded, layer_analysis, config, no_progress, (layer_candidates, choices))[0]
+                results += apply(loaded, layer_analysis, config, no_progress, (layer_candidates, choices), kept)[0]
             if held is not None:
                 held.step(index)
             save_file({prefix + k: written_tensor(prefix + k, v, dtype) for k, v in unique_entries(layer).items()},
