@@ -80,12 +80,12 @@ def test_sequential_mode_refuses_sparse_options(llama_dir, calib_file):
         lrc.compress(str(llama_dir), config(calib_file, budget=0.3, method="sparse-dictionary", sequential=True))
 
 
-def test_a_pattern_reaches_the_loaded_layers(tiny_model_dir, calib_file, tmp_path):
+def test_a_pattern_reaches_the_loaded_layers(llama_dir, calib_file, tmp_path):
     """pattern 2:4 through compress -> write -> load: every loaded sparse layer's mixing keeps at most 2 of each
     4 consecutive atoms in every row, its stored entries exactly half of its slots."""
     out = tmp_path / "out"
     cfg = config(calib_file, budget=0.3, method="sparse-dictionary").replace(method_options={"pattern": "2:4"})
-    result = lrc.compress(str(tiny_model_dir), cfg, out)
+    result = lrc.compress(str(llama_dir), cfg, out)
     sparse = [m for m in result.matrices if m.kind == "sparse-dictionary"]
     assert sparse, "the allocator picked no sparse option on this model"
     model = lrc.load(str(out)).model
@@ -98,8 +98,7 @@ def test_a_pattern_reaches_the_loaded_layers(tiny_model_dir, calib_file, tmp_pat
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_chosen_sparse_layers_are_fitted_once_to_the_same_bytes(tiny_model_dir, calib_file, tmp_path, monkeypatch,
-                                                                 stream):
+def test_chosen_sparse_layers_are_fitted_once_to_the_same_bytes(llama_dir, calib_file, tmp_path, monkeypatch, stream):
     """The refits of the allocator's choices become the written layers (lrc.engine.build.KeptLayers; streamed:
     kept in files): building fits again only the choices that moved after their last refit, and the file is
     the one written when every chosen layer is fitted again."""
@@ -111,11 +110,11 @@ def test_chosen_sparse_layers_are_fitted_once_to_the_same_bytes(tiny_model_dir, 
     fit = SparseDictionary.sparse_layer
     monkeypatch.setattr(SparseDictionary, "sparse_layer", lambda self, problem, option: fitted.append(option) or fit(self, problem, option))
     cfg = config(calib_file, budget=0.3, method="sparse-dictionary", stream=stream)
-    result = lrc.compress(str(tiny_model_dir), cfg, tmp_path / "kept")
+    result = lrc.compress(str(llama_dir), cfg, tmp_path / "kept")
     sparse = [m for m in result.matrices if m.kind == "sparse-dictionary"]
     assert sparse and len(fitted) < len(sparse)
     fitted.clear()
     monkeypatch.setattr(KeptLayers, "take", lambda self, name, option, linear: None)
-    lrc.compress(str(tiny_model_dir), cfg, tmp_path / "refitted")
+    lrc.compress(str(llama_dir), cfg, tmp_path / "refitted")
     assert len(fitted) == len(sparse)
     assert file_hashes(tmp_path / "kept")["model.safetensors"] == file_hashes(tmp_path / "refitted")["model.safetensors"]
