@@ -98,7 +98,10 @@ def forms(out: int, inp: int, keep: float, align: int, wanted: list[str], device
     made = {}
     for name in [n for n in builders if n in wanted and n not in LEFT_OUT]:
         try:
-            made[name] = builders[name]().to(device=device, dtype=dtype).eval()
+            layer = builders[name]()
+            if name != SEMI_STRUCTURED:  # that one is made on the device, in the dtype: its tensor may not move
+                layer = layer.to(device=device, dtype=dtype)
+            made[name] = layer.eval()
         except (RuntimeError, NotImplementedError) as error:  # torch's semi-structured tensor on this GPU
             if name != SEMI_STRUCTURED:
                 raise
@@ -110,8 +113,9 @@ def weight_bytes(layer: nn.Module) -> int:
     """Bytes held: a semi-structured tensor's stored values and metadata, not its dense shape."""
     total = 0
     for t in [*layer.parameters(), *layer.buffers()]:
-        data = t.data if isinstance(t, nn.Parameter) else t
-        if isinstance(data, torch.sparse.SparseSemiStructuredTensor):
+        semi = torch.sparse.SparseSemiStructuredTensor
+        data = t if isinstance(t, semi) else t.data
+        if isinstance(data, semi):
             parts = [data.packed, data.meta, data.packed_t, data.meta_t, data.compressed_swizzled_bitmask]
             total += sum(part.numel() * part.element_size() for part in parts if part is not None)
         else:
