@@ -38,8 +38,8 @@ ProblemGroups = Callable[[list[str]], Iterator[tuple["dict[str, Projection]", "C
 """Matrix names -> their weights and statistics, one group at a time (the whole model in memory; one decoder
 block at a time when streamed, see lrc.stream.pipeline): what refining needs of the matrices it refits."""
 KeepFit = Callable[[str, SparseOption, dict[str, torch.Tensor], "Projection"], None]
-"""(matrix name, option, the method's factors for it, the matrix): a refit of a matrix's current choice, handed to the
-caller (lrc.engine.build.KeptLayers) so that the layer it builds if the choice stands is not fitted again."""
+"""(matrix name, option, the method's factors for it, the matrix): a refit of a matrix's current choice, handed
+to the caller (lrc.engine.build.KeptLayers) so that the layer it builds if the choice stands is not fitted again."""
 
 
 def model_problems(model: nn.Module, stats: CalibrationStats, config: CompressionConfig) -> ProblemGroups:

@@ -96,6 +96,11 @@ class KeptLayers:
         return layer
 
 
+    def drop(self) -> None:
+        """Forget the layers in memory not taken (choices that moved to a rank or dense); files stay."""
+        self.layers.clear()
+
+
 def _key(option: SparseOption) -> list[object]:
     return [option.kind, option.rank, option.nnz]
 
@@ -163,6 +168,8 @@ def apply(
         else:
             results.append(_result(c, DENSE, 0.0))
         progress("build layers", done, len(candidates))  # a sparse layer's final fit: minutes at 8192 x 2048
+    if kept is not None:
+        kept.drop()
     return results, timing
 
 

@@ -85,9 +85,9 @@ class SparseDictionary(LossAwareSVD):
             raise ConfigError(f"{KIND} atom_step must be >= 1, got {self.atom_step}")
         if self.reselect_options not in ("chosen", "near-choice", "all"):
             raise ConfigError(f"{KIND} reselect_options must be 'chosen', 'near-choice' or 'all', got {self.reselect_options!r}")
-        self.group = semi_structured(self.pattern)
-        if self.group is not None:
-            kept, size = self.group
+        self.n_of_m = semi_structured(self.pattern)
+        if self.n_of_m is not None:
+            kept, size = self.n_of_m
             if self.atom_step % size:
                 raise ConfigError(f"{KIND} pattern {self.pattern} needs atom_step a multiple of {size}, got {self.atom_step}")
             if self.sparsity_levels not in ([1.75, 2.0], [size / kept]):
@@ -97,7 +97,7 @@ class SparseDictionary(LossAwareSVD):
     @property
     def levels(self) -> list[float]:
         """The sparsity levels q = k / s offered: M / N alone under a pattern N:M, else `sparsity_levels`."""
-        return [self.group[1] / self.group[0]] if self.group is not None else self.sparsity_levels
+        return [self.n_of_m[1] / self.n_of_m[0]] if self.n_of_m is not None else self.sparsity_levels
 
     @property
     def refine_neighbours(self) -> int:
@@ -151,8 +151,9 @@ class SparseDictionary(LossAwareSVD):
         if not self.reselect:
             return [(replace(o, refined=True), None) for o in options]
         refined: list[tuple[SparseOption, dict[str, torch.Tensor] | None]] = []
+        data = input_weighted(problem)
         for option in options:
-            mixing, z, error = self._final_fit(problem, option)
+            mixing, z, error = self._final_fit(problem, option, data)
             refined.append((replace(option, error=error, refined=True), self._factors(problem, mixing, z)))
         return refined
 
@@ -161,12 +162,14 @@ class SparseDictionary(LossAwareSVD):
         mixing, z, _ = self._final_fit(problem, option)
         return self._factors(problem, mixing, z)
 
-    def _final_fit(self, problem: WeightedProblem, option: SparseOption) -> Fit:
-        """Steps 1-4 for one option, computed alone (the same bits wherever and with whatever else it is
-        computed): the fit its layer is built from, its error the option's refined error."""
+    def _final_fit(self, problem: WeightedProblem, option: SparseOption, data: torch.Tensor | None = None) -> Fit:
+        """Steps 1-4 for one option, its coefficients computed at its own k (the same bits whatever other
+        options are fitted with it): the fit its layer is built from, its error the option's refined error.
+        data: input_weighted(problem) if the caller has it."""
         total = float(problem.weighted.square().sum())
         coefficients = self._coefficients(problem, option.rank)
-        return self._fit(problem, coefficients, option.nnz // problem.weight.shape[0], total, input_weighted(problem))
+        data = input_weighted(problem) if data is None else data
+        return self._fit(problem, coefficients, option.nnz // problem.weight.shape[0], total, data)
 
     @staticmethod
     def _factors(problem: WeightedProblem, mixing: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -200,7 +203,7 @@ class SparseDictionary(LossAwareSVD):
         self, problem: WeightedProblem, values: torch.Tensor, importance: torch.Tensor, s: int, total: float
     ) -> Fit:
         """(S, Z, error): S keeps `values` (m x k) at the s largest |importance| of each row; Z the ridge refit."""
-        mask = row_top_mask(importance, s) if self.group is None else group_top_mask(importance, *self.group)
+        mask = row_top_mask(importance, s) if self.n_of_m is None else group_top_mask(importance, *self.n_of_m)
         mixing = torch.where(mask, values, torch.zeros((), dtype=values.dtype))
         weighted_mixing = apply_left(problem.out_weights[0], mixing)  # S̃ = P_out S
         gram = weighted_mixing.T @ weighted_mixing
