@@ -105,8 +105,13 @@ def forms(out: int, inp: int, keep: float, align: int, wanted: list[str], device
         except (RuntimeError, NotImplementedError) as error:  # torch's semi-structured tensor on this GPU
             if name != SEMI_STRUCTURED:
                 raise
-            LEFT_OUT[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            LEFT_OUT[name] = why(error)
     return made
+
+
+def why(error: Exception) -> str:
+    """An error's type and first line, for the table's note on a form left out."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
 def weight_bytes(layer: nn.Module) -> int:
@@ -151,7 +156,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
                 except (RuntimeError, NotImplementedError) as error:
                     if form != SEMI_STRUCTURED:
                         raise
-                    LEFT_OUT[form] = f"{tokens} tokens: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                    LEFT_OUT[form] = f"{tokens} tokens: {why(error)}"
                     del layers[form]
             times: dict[str, list[float]] = {form: [] for form in layers}
             order = list(layers)

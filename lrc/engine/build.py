@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from ..allocate import DENSE, Choice, MatrixCandidates, allocate_ranks
 from ..config import CompressionConfig
@@ -19,7 +16,6 @@ from ..device import resolve_device
 from ..errors import ConfigError
 from ..factorize import METHODS, SparseOption
 from ..forms import LAYER_FORMS, LowRankLinear, LowRankSparseLinear, SparseDictionaryLinear, skeleton
-from ..io.atomic_file import atomic_file
 from ..model.projection import Projection
 from ..model.targets import replace_module, target_linears
 from ..progress import Progress, no_progress
@@ -53,48 +49,47 @@ class MatrixResult:
         return {"kind": self.kind, "rank": self.rank, "nnz": self.nnz, "layout": self.layout}
 
 
+class KeptFiles(Protocol):
+    """Where a streamed run keeps its refitted layers (lrc.stream.layer_store.LayerStore): files keyed by the
+    weights, statistics and method options the fits came from, so a file left by an earlier run is the same fit."""
+
+    def save_kept(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None: ...
+
+    def load_kept(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None: ...
+
+
 class KeptLayers:
     """Sparse layers built from the refits of the allocator's choices (lrc.allocate.refine's `keep`), at most
     one per matrix (its latest), for `apply` to swap in where the final choice is that option: its final fit,
     minutes for a wide matrix, made once. In memory (up to the chosen sparse layers' bytes until `apply` takes
-    them), or in `folder` (a streamed run: one safetensors file per matrix, the option in its metadata; the
-    folder must be keyed by the weights, statistics and method options the fits came from, as the layer
-    store's decomposition folder is, so a file left by an earlier run is the same fit)."""
+    them), or in `files` (a streamed run: a layer's tensors, its option and spec in the metadata)."""
 
-    def __init__(self, folder: Path | None = None) -> None:
-        self.folder = folder
+    def __init__(self, files: KeptFiles | None = None) -> None:
+        self.files = files
         self.layers: dict[str, tuple[list[object], SparseDictionaryLinear | LowRankSparseLinear]] = {}
 
     def keep(self, name: str, option: SparseOption, factors: dict[str, torch.Tensor], linear: Projection) -> None:
         bias = linear.bias.detach() if linear.bias is not None else None
         layer = build_sparse_layer(option, factors, bias, linear.weight.dtype)
-        if self.folder is None:
+        if self.files is None:
             self.layers[name] = (_key(option), layer)
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.folder / f"{name}.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, str(tmp),
-                      metadata={"option": json.dumps(_key(option)), "spec": json.dumps(layer.spec())})
+        else:
+            self.files.save_kept(name, layer.state_dict(), {"option": _key(option), "spec": layer.spec()})
 
     def take(self, name: str, option: SparseOption,
              linear: Projection) -> SparseDictionaryLinear | LowRankSparseLinear | None:
         """The layer kept for `name` if it was built for `option` (None otherwise); in memory it is kept no longer."""
-        if self.folder is None:
+        if self.files is None:
             found = self.layers.pop(name, None)
             return found[1] if found is not None and found[0] == _key(option) else None
-        path = self.folder / f"{name}.safetensors"
-        if not path.is_file():
+        stored = self.files.load_kept(name)
+        if stored is None or stored[1].get("option") != _key(option):
             return None
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        if json.loads(meta.get("option", "null")) != _key(option):
-            return None
-        layer = skeleton(linear.in_features, linear.out_features, json.loads(meta["spec"]), linear.bias is not None,
-                         "cpu", linear.weight.dtype)
-        layer.load_state_dict(load_file(str(path)))
+        layer = skeleton(linear.in_features, linear.out_features, stored[1]["spec"], linear.bias is not None, "cpu",
+                         linear.weight.dtype)
+        layer.load_state_dict(stored[0])
         assert isinstance(layer, (SparseDictionaryLinear, LowRankSparseLinear))
         return layer
-
 
     def drop(self) -> None:
         """Forget the layers in memory not taken (choices that moved to a rank or dense); files stay."""

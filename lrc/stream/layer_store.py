@@ -6,6 +6,8 @@ Layout under `root` (the --cache-dir's `stream/` folder, else the lrc cache's):
   STATS_KEY/inputs-I.safetensors      layer I's input statistics (Grams, abs sums; tokens and shares in metadata)
   STATS_KEY/outputs-I.safetensors     layer I's output-gradient statistics
   STATS_KEY/DECOMP_KEY/layer-I.safetensors   layer I's decompositions and output-error curves
+  STATS_KEY/DECOMP_KEY/kept/NAME.safetensors   matrix NAME's sparse layer as refitted for the allocator's choice
+                                             (its option and layer spec in the metadata; lrc.engine.build.KeptLayers)
 STATS_KEY is the statistics cache's key (lrc.stats.store.cache_key: model and tokenizer bytes, data, samples,
 seq_len, seed, batch size, device, threads, versions, ...); DECOMP_KEY adds the method, its options and the
 written dtype (sparse options' byte costs depend on it). Every file is written to a temporary name and renamed,
@@ -137,6 +139,13 @@ class LayerStore:
                                                  tensors[f"{name}.errors"], [SparseOption(**o) for o in options])
             output_errors[name] = tensors[f"{name}.output_errors"]
         return decompositions, output_errors
+
+    def save_kept(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        (self.decomp_dir / "kept").mkdir(exist_ok=True)
+        self._save(self.decomp_dir / "kept" / f"{name}.safetensors", tensors, meta)
+
+    def load_kept(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        return self._load(self.decomp_dir / "kept" / f"{name}.safetensors")
 
     def remove(self) -> None:
         """Delete this run's files (after a successful run that was not asked to keep them)."""

@@ -113,7 +113,7 @@ def compress_streamed(
         timing.update(analysis.timing)
         t = time.perf_counter()
         allocator = ALLOCATORS.create(config.allocator, config.allocator_options)
-        kept = KeptLayers(store.decomp_dir / "kept")  # the choices' refits, for the blocks' builds
+        kept = KeptLayers(store)  # the choices' refits, in files, for the blocks' builds
         allocation = allocate_ranks(analysis, config, problems=streamed_problems(loaded, config, store, stats),
                                     allocator=allocator, progress=progress, keep=kept.keep)
         timing["allocation_s"] = time.perf_counter() - t
