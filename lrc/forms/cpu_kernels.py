@@ -544,10 +544,17 @@ DENSE_KERNEL_MAX_TOKENS = 4 if HAS_AMX else 8
 # (oneDNN) was 1.3-1.6x slower than converting to float32 and back at 512 tokens, and each distinct
 # (weight shape, token count) kept about 0.7 MiB of oneDNN state for the life of the process
 BF16_PRODUCTS_IN_FLOAT32 = ENABLED and platform.machine() in ("x86_64", "AMD64") and not HAS_AMX
-# a weight made for one product (a float32 copy of a bfloat16 factor, a sparse matrix densified) is made this
-# many bytes of its rows at a time: a whole copy is transient memory as large as the matrix (a 14336 x 4096
-# float32 copy is 224 MiB), which a model's peak memory would carry
+# a weight made for one product (a float32 copy of a bfloat16 factor, a sparse matrix densified) is made, and
+# the product computed, at most this many bytes of rows at a time: a whole copy is transient memory as large
+# as the matrix (a 14336 x 4096 float32 copy is 224 MiB), which a model's peak memory would carry
 BLOCK_BYTES = 8 * 1024**2
+# the same for a bfloat16 product made in float32 (BF16_PRODUCTS_IN_FLOAT32), whose blocks are three transients
+# (the weight's rows and the product in float32, the rounded product): at Llama-3.2-1B's widths in bfloat16,
+# the compressed models' peak during a 512-token prefill was 1098-1118 MiB with 1 MiB blocks against 1120-1183
+# with 8 (dense 1215-1244; glibc keeps freed blocks of 8 MiB resident), for 8-11% more prefill time; in float32
+# smaller blocks moved the peak within the rounds' spread and cost the default recipe 13% of its prefill
+# (bench/results/row_blocks_wide.md)
+CONVERTED_BLOCK_BYTES = 1 * 1024**2
 
 
 def _cpu_signature() -> str:
@@ -759,12 +766,14 @@ def register_op(module: str, name: str, fn: Callable[..., torch.Tensor], schema:
 def product_by_row_blocks(x: torch.Tensor, out_features: int, rows: Callable[[int, int], torch.Tensor],
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """x Wᵀ + b: x (..., in), W (out_features, in) made `rows(start, end)` (W[start:end], any float dtype) a
-    block of at most BLOCK_BYTES at the product's dtype at a time, bias (out_features,) or None -> (..., out)
-    in x's dtype. The product's dtype is float32 for bfloat16 x where BF16_PRODUCTS_IN_FLOAT32 (rounded once
-    to bfloat16), else x's. One block (the matrix within BLOCK_BYTES): one product, as `linear` makes."""
+    block of rows at a time, bias (out_features,) or None -> (..., out) in x's dtype. A block is at most
+    BLOCK_BYTES (CONVERTED_BLOCK_BYTES for bfloat16 x made in float32) at the product's dtype, both as weight
+    rows (rows x in) and as product columns (tokens x rows). The product's dtype is float32 for bfloat16 x
+    where BF16_PRODUCTS_IN_FLOAT32 (rounded once to bfloat16), else x's. One block: one product, as `linear`."""
     compute = torch.float32 if x.dtype is torch.bfloat16 and BF16_PRODUCTS_IN_FLOAT32 else x.dtype
     flat = x.reshape(-1, x.shape[-1]).to(compute)
-    step = max(1, BLOCK_BYTES // max(1, x.shape[-1] * flat.element_size()))
+    block_bytes = CONVERTED_BLOCK_BYTES if compute != x.dtype else BLOCK_BYTES
+    step = max(1, block_bytes // (flat.element_size() * max(1, x.shape[-1], flat.shape[0])))
 
     def block(start: int, end: int) -> torch.Tensor:
         return torch.nn.functional.linear(flat, rows(start, end).to(compute),

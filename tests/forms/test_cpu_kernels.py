@@ -53,13 +53,16 @@ def test_more_bf16_tokens_run_in_float32_without_amx_and_match_float64(monkeypat
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("rows", [1, 37, 130])
-def test_a_product_by_row_blocks_makes_its_weight_a_block_at_a_time(monkeypatch, dtype, rows):
-    """The weight's rows are asked for in blocks of at most BLOCK_BYTES at the product's dtype, each once, in
-    order; the product is x Wᵀ + b as float64 computes it, in x's dtype."""
-    monkeypatch.setattr(cpu_kernels, "BLOCK_BYTES", 4 * 576 * 16)  # 16 float32 rows of 576
+@pytest.mark.parametrize("tokens", [20, 1152], ids=["weight-bound", "product-bound"])
+def test_a_product_by_row_blocks_makes_its_weight_a_block_at_a_time(monkeypatch, dtype, rows, tokens):
+    """The weight's rows are asked for in blocks of at most BLOCK_BYTES at the product's dtype (bfloat16 made
+    in float32: CONVERTED_BLOCK_BYTES), as weight rows (rows x 576) and as product columns (tokens x rows),
+    each once, in order; the product is x Wᵀ + b as float64 computes it, in x's dtype."""
+    monkeypatch.setattr(cpu_kernels, "BLOCK_BYTES", 4 * 576 * 16)  # 16 float32 rows of 576, 8 columns of 1152
+    monkeypatch.setattr(cpu_kernels, "CONVERTED_BLOCK_BYTES", 4 * 576 * 8)  # bfloat16 made in float32: half that
     g = torch.Generator().manual_seed(rows)
     w, b = torch.randn(rows, 576, generator=g).to(dtype), torch.randn(rows, generator=g).to(dtype)
-    x = torch.randn(2, 20, 576, generator=g).to(dtype)
+    x = torch.randn(2, tokens // 2, 576, generator=g).to(dtype)
     asked: list[tuple[int, int]] = []
 
     def block(start, end):
@@ -67,8 +70,10 @@ def test_a_product_by_row_blocks_makes_its_weight_a_block_at_a_time(monkeypatch,
         return w[start:end]
 
     y = cpu_kernels.product_by_row_blocks(x, rows, block, b)
-    assert y.dtype == dtype and y.shape == (2, 20, rows)
-    per_block = 16 if dtype == torch.float32 or cpu_kernels.BF16_PRODUCTS_IN_FLOAT32 else 32
+    assert y.dtype == dtype and y.shape == (2, tokens // 2, rows)
+    per_block = 16 if tokens <= 576 else 8
+    if dtype == torch.bfloat16:  # in float32 (half the bytes per block), or bfloat16 (half the bytes per value)
+        per_block = per_block // 2 if cpu_kernels.BF16_PRODUCTS_IN_FLOAT32 else per_block * 2
     assert asked == [(start, min(start + per_block, rows)) for start in range(0, rows, per_block)]
     exact = x.double() @ w.double().T + b.double()
     rounding = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-20
