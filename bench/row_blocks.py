@@ -29,7 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from results_files import cpu_description, write_results
-from runtime import FLOAT_DTYPES, MIB, ROOT, WIKI_TEST, file_bytes, load, proc_status, prompt, reset_peak_rss, timed_run
+from runtime import (
+    FLOAT_DTYPES,
+    MIB,
+    ROOT,
+    WIKI_TEST,
+    file_bytes,
+    load,
+    proc_status,
+    prompt,
+    reset_peak_rss,
+    timed_run,
+)
 
 
 def set_block(mib: float) -> None:
