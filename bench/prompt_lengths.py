@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from results_files import cpu_description, write_results
-from runtime import MIB, ROOT, WIKI_TEST, proc_status, prompt
+from runtime import MIB, ROOT, WIKI_TEST, child_json, proc_status, prompt
 
 LENGTHS = [512, 448, 384, 320, 256, 192, 128, 64]
 PRODUCTS = {"lrc's": "1", "torch's": "0"}  # LRC_CPU_KERNELS
@@ -55,14 +53,10 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(folder: Path, products: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", str(folder), "--dtype", args.dtype, "--threads", str(args.threads),
-           "--text", str(args.text), "--lengths", *map(str, args.lengths)]
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT),
-                        "LRC_CPU_KERNELS": PRODUCTS[products]}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{folder} ({products} products) failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["--child", str(folder), "--dtype", args.dtype, "--threads", str(args.threads), "--text", str(args.text),
+                 "--lengths", *map(str, args.lengths)]
+    return child_json(__file__, arguments, args.threads, f"{folder} ({products} products)",
+                      {"LRC_CPU_KERNELS": PRODUCTS[products]})
 
 
 def main() -> None:

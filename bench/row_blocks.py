@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ from runtime import (
     MIB,
     ROOT,
     WIKI_TEST,
+    child_json,
     file_bytes,
     load,
     proc_status,
@@ -94,14 +93,10 @@ def speed_child(args: argparse.Namespace) -> None:
 
 
 def run_child(mode: str, folder: str, dtype: str, args: argparse.Namespace, block: float = 0.0) -> Any:
-    cmd = [sys.executable, __file__, "--child-mode", mode, "--child", folder, "--dtypes", dtype, "--block", str(block),
-           "--threads", str(args.threads), "--alternations", str(args.alternations), "--text", str(args.text),
-           "--block-mib", *map(str, args.block_mib)]
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{folder} ({mode}, {dtype}) failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["--child-mode", mode, "--child", folder, "--dtypes", dtype, "--block", str(block), "--threads",
+                 str(args.threads), "--alternations", str(args.alternations), "--text", str(args.text),
+                 "--block-mib", *map(str, args.block_mib)]
+    return child_json(__file__, arguments, args.threads, f"{folder} ({mode}, {dtype})")
 
 
 def main() -> None:

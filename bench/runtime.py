@@ -204,17 +204,24 @@ def alternating_child(args: argparse.Namespace) -> None:
     print(json.dumps(speeds))
 
 
+def child_json(script: str, arguments: list[str], threads: int, what: str, env: dict[str, str] | None = None) -> Any:
+    """Run a bench script as a child process (this checkout's lrc, `threads` OpenMP threads, `env` added):
+    its last stdout line as JSON; exits with its error output, named `what`, if it fails."""
+    environment = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)} | (env or {})
+    done = subprocess.run([sys.executable, script, *arguments], env=environment, capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_child(extra: list[str], dtype: str, args: argparse.Namespace) -> Any:
     """A child process of this script (one dtype), its last stdout line as JSON."""
-    cmd = [sys.executable, __file__, *extra, "--dtypes", dtype, "--threads", str(args.threads),
-           "--seq-len", str(args.seq_len), "--decode", str(args.decode), "--repeats", str(args.repeats),
-           "--alternations", str(args.alternations), "--device", args.device, "--text", str(args.text),
-           *(["--all-logits"] if args.all_logits else []), *(["--compile"] if args.compile else [])]
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(extra)} ({dtype}) failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = [*extra, "--dtypes", dtype, "--threads", str(args.threads),
+                 "--seq-len", str(args.seq_len), "--decode", str(args.decode), "--repeats", str(args.repeats),
+                 "--alternations", str(args.alternations), "--device", args.device, "--text", str(args.text),
+                 *(["--all-logits"] if args.all_logits else []), *(["--compile"] if args.compile else [])]
+    return child_json(__file__, arguments, args.threads, f"{' '.join(extra)} ({dtype})")
 
 
 def default_models() -> dict[str, Path]:
