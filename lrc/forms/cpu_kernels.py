@@ -548,8 +548,8 @@ BF16_PRODUCTS_IN_FLOAT32 = ENABLED and platform.machine() in ("x86_64", "AMD64")
 # the product computed, at most this many bytes of rows at a time: a whole copy is transient memory as large
 # as the matrix (a 14336 x 4096 float32 copy is 224 MiB), which a model's peak memory would carry
 BLOCK_BYTES = 8 * 1024**2
-# the same for a bfloat16 product made in float32 (BF16_PRODUCTS_IN_FLOAT32), whose blocks are three transients
-# (the weight's rows and the product in float32, the rounded product): at Llama-3.2-1B's widths in bfloat16,
+# the same for a bfloat16 product made in float32 (BF16_PRODUCTS_IN_FLOAT32), whose blocks are float32 copies
+# made for the call (the weight's rows, the product's columns before rounding): at Llama-3.2-1B's widths in bfloat16,
 # the compressed models' peak during a 512-token prefill was 1098-1118 MiB with 1 MiB blocks against 1120-1183
 # with 8 (dense 1215-1244; glibc keeps freed blocks of 8 MiB resident), for 8-11% more prefill time; in float32
 # smaller blocks moved the peak within the rounds' spread and cost the default recipe 13% of its prefill

@@ -43,8 +43,8 @@ def random_layers(n: int, m: int, seed: int, bias: bool = False) -> dict[str, nn
 @pytest.mark.parametrize("block_bytes", [cpu_kernels.BLOCK_BYTES, 1000], ids=["", "blocks of rows"])
 def test_every_form_computes_its_dense_weight(monkeypatch, kernels, dtype, shape, block_bytes):
     monkeypatch.setattr(cpu_kernels, "ENABLED", kernels)
-    for name in ("BLOCK_BYTES", "CONVERTED_BLOCK_BYTES"):  # 1000: prefill weights made 5-12 rows at a time
-        monkeypatch.setattr(cpu_kernels, name, block_bytes)
+    for constant in ("BLOCK_BYTES", "CONVERTED_BLOCK_BYTES"):  # 1000: prefill weights made 5-12 rows at a time
+        monkeypatch.setattr(cpu_kernels, constant, block_bytes)
     for name, layer in random_layers(48, 37, seed=shape[1], bias=True).items():
         layer = layer.to(dtype)
         x = torch.randn(*shape, 48).to(dtype)
