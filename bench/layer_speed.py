@@ -117,8 +117,8 @@ def why(error: Exception) -> str:
 def weight_bytes(layer: nn.Module) -> int:
     """Bytes held: a semi-structured tensor's stored values and metadata, not its dense shape."""
     total = 0
+    semi = torch.sparse.SparseSemiStructuredTensor
     for t in [*layer.parameters(), *layer.buffers()]:
-        semi = torch.sparse.SparseSemiStructuredTensor
         data = t if isinstance(t, semi) else t.data
         if isinstance(data, semi):
             parts = [data.packed, data.meta, data.packed_t, data.meta_t, data.compressed_swizzled_bitmask]

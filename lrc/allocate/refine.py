@@ -56,7 +56,7 @@ def near_choice(candidate: MatrixCandidates, choice: Choice, neighbours: int = 1
     """The unrefined sparse options next to `choice` by cost (see the module docstring)."""
     options = sorted(candidate.sparse, key=lambda o: (o.cost, o.rank))
     if isinstance(choice, SparseOption):
-        at = next(i for i, o in enumerate(options) if (o.rank, o.nnz) == (choice.rank, choice.nnz))
+        at = next(i for i, o in enumerate(options) if o.key == choice.key)
         near = options[max(0, at - neighbours) : at + neighbours + 1]
     else:
         above = bisect.bisect_right([o.cost for o in options], candidate.params(choice))
@@ -120,21 +120,21 @@ def refine_near_choices(
                 outputs = stats.outputs[name].to(device) if name in stats.outputs else None
                 problem = method.weighted_problem(targets[name].weight.detach().to(device), inputs, name,
                                                   in_weights[owner], outputs)
-                keys = {(o.rank, o.nnz) for o in options}
-                originals = [o for o in analysis.decompositions[name].sparse_options if (o.rank, o.nnz) in keys]
+                keys = {o.key for o in options}
+                originals = [o for o in analysis.decompositions[name].sparse_options if o.key in keys]
                 pairs = method.refine_options(problem, originals)  # errors unscaled, as the originals'
                 refitted[name] = [option for option, _ in pairs]
                 chosen = choices[name]
-                for option, factors in pairs:
-                    if (keep is not None and factors is not None and isinstance(chosen, SparseOption)
-                            and (option.kind, option.rank, option.nnz) == (chosen.kind, chosen.rank, chosen.nnz)):
-                        keep(name, option, factors, targets[name])
+                if keep is not None and isinstance(chosen, SparseOption):
+                    for option, factors in pairs:
+                        if factors is not None and option.key == chosen.key:
+                            keep(name, option, factors, targets[name])
                 done += 1
                 progress(phase, done, len(mine))
         for name, options in merged_over_ranks(refitted).items():  # every rank's refits, on every rank
             dec = analysis.decompositions[name]
-            refined = {(o.rank, o.nnz): o for o in options}
-            dec.sparse_options = [refined.get((o.rank, o.nnz), o) for o in dec.sparse_options]
+            refined = {o.key: o for o in options}
+            dec.sparse_options = [refined.get(o.key, o) for o in dec.sparse_options]
         candidates = build_candidates(analysis, config)
         allocation = candidates, allocator.allocate(candidates, config.budget)
     analysis.timing["refine_s"] = analysis.timing.get("refine_s", 0.0) + time.perf_counter() - start

@@ -66,24 +66,24 @@ class KeptLayers:
 
     def __init__(self, files: KeptFiles | None = None) -> None:
         self.files = files
-        self.layers: dict[str, tuple[list[object], SparseDictionaryLinear | LowRankSparseLinear]] = {}
+        self.layers: dict[str, tuple[tuple[str, int, int], SparseDictionaryLinear | LowRankSparseLinear]] = {}
 
     def keep(self, name: str, option: SparseOption, factors: dict[str, torch.Tensor], linear: Projection) -> None:
         bias = linear.bias.detach() if linear.bias is not None else None
         layer = build_sparse_layer(option, factors, bias, linear.weight.dtype)
         if self.files is None:
-            self.layers[name] = (_key(option), layer)
+            self.layers[name] = (option.key, layer)
         else:
-            self.files.save_kept(name, layer.state_dict(), {"option": _key(option), "spec": layer.spec()})
+            self.files.save_kept(name, layer.state_dict(), {"option": list(option.key), "spec": layer.spec()})
 
     def take(self, name: str, option: SparseOption,
              linear: Projection) -> SparseDictionaryLinear | LowRankSparseLinear | None:
         """The layer kept for `name` if it was built for `option` (None otherwise); in memory it is kept no longer."""
         if self.files is None:
             found = self.layers.pop(name, None)
-            return found[1] if found is not None and found[0] == _key(option) else None
+            return found[1] if found is not None and found[0] == option.key else None
         stored = self.files.load_kept(name)
-        if stored is None or stored[1].get("option") != _key(option):
+        if stored is None or stored[1].get("option") != list(option.key):
             return None
         layer = skeleton(linear.in_features, linear.out_features, stored[1]["spec"], linear.bias is not None, "cpu",
                          linear.weight.dtype)
@@ -94,10 +94,6 @@ class KeptLayers:
     def drop(self) -> None:
         """Forget the layers in memory not taken (choices that moved to a rank or dense); files stay."""
         self.layers.clear()
-
-
-def _key(option: SparseOption) -> list[object]:
-    return [option.kind, option.rank, option.nnz]
 
 
 def apply(

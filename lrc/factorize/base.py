@@ -73,6 +73,11 @@ class SparseOption:
     error: float
     refined: bool = True
 
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """What makes two options of one matrix the same fit: (kind, rank, nnz)."""
+        return self.kind, self.rank, self.nnz
+
     def describe(self) -> str:
         return f"{self.kind} rank {self.rank}, {self.nnz} sparse entries ({self.layout})"
 

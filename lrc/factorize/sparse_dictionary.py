@@ -122,7 +122,7 @@ class SparseDictionary(LossAwareSVD):
         if not shapes:
             return []
         coefficients = self._coefficients(problem, max(k for pairs in shapes.values() for k, _ in pairs))
-        total = float(problem.weighted.square().sum())
+        total = weighted_energy(problem)
         data = input_weighted(problem) if self.reselect else None
         errors: dict[tuple[int, int], float] = {}
         offered: dict[tuple[int, int], SparseOption] = {}
@@ -151,24 +151,22 @@ class SparseDictionary(LossAwareSVD):
         if not self.reselect:
             return [(replace(o, refined=True), None) for o in options]
         refined: list[tuple[SparseOption, dict[str, torch.Tensor] | None]] = []
-        data = input_weighted(problem)
+        data, total = input_weighted(problem), weighted_energy(problem)
         for option in options:
-            mixing, z, error = self._final_fit(problem, option, data)
+            mixing, z, error = self._final_fit(problem, option, data, total)
             refined.append((replace(option, error=error, refined=True), self._factors(problem, mixing, z)))
         return refined
 
     def sparse_layer(self, problem: WeightedProblem, option: SparseOption) -> dict[str, torch.Tensor]:
         """{"mixing": S (m x k, zeros off the support), "atoms": U (k x n)} in the original space."""
-        mixing, z, _ = self._final_fit(problem, option)
+        mixing, z, _ = self._final_fit(problem, option, input_weighted(problem), weighted_energy(problem))
         return self._factors(problem, mixing, z)
 
-    def _final_fit(self, problem: WeightedProblem, option: SparseOption, data: torch.Tensor | None = None) -> Fit:
+    def _final_fit(self, problem: WeightedProblem, option: SparseOption, data: torch.Tensor, total: float) -> Fit:
         """Steps 1-4 for one option, its coefficients computed at its own k (the same bits whatever other
         options are fitted with it): the fit its layer is built from, its error the option's refined error.
-        data: input_weighted(problem) if the caller has it."""
-        total = float(problem.weighted.square().sum())
+        data: input_weighted(problem); total: weighted_energy(problem)."""
         coefficients = self._coefficients(problem, option.rank)
-        data = input_weighted(problem) if data is None else data
         return self._fit(problem, coefficients, option.nnz // problem.weight.shape[0], total, data)
 
     @staticmethod
@@ -254,6 +252,11 @@ def group_top_mask(importance: torch.Tensor, kept: int, size: int) -> torch.Tens
 def input_weighted(problem: WeightedProblem) -> torch.Tensor:
     """W P_in = P_out⁻¹ W̃ (m x n), the target of the rounds' coefficient fits."""
     return apply_right(problem.weight, problem.in_weights[0])
+
+
+def weighted_energy(problem: WeightedProblem) -> float:
+    """||W̃||²_F, the weighted matrix's squared norm: the fits' errors are relative to it."""
+    return float(problem.weighted.square().sum())
 
 
 def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
