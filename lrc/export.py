@@ -4,7 +4,7 @@ Every compressed layer becomes the module it replaced (nn.Linear, or GPT-2's Con
 `dense_weight()` (out x in, the product of its factors) and its bias, under the original tensor names;
 experts lrc stores unfused are written one matrix each, which transformers' own conversions merge back
 when it loads. config.json loses `quantization_config` and `auto_map`; the tokenizer and generation config
-are copied. The folder is written like `lrc compress`'s output: refused where it could lose a file,
+are copied, and `lrc_export.yaml` says which lrc output it came from (so `--overwrite` may replace it later). The folder is written like `lrc compress`'s output: refused where it could lose a file,
 built in a temporary sibling, checked, then moved into place. Plain transformers loads it, no lrc needed.
 The file is as large as the original model's (at the output's dtype).
 """
@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
+from . import __version__
 from .errors import LrcError
 from .forms import LAYER_FORMS
 from .io.checkpoint import check_finite_files, read_tensor_names, write_checkpoint
-from .io.output import atomic_directory, check_output_path, protected_places
+from .io.output import EXPORT_MARKER, atomic_directory, check_output_path, protected_places
 from .progress import Progress, no_progress
 
 
@@ -82,6 +84,8 @@ def export_dense(model: str, output: str | Path, *, overwrite: bool = False, pro
     check_output_path(out, overwrite, places | protected_places([Path(loaded.folder)]))
     with atomic_directory(out) as tmp:
         write_checkpoint(loaded.model, tmp, loaded.tokenizer)
+        marker = {"lrc_version": __version__, "exported_from": str(model), "densified_layers": len(names)}
+        (tmp / EXPORT_MARKER).write_text(yaml.safe_dump(marker, sort_keys=False), encoding="utf-8")
         written = read_tensor_names(tmp)
         for name in names:
             if f"{name}.weight" not in written:

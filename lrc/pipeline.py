@@ -32,6 +32,7 @@ from .progress import Progress, no_progress
 from .quality_check import HeldOutCheck
 from .sources import LoadedModel, load_model
 from .stats.collect import cached_statistics
+from .stats.store import check_cache_folder
 from .stream.pipeline import check_streamable, compress_streamed
 
 
@@ -72,6 +73,8 @@ def compress(
     compile_patterns(config.keep_dense, "keep_dense")
     compile_patterns(config.exclude, "exclude")
     out_path = Path(output) if output is not None and is_main() else None  # over torch.distributed rank 0 writes
+    if cache_dir is not None:
+        check_cache_folder(Path(cache_dir))
     if config.stream:  # the same stages, one decoder block at a time (lrc.stream.pipeline)
         check_streamable(model, config, out_path, analysis)
         assert isinstance(model, str) and out_path is not None

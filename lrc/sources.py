@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import LrcError, ModelLoadError, NumericalError
+from .hub import network_failure, quiet_retries
 from .progress import Progress, no_progress
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -79,6 +80,10 @@ def resolve_model(spec: str) -> ModelSource:
         if path.suffix.lower() == ".gguf":
             return ModelSource(spec, "gguf", path)
         raise ModelLoadError(f"{spec} is a file but not a .gguf file; give a model folder, a .gguf file or a Hub id")
+    if path.suffix.lower() == ".gguf":
+        raise ModelLoadError(f"model not found: {spec} (no such .gguf file)")
+    if path.parent.is_dir() and path.parent != Path("."):  # models/nope: a local path, not the Hub's OWNER/NAME
+        raise ModelLoadError(f"model not found: {spec} ({path.parent} holds no folder or .gguf file named {path.name})")
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return ModelSource(spec, "hub", Path(spec))
     raise ModelLoadError(
@@ -91,13 +96,14 @@ def download_hub_model(repo_id: str) -> Path:
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        with quiet_retries():
+            return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:
         reason = type(exc).__name__
-        if "Offline" in reason or "LocalEntryNotFound" in reason or "Connect" in reason or "Connection" in str(exc):
+        if network_failure(exc):
             raise ModelLoadError(
                 f"cannot download {repo_id!r} from the Hugging Face Hub: the network is unreachable "
-                "(or HF_HUB_OFFLINE is set) and it is not in the local cache"
+                "(or HF_HUB_OFFLINE is set) and it is not in the local cache; no local folder of that name exists either"
             ) from None
         if "RepositoryNotFound" in reason or "GatedRepo" in reason:
             raise ModelLoadError(f"Hub repository {repo_id!r} not found or not accessible") from None

@@ -18,6 +18,7 @@ from typing import Any
 
 from .device import resolve_device
 from .errors import ConfigError, LrcError
+from .hub import network_failure, quiet_retries
 from .progress import Progress, no_progress
 from .sources import LoadedModel
 
@@ -81,12 +82,19 @@ def run_tasks(
     dev = resolve_device(device)
     loaded.model.to(dev)
     progress("tasks", 0, len(tasks))
-    with _quiet_lm_eval():
+    with _quiet_lm_eval(), quiet_retries():
         model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, device=str(dev), batch_size=batch_size)
-        output = lm_eval.simple_evaluate(
-            model=model, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-            log_samples=False, bootstrap_iters=1000, verbosity="ERROR",
-        )
+        try:
+            output = lm_eval.simple_evaluate(
+                model=model, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                log_samples=False, bootstrap_iters=1000, verbosity="ERROR",
+            )
+        except Exception as exc:
+            if not network_failure(exc):
+                raise
+            raise LrcError(f"lm-eval could not fetch the data of {', '.join(tasks)} from the Hub: the network is "
+                           "unreachable and it is not in HF_DATASETS_CACHE (fill the cache, or give local task "
+                           "files with --tasks-path)") from None
     if output is None:
         raise LrcError("lm-eval returned no results")
     results: dict[str, dict[str, float | int | None]] = {}

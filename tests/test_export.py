@@ -6,6 +6,7 @@ import json
 
 import torch
 import transformers
+import yaml
 
 from tests.conftest import auto_class, file_hashes, lrc_output, probe_input_ids, run_main
 
@@ -53,3 +54,21 @@ def test_export_refusals_leave_files_alone(compressed_outputs, tmp_path, capsys)
     code, _, stderr = run_main(capsys, "export", tmp_path / "dense", "--dense", "-o", tmp_path / "again")
     assert code == 2 and "already dense" in stderr and not (tmp_path / "again").exists()
     assert file_hashes(out) == before
+
+
+def test_export_overwrite_replaces_an_earlier_export_only(compressed_outputs, tmp_path, capsys):
+    """An export records itself (lrc_export.yaml), so --overwrite may replace it; a look-alike record is refused."""
+    out = compressed_outputs["llama"]
+    dense = tmp_path / "dense"
+    code, _, stderr = run_main(capsys, "export", out, "--dense", "-o", dense)
+    assert code == 0, stderr
+    assert yaml.safe_load((dense / "lrc_export.yaml").read_text())["exported_from"] == str(out)
+    first = file_hashes(dense)
+    code, _, stderr = run_main(capsys, "export", out, "--dense", "-o", dense)
+    assert code == 2 and "not empty" in stderr
+    code, _, stderr = run_main(capsys, "export", out, "--dense", "-o", dense, "--overwrite")
+    assert code == 0, stderr
+    assert file_hashes(dense) == first  # the same bytes again
+    (dense / "lrc_export.yaml").write_text("exported_from: somewhere\n")
+    code, _, stderr = run_main(capsys, "export", out, "--dense", "-o", dense, "--overwrite")
+    assert code == 2 and "not lrc's record of an export" in stderr

@@ -45,6 +45,19 @@ def test_missing_path():
         resolve_model("./nope")
 
 
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """models/nope where ./models exists, or any name ending in .gguf, is a local path not found, never a
+    Hub download; OWNER/NAME with no such local folder stays a Hub id."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelLoadError, match="models holds no folder or .gguf file named nope"):
+        resolve_model("models/nope")
+    for spec in ("models/nope.gguf", "owner/name.gguf", "nope.GGUF"):
+        with pytest.raises(ModelLoadError, match="no such .gguf file"):
+            resolve_model(spec)
+    assert resolve_model("owner/name").kind == "hub"
+
+
 def test_folder_without_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="no .safetensors weights"):

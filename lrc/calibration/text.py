@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import CalibrationError
+from ..hub import network_failure, quiet_retries
 
 SELF_SAMPLED = "self-sampled"
 
@@ -60,11 +61,12 @@ def _fetch(source: str) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo, filename, repo_type="dataset"))
+        with quiet_retries():
+            return Path(hf_hub_download(repo, filename, repo_type="dataset"))
     except Exception as exc:
+        reason = "the network is unreachable and it is not in the local cache" if network_failure(exc) else type(exc).__name__
         raise CalibrationError(
-            f"cannot download {filename} of dataset {repo} from the Hub ({type(exc).__name__}); "
-            "offline, give a local .txt or .jsonl file"
+            f"cannot download {filename} of dataset {repo} from the Hub ({reason}); offline, give a local .txt or .jsonl file"
         ) from None
 
 
@@ -107,7 +109,9 @@ def sample_windows(model: Any, tokenizer: Any, samples: int, seq_len: int, seed:
     """Data-free calibration: `samples` sequences of `seq_len` tokens sampled from the model itself.
 
     Each starts from the BOS token (or EOS if the model has none) and continues with plain sampling
-    (temperature 1, top-k 50), seeded. Returns (samples, seq_len) int64.
+    (temperature 1, top-k 50), seeded. Returns (samples, seq_len) int64, an ordinary tensor: generated under
+    torch.no_grad, not torch.inference_mode, whose tensors autograd refuses to save, and the output-gradient
+    pass's loss saves the token ids (its cross-entropy targets).
     """
     if not (hasattr(model, "can_generate") and model.can_generate()):
         raise CalibrationError(f"data-free calibration samples text from the model, and {type(model).__name__} "
@@ -117,7 +121,7 @@ def sample_windows(model: Any, tokenizer: Any, samples: int, seq_len: int, seed:
         raise CalibrationError("data-free calibration needs a BOS or EOS token; give --calib FILE instead")
     torch.manual_seed(seed)
     prompt = torch.full((samples, 1), start, dtype=torch.long)
-    with torch.inference_mode():
+    with torch.no_grad():
         out = model.generate(
             prompt,
             attention_mask=torch.ones_like(prompt),

@@ -15,6 +15,7 @@ import yaml
 from rich.table import Table
 
 from ..errors import ConfigError
+from ..io.atomic_file import check_writable_file
 from .command_output import CommandOutput, write_atomically
 from .exit_codes import QualityGateFailed
 from .options import DeviceOpt, JsonOpt, ModelArg, QuietOpt, SeqLenOpt
@@ -94,6 +95,7 @@ def eval_command(
 
 def check_results_path(path: Path) -> None:
     """-o may create a file or replace an earlier `lrc eval -o` file (a YAML mapping with `results`), nothing else."""
+    check_writable_file(path)
     if not path.exists():
         return
     try:

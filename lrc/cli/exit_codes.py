@@ -2,8 +2,9 @@
 
     0    success (and the quality gate passed, when one was set)
     1    unexpected error (a bug or an environment problem lrc does not recognise; `lrc --debug` shows it)
-    2    bad input: an LrcError (model, recipe, calibration data, output folder...) or a usage error
-         (unknown flag or command, a flag's value of the wrong type, a missing required option)
+    2    bad input: an LrcError (model, recipe, calibration data, output folder...), a usage error
+         (unknown flag or command, a flag's value of the wrong type, a missing required option), or the
+         machine refusing a file (read-only or full disk, no permission: ENVIRONMENT_ERRNOS)
     3    quality gate failed: `lrc eval --max-ratio R` measured a perplexity ratio above R
     130  interrupted by SIGINT (Ctrl-C); 143  terminated by SIGTERM (128 + the signal number, as shells do)
 
@@ -14,6 +15,7 @@ removed and nothing half-written is left.
 
 from __future__ import annotations
 
+import errno
 import re
 import signal
 import threading
@@ -48,7 +50,8 @@ class Signalled(BaseException):
 
 @dataclass(frozen=True)
 class ExitRule:
-    """Exceptions of `kinds` exit with `code` after printing `message(exc)` (None: print nothing).
+    """Exceptions of `kinds` (for which `when` holds) exit with `code` after printing `message(exc)` (None:
+    print nothing).
 
     debug_raises: under `lrc --debug` the exception propagates with its traceback instead.
     """
@@ -57,6 +60,7 @@ class ExitRule:
     code: Callable[[BaseException], int]
     message: Callable[[BaseException], str | None]
     debug_raises: bool = False
+    when: Callable[[BaseException], bool] = lambda exc: True  # a further condition on the exception
 
 
 def _usage_message(exc: BaseException) -> str:
@@ -65,6 +69,20 @@ def _usage_message(exc: BaseException) -> str:
     text = exc.format_message() if isinstance(exc, typer.TyperException) else str(exc)
     ctx = getattr(exc, "ctx", None)
     return f"{text} (see `{ctx.command_path} --help`)" if ctx is not None else text
+
+
+# what the machine refuses (a read-only or full disk, a folder the user may not write), not a bug in lrc
+ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
+def _environment_refusal(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS
+
+
+def _refusal_message(exc: BaseException) -> str:
+    assert isinstance(exc, OSError)
+    where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
+    return f"{exc.strerror}: {where}" if where else str(exc.strerror or exc)
 
 
 def _signal_message(exc: BaseException) -> str:
@@ -83,6 +101,7 @@ EXIT_RULES: tuple[ExitRule, ...] = (
     # typer >= 0.29 bundles its own click: every parsing error (UsageError, BadParameter, NoSuchOption,
     # MissingParameter...) is a TyperException
     ExitRule((typer.TyperException,), lambda exc: BAD_INPUT, _usage_message),
+    ExitRule((OSError,), lambda exc: BAD_INPUT, _refusal_message, debug_raises=True, when=_environment_refusal),
     ExitRule(
         (Exception,),
         lambda exc: UNEXPECTED,
@@ -94,7 +113,7 @@ EXIT_RULES: tuple[ExitRule, ...] = (
 
 def exit_rule(exc: BaseException) -> ExitRule | None:
     """The first rule whose kinds match `exc` (None for anything else, e.g. SystemExit: let it through)."""
-    return next((rule for rule in EXIT_RULES if isinstance(exc, rule.kinds)), None)
+    return next((rule for rule in EXIT_RULES if isinstance(exc, rule.kinds) and rule.when(exc)), None)
 
 
 def one_line(text: str) -> str:

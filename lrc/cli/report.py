@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..io.atomic_file import check_writable_file
 from .command_output import CommandOutput
 from .options import JsonOpt, ReportArg
 
@@ -22,6 +23,8 @@ def report(
     from ..report_view import read_report, render_report
 
     data = read_report(folder)
+    if plot is not None:
+        check_writable_file(plot)
     shown = CommandOutput(json_output)
     if plot is not None:
         from ..report_plot import plot_report

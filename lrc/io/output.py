@@ -32,8 +32,10 @@ LRC_FILES = re.compile(
     r"|model\.safetensors\.index\.json|tokenizer[\w.-]*|special_tokens_map\.json|added_tokens\.json"
     r"|chat_template\.(jinja|json)|vocab\.(json|txt)|merges\.txt|(spiece|sentencepiece\.bpe)\.model"
     r"|additional_chat_templates(/[\w.-]+\.jinja)?"
-    r"|modeling_lrc\.py|lrc_\w+\.py)"  # the modeling code (io.remote_code)
+    r"|modeling_lrc\.py|lrc_\w+\.py"  # the modeling code (io.remote_code)
+    r"|lrc_export\.yaml)"  # what `lrc export` writes beside a dense checkpoint (EXPORT_MARKER)
 )
+EXPORT_MARKER = "lrc_export.yaml"  # {lrc_version, exported_from}: marks a folder `lrc export` wrote
 
 
 def current_umask() -> int:
@@ -113,6 +115,9 @@ def check_output_path(target: Path, overwrite: bool, places: dict[Path, tuple[st
             raise OutputError(f"output {target} is inside {what} ({place}); choose another output folder")
     if target.exists() and not target.is_dir():
         raise OutputError(f"output {target} exists and is not a folder")
+    if target.is_dir() and os.path.ismount(target):
+        raise OutputError(f"output {target} is a mount point, which lrc cannot replace with the folder it builds "
+                          f"beside it; write into a folder inside it (-o {target / 'NAME'})")
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
             raise OutputError(f"output folder {target} exists and is not empty (pass --overwrite to replace it)")
@@ -123,22 +128,32 @@ def check_output_path(target: Path, overwrite: bool, places: dict[Path, tuple[st
     if not parent.is_dir():
         raise OutputError(f"cannot create output folder {target}: {parent} is a file")
     if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write to {parent}: permission denied")
+        raise OutputError(f"cannot write to {parent}: {unwritable_reason(parent)}")
     return OutputClaim.take(target)
 
 
+def unwritable_reason(folder: Path) -> str:
+    """Why `folder` cannot be written to: "read-only file system" where it lies on one, else "permission denied"."""
+    with contextlib.suppress(OSError):
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    return "permission denied"
+
+
 def check_replaceable(folder: Path) -> None:
-    """Raise unless `folder` is an earlier lrc output: a readable report with lrc_version, and only files lrc writes."""
-    report = folder / REPORT_NAME
+    """Raise unless `folder` is an earlier lrc output or `lrc export` folder: a readable report (or export
+    marker) with lrc_version, and only files lrc writes."""
+    name = REPORT_NAME if (folder / REPORT_NAME).exists() or not (folder / EXPORT_MARKER).exists() else EXPORT_MARKER
     refuse = f"--overwrite replaces only an empty folder or an earlier lrc output; {folder}"
     try:
-        data = yaml.safe_load(report.read_text(encoding="utf-8"))
+        data = yaml.safe_load((folder / name).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise OutputError(f"{refuse} has no {REPORT_NAME}, so it is not one (choose another output folder)") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        raise OutputError(f"{refuse} has an unreadable {REPORT_NAME} (choose another output folder)") from None
+        raise OutputError(f"{refuse} has an unreadable {name} (choose another output folder)") from None
     if not isinstance(data, dict) or "lrc_version" not in data:
-        raise OutputError(f"{refuse}: its {REPORT_NAME} is not an lrc report (choose another output folder)")
+        what = "an lrc report" if name == REPORT_NAME else "lrc's record of an export"
+        raise OutputError(f"{refuse}: its {name} is not {what} (choose another output folder)")
     foreign = sorted(
         str(p.relative_to(folder)) + ("/" if p.is_dir() and not p.is_symlink() else "")
         for p in folder.rglob("*")
@@ -217,11 +232,13 @@ def _release_all() -> None:
 
 
 def remove_stale_temporaries(target: Path) -> None:
-    """Delete `.NAME.lrc-tmp-PID-*` siblings left by runs that were killed (their PID no longer runs)."""
-    for tmp in target.parent.glob(f".{target.name}.lrc-tmp-*"):
-        pid_text = tmp.name.removeprefix(f".{target.name}.lrc-tmp-").split("-", 1)[0]
-        if pid_text.isdigit() and not _alive(int(pid_text)):
-            shutil.rmtree(tmp, ignore_errors=True)
+    """Delete `.NAME.lrc-tmp-PID-*` and `.NAME.lrc-old-PID-*` siblings left by runs that were killed (their
+    PID no longer runs)."""
+    for kind in ("tmp", "old"):
+        for tmp in target.parent.glob(f".{target.name}.lrc-{kind}-*"):
+            pid_text = tmp.name.removeprefix(f".{target.name}.lrc-{kind}-").split("-", 1)[0]
+            if pid_text.isdigit() and not _alive(int(pid_text)):
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -260,10 +277,7 @@ def atomic_directory(target: Path, replace: bool = True) -> Iterator[Path]:
             elif target.exists():
                 if target.is_dir() and any(target.iterdir()):
                     check_replaceable(target)
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.lrc-old-", dir=target.parent))
-                os.replace(target, old / target.name)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
+                replace_folder(target, tmp)
             else:
                 os.replace(tmp, target)
         except BaseException:
@@ -271,3 +285,22 @@ def atomic_directory(target: Path, replace: bool = True) -> Iterator[Path]:
             raise
     finally:
         claim.release()
+
+
+def replace_folder(target: Path, new: Path) -> None:
+    """Put the folder `new` in place of the existing `target`: target moves into a `.NAME.lrc-old-PID-*`
+    sibling, new takes its name, the old one is deleted. If either move fails, target is left as it was
+    (moved back) and OutputError says why."""
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.lrc-old-{os.getpid()}-", dir=target.parent))
+    try:
+        os.replace(target, old / target.name)
+    except OSError as exc:
+        shutil.rmtree(old, ignore_errors=True)
+        raise OutputError(f"cannot replace {target}: {exc.strerror}") from None
+    try:
+        os.replace(new, target)
+    except OSError as exc:
+        os.replace(old / target.name, target)
+        shutil.rmtree(old, ignore_errors=True)
+        raise OutputError(f"cannot replace {target}: {exc.strerror}") from None
+    shutil.rmtree(old, ignore_errors=True)

@@ -96,3 +96,20 @@ def test_output_file_replaces_only_earlier_results(tmp_path, compressed_run, cap
                                    "--windows", 1, "-o", target)
         assert code == 2 and "is not an earlier `lrc eval -o` file" in stderr, stderr
         assert file_hashes(root) == before
+
+
+def test_an_unwritable_output_file_fails_before_evaluating(tmp_path, compressed_run, capsys, monkeypatch):
+    """-o into a missing folder fails at once; a disk refusing the write at the end exits 2 with its reason."""
+    from ..conftest import run_main
+
+    args = ["eval", compressed_run.out, "--data", compressed_run.calib, "--seq-len", 16, "--windows", 1]
+    missing = tmp_path / "missing" / "e.yaml"
+    code, stdout, stderr = run_main(capsys, *args, "-o", missing)
+    assert (code, stdout) == (2, "") and stderr == f"error: cannot write {missing}: folder {missing.parent} does not exist\n"
+
+    def refuse(path, text):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr("lrc.cli.eval.write_atomically", refuse)
+    code, _, stderr = run_main(capsys, *args, "-o", tmp_path / "e.yaml", "--quiet")
+    assert code == 2 and stderr.strip().splitlines()[-1] == f"error: Read-only file system: {tmp_path / 'e.yaml'}"

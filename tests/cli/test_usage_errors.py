@@ -54,3 +54,16 @@ def test_every_exception_has_one_rule():
     assert all(isinstance(rule, ExitRule) for rule in EXIT_RULES)
     assert exit_rule(ValueError("x")).code(ValueError("x")) == 1  # type: ignore[union-attr]
     assert exit_rule(SystemExit(0)) is None
+
+
+@pytest.mark.parametrize(("error", "code", "line"), [
+    (OSError(30, "Read-only file system", "/mnt/ro/e.yaml"), 2, "Read-only file system: /mnt/ro/e.yaml"),
+    (OSError(28, "No space left on device", "/data/out"), 2, "No space left on device: /data/out"),
+    (PermissionError(13, "Permission denied", "/a", None, "/b"), 2, "Permission denied: /a -> /b"),
+    (FileNotFoundError(2, "No such file or directory", "/x"), 1, "unexpected FileNotFoundError"),
+])
+def test_the_machine_refusing_a_file_is_bad_input_not_a_bug(error, code, line):
+    """A read-only or full disk, or a permission the user lacks: exit 2 and the reason; other OSErrors stay unexpected."""
+    rule = exit_rule(error)
+    assert rule is not None and rule.code(error) == code
+    assert (rule.message(error) or "").startswith(line)

@@ -167,3 +167,39 @@ def test_everything_written_follows_the_umask(capsys, sandbox):
     written = [sandbox / "out", *(sandbox / "out").iterdir(), *(sandbox / "stats").iterdir()]
     modes = {str(p.relative_to(sandbox)): stat.S_IMODE(p.stat().st_mode) for p in written}
     assert modes == {k: (0o750 if (sandbox / k).is_dir() else 0o640) for k in modes}
+
+
+def test_a_mount_point_is_refused_before_any_work(capsys, sandbox, monkeypatch):
+    """A mount point cannot be renamed away: refused at once (not after the run), with the folder to use instead."""
+    (sandbox / "volume").mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).name == "volume" or real(p))
+    refused(capsys, sandbox, sandbox / "volume", "is a mount point")
+
+
+def test_a_failed_replacement_puts_the_earlier_output_back(capsys, sandbox, monkeypatch):
+    """When moving the earlier output aside or the new one in fails, the earlier output is left as it was, the
+    run exits 2 naming why, and no `.NAME.lrc-old-*` or temporary sibling is left."""
+    out = sandbox / "out"
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, out))
+    assert code == 0, stderr
+    real_replace = os.replace
+    for failing_call in (1, 2):
+        calls = []
+
+        def replace(src, dst, calls=calls, failing_call=failing_call):
+            if Path(dst).name == "out" or Path(src).name == "out":
+                calls.append((src, dst))
+                if len(calls) == failing_call:
+                    raise OSError(16, "Device or resource busy", str(src), None, str(dst))
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        refused(capsys, sandbox, out, "cannot replace", "--overwrite", "--budget", "0.5", "--quiet")
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert yaml.safe_load((out / "lrc_report.yaml").read_text())["budget"] == 0.3
+        assert not [p.name for p in sandbox.iterdir() if p.name.startswith(".out")]
+
+
+def test_an_unusable_cache_folder_is_refused_before_any_work(capsys, sandbox):
+    refused(capsys, sandbox, sandbox / "out", "cannot use", "--cache-dir", "../notes.txt/stats")
