@@ -68,6 +68,8 @@ def collect_output_stats(
     order whatever the sweeps, so neither changes a value.
     """
     device = torch.device(device)
+    if windows.is_inference():  # made under torch.inference_mode: autograd cannot save them (the loss's targets)
+        windows = windows.clone()
     adapter = adapter_for(model)
     home = model.get_input_embeddings().weight.device
     stats: dict[str, OutputStats] = {}

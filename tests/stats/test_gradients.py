@@ -47,3 +47,19 @@ def test_output_gradient_stats_match_autograd(llama_dir, calib_file):
         torch.testing.assert_close(stats[n].fisher_rows, expected_fisher[n], rtol=1e-3, atol=1e-6)
         assert stats[n].tokens == windows.numel()
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_windows_made_under_inference_mode_are_accepted(llama_dir, calib_file):
+    """Token ids a caller made under torch.inference_mode (which autograd refuses to save for backward, and the
+    loss saves its targets) give the statistics of the same ids made normally."""
+    loaded = lrc.load(str(llama_dir))
+    windows = token_windows(loaded.tokenizer, calib_file.read_text(), samples=2, seq_len=16, seed=0)
+    with torch.inference_mode():
+        frozen = windows.clone()
+    assert frozen.is_inference()
+    targets = target_linears(loaded.model)
+    expected = collect_output_stats(loaded.model, windows, targets, full_max=64)
+    got = collect_output_stats(loaded.model, frozen, targets, full_max=64)
+    assert set(got) == set(expected)
+    for name, stats in expected.items():
+        assert torch.equal(got[name].diag, stats.diag) and got[name].tokens == stats.tokens == 32
