@@ -50,6 +50,25 @@ def numerical_rank(gram: torch.Tensor) -> int:
     return int((evals > g.shape[0] * torch.finfo(torch.float64).eps * top).sum())
 
 
+def check_token_count(in_features: Mapping[str, int], samples: int, seq_len: int) -> None:
+    """The tokens check before any statistics are collected, on the inputs every token reaches: raise
+    CalibrationError when samples · seq_len is below the widest of them. in_features: {targeted matrix: its
+    input width}; experts (names with `.experts.`, which see only the tokens routed to them) are checked
+    after the statistics pass (check_sufficiency)."""
+    widths = {name: n for name, n in in_features.items() if ".experts." not in name}
+    if not widths:
+        return
+    name = max(widths, key=lambda key: widths[key])
+    total, width = samples * seq_len, widths[name]
+    if total < width:
+        raise CalibrationError(
+            f"calibration has {total} tokens, fewer than the {width} inputs of {name}: the statistics cannot "
+            f"determine the factorization (it would fit only the {total} directions seen). Give at least {width} "
+            f"tokens, e.g. --samples {-(-width // seq_len)} at --seq-len {seq_len} (more is better; the default is "
+            "128 x 512)"
+        )
+
+
 def check_sufficiency(inputs: Mapping[str, InputStats], samples: int, seq_len: int) -> None:
     """Raise CalibrationError when the input statistics cannot determine the decompositions.
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..calibration import SELF_SAMPLED, read_text, sample_windows, token_windows
+from ..calibration.sufficiency import check_token_count
 from ..config import CompressionConfig
 from ..device import resolve_device
 from ..distributed import is_main
@@ -23,10 +24,13 @@ from .types import CalibrationStats
 
 
 def calibration_windows(loaded: LoadedModel, config: CompressionConfig) -> tuple[torch.Tensor, str]:
-    """(samples x seq_len token ids, description of the source) for the configured calibration data."""
+    """(samples x seq_len token ids, description of the source) for the configured calibration data, after
+    checking that so many tokens can determine the targeted layers' statistics (check_token_count)."""
     context = getattr(loaded.model.config, "max_position_embeddings", None)
     if context is not None and config.seq_len > context:
         raise ConfigError(f"seq_len {config.seq_len} is longer than the model's context ({context} tokens)")
+    widths = {name: p.in_features for name, p in target_linears(loaded.model, config.exclude).items()}
+    check_token_count(widths, config.samples, config.seq_len)
     if config.calib is None:
         return sample_windows(loaded.model, loaded.tokenizer, config.samples, config.seq_len, config.seed), SELF_SAMPLED
     text = read_text(config.calib)

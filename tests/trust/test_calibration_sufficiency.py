@@ -20,6 +20,7 @@ def refused(capsys, root, args, message):
     assert stderr.strip().splitlines()[-1] == errors[0]
     assert "decompose" not in stderr  # stopped before any decomposition
     assert file_hashes(root) == before
+    return stderr
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -27,10 +28,11 @@ def test_fewer_tokens_than_the_widest_input(capsys, tmp_path, calib_file, family
     model = save_tiny_model(tmp_path / "model", family)
     widest = TINY["intermediate_size"]  # down_proj reads the MLP's 96-wide activations
     args = tiny_compress_args(model, calib_file, tmp_path / "out", "--samples", 2)
-    refused(capsys, tmp_path, args,
-            f"calibration has 64 tokens, fewer than the {widest} inputs of model.layers.0.mlp.down_proj: the "
-            f"statistics cannot determine the factorization (it would fit only the 64 directions seen). Give at "
-            f"least {widest} tokens, e.g. --samples 3 at --seq-len 32")
+    stderr = refused(capsys, tmp_path, args,
+                     f"calibration has 64 tokens, fewer than the {widest} inputs of model.layers.0.mlp.down_proj: the "
+                     f"statistics cannot determine the factorization (it would fit only the 64 directions seen). Give "
+                     f"at least {widest} tokens, e.g. --samples 3 at --seq-len 32")
+    assert "calibrate" not in stderr and "output gradients" not in stderr  # before any statistics pass
     assert not (tmp_path / "out").exists()
 
 
