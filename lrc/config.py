@@ -136,17 +136,36 @@ class CompressionConfig:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read recipe {path}: {exc}") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=RecipeLoader)  # RecipeLoader is a SafeLoader
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             line = f" (line {where.line + 1})" if where is not None else ""
-            raise ConfigError(f"recipe {path} is not valid YAML{line}") from None
+            problem = f": {exc.problem}" if isinstance(exc, DuplicateKeyError) else ""
+            raise ConfigError(f"recipe {path} is not valid YAML{line}{problem}") from None
         return cls.from_dict(data or {})
 
     def replace(self, **overrides: Any) -> CompressionConfig:
         """A copy with the given fields changed; None values are ignored (flag not given)."""
         given = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(self, **given)
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names one key twice (PyYAML would keep the last silently)."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: a recipe's `budget: 0.2` followed later by
+    `budget: 0.4` is a mistake to report, not a choice to guess."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def suggest(word: str, choices: list[str]) -> str:

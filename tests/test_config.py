@@ -36,6 +36,17 @@ def test_not_yaml(tmp_path):
         CompressionConfig.from_yaml(path)
 
 
+def test_a_key_given_twice_is_refused(tmp_path):
+    """YAML itself would keep the last value silently; a recipe says which key and where, at any depth."""
+    path = tmp_path / "r.yaml"
+    path.write_text("budget: 0.2\nmethod: loss-aware\nbudget: 0.4\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(line 3\): key 'budget' is given twice"):
+        CompressionConfig.from_yaml(path)
+    path.write_text("method_options:\n  damping: 0.01\n  damping: 0.1\n")
+    with pytest.raises(ConfigError, match=r"\(line 3\): key 'damping' is given twice"):
+        CompressionConfig.from_yaml(path)
+
+
 @pytest.mark.parametrize("budget", [0, 1, -0.1, 1.5, float("nan"), "abc", True])
 def test_budget_out_of_range(budget):
     with pytest.raises(ConfigError, match="budget"):

@@ -20,6 +20,8 @@ def read_text(source: str, what: str = "calibration") -> str:
     Line ends are read as "\n" whatever the file uses ("\r\n", "\r"), as Python's text mode reads them: the
     same text gives the same tokens whichever system wrote it."""
     path = _fetch(source) if source.startswith("hf://") else Path(source).expanduser()
+    if path.is_dir():
+        raise CalibrationError(f"{what} file {source} is a folder; give a .txt or .jsonl file")
     if not path.is_file():
         raise CalibrationError(f"{what} file not found: {source}")
     raw = path.read_bytes()

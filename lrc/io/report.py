@@ -98,6 +98,8 @@ def read_report(path: str | Path) -> dict[str, Any]:
     """The report of an output folder (or the YAML file itself)."""
     path = Path(path)
     file = path / REPORT_NAME if path.is_dir() else path
+    if not path.exists():
+        raise ModelLoadError(f"not found: {path}")
     if not file.is_file():
         raise ModelLoadError(f"no {REPORT_NAME} in {path}: not an lrc output folder")
     try:

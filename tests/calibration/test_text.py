@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lrc
-from lrc.calibration import token_windows
+from lrc.calibration import read_text, token_windows
 from lrc.errors import CalibrationError
 
 
@@ -43,3 +43,10 @@ def test_line_ends_are_read_as_newlines_whatever_wrote_the_file(tmp_path):
     mac.write_bytes("\r".join(lines).encode())
     assert read_text(str(windows)) == read_text(str(mac)) == read_text(str(unix)) == "\n".join(lines)
     assert data_fingerprint(str(windows)) == data_fingerprint(str(unix)) == hashlib.sha256(unix.read_bytes()).hexdigest()
+
+
+def test_a_folder_is_not_a_calibration_file(tmp_path):
+    with pytest.raises(CalibrationError, match=r"is a folder; give a .txt or .jsonl file"):
+        read_text(str(tmp_path))
+    with pytest.raises(CalibrationError, match="calibration file not found"):
+        read_text(str(tmp_path / "missing.txt"))

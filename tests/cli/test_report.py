@@ -97,3 +97,8 @@ def test_plot_without_matplotlib_says_what_to_install(capsys, compressed_run, tm
     code, out, err = run(capsys, "report", compressed_run.out, "--plot", tmp_path / "r.png")
     assert (code, err) == (2, "error: --plot needs matplotlib, which is not installed: pip install 'lrc[plot]'\n")
     assert not (tmp_path / "r.png").exists()
+
+
+def test_a_missing_folder_is_not_found(capsys, tmp_path):
+    code, _, err = run(capsys, "report", tmp_path / "nothere")
+    assert (code, err) == (2, f"error: not found: {tmp_path / 'nothere'}\n")
