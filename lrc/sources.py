@@ -39,7 +39,9 @@ class ModelSource:
     path: Path
 
     def describe(self) -> dict[str, str]:
-        return {"spec": self.spec, "kind": self.kind, "path": str(self.path)}
+        """spec as given, kind, and the path read (absolute: the report says which files, from anywhere)."""
+        path = self.path if self.kind == "hub" else self.path.expanduser().resolve()
+        return {"spec": self.spec, "kind": self.kind, "path": str(path)}
 
 
 @dataclass

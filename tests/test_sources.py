@@ -108,3 +108,10 @@ def test_nothing_to_compress(tmp_path):
         target_linears(model, exclude=[".*"])
     config = json.loads((folder / "config.json").read_text())
     assert config["num_hidden_layers"] == 2
+
+
+def test_the_report_names_the_files_read_by_their_absolute_path(tmp_path, monkeypatch):
+    save_tiny_model(tmp_path / "models" / "tiny", "llama")
+    monkeypatch.chdir(tmp_path)
+    described = resolve_model("models/tiny").describe()
+    assert described == {"spec": "models/tiny", "kind": "folder", "path": str(tmp_path.resolve() / "models" / "tiny")}
