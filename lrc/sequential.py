@@ -11,8 +11,9 @@ Least squares splits it: W* = W C (Ĝ + λ)⁻¹ with C = Xᵀ X̂ and Ĝ = X̂�
 method's weighted truncation of W* under Ĝ. So later blocks absorb the drift of earlier ones instead of
 compounding it. Ranks come from the one-shot allocation; output-gradient weights from the one-shot pass.
 Cost: three forward passes of each block (original on X, original on X̂, compressed on X̂).
-Mixture-of-experts models are refused: the router may send a token to different experts in the two
-streams, so an expert's X and X̂ are not the same tokens and C = Xᵀ X̂ has no meaning.
+Mixture-of-experts models (any block holding routed experts) are refused: the router may send a token to
+different experts in the two streams, so an expert's X and X̂ are not the same tokens and C = Xᵀ X̂ has no
+meaning.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 from .errors import CalibrationError, ConfigError
 from .factorize import FactorizationMethod, InputStats, OutputStats
 from .forms import LowRankLinear
-from .model.adapters import adapter_for
+from .model.experts import UnfusedExperts
 from .model.projection import Projection
 from .model.targets import replace_module
 from .stats.walker import LayerWalk
@@ -78,7 +79,7 @@ def sequential_factorize(
 
     Returns {name: ||W X - W' X̂||_F / ||W X||_F} measured on the calibration windows.
     """
-    if adapter_for(model).experts is not None:
+    if any(isinstance(m, UnfusedExperts) for m in model.modules()):  # a dense block of an MoE model type is fine
         raise ConfigError("sequential mode does not support mixture-of-experts models (the router may send a token "
                           "to different experts in the original and the compressed model): use one-shot mode")
     walk = LayerWalk(model, windows, batch_size, device)

@@ -98,6 +98,7 @@ def load_streamed(spec: str, progress: Progress = no_progress) -> LoadedModel:
     from ..io.checkpoint import read_tensor_names
     from ..load_check import one_line
     from ..model.adapters import adapter_for
+    from ..model.experts import is_fused_experts
     from ..sources import check_folder, local_folder, resolve_model
 
     hf_integration.register()
@@ -106,9 +107,6 @@ def load_streamed(spec: str, progress: Progress = no_progress) -> LoadedModel:
     check_folder(folder)
     config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     adapter = adapter_for(config)
-    if adapter.experts is not None:
-        raise ConfigError(f"streaming does not support mixture-of-experts models ({config.model_type}): "
-                          "compress it without --stream")
     dtype = _model_dtype(config, folder)
     try:
         with torch.device("meta"):
@@ -116,6 +114,9 @@ def load_streamed(spec: str, progress: Progress = no_progress) -> LoadedModel:
                 config, dtype=dtype, **adapter.build_flags(read_tensor_names(folder)))
     except Exception as exc:
         raise ModelLoadError(f"transformers cannot build {folder}: {one_line(exc)}") from None
+    if adapter.experts is not None and any(is_fused_experts(m) for m in model.modules()):  # not a model dense in every block
+        raise ConfigError(f"streaming does not support mixture-of-experts models ({config.model_type}): "
+                          "compress it without --stream")
     model.eval()
     model.requires_grad_(False)
     stack_name, layers = adapter.layer_stack(model)

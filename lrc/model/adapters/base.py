@@ -9,7 +9,12 @@
   matrix each, as the checkpoint stores them: one rank for the stacked q/k/v;
 - how a non-nn.Linear projection maps to a matrix: see `Projection` (GPT-2 Conv1D: W = weight.T);
 - mixture-of-experts blocks: `experts` names the fused expert modules, unfused at load into one
-  nn.Linear per expert matrix (see lrc.model.experts);
+  nn.Linear per expert matrix (see lrc.model.experts); `one_of` the forms a block's MLP may take (a dense
+  MLP, an experts block), as a model may be mixture-of-experts in every block, in some or in none;
+- routers are never targeted: the adapters do not name them (transformers' routers hold a bare weight,
+  not an nn.Linear), and the generic fallback skips an nn.Linear with one output (Qwen2-MoE's
+  shared_expert_gate) or one per routed expert (a router): a few logits, nothing to save by factorizing
+  them, and their error changes the routing;
 - the training objective of the output-gradient statistics (`loss`) and, from it, the model class:
   a causal LM's next-token loss through its own head, or for an encoder (loaded with AutoModel, no task
   head, nothing random) a Gaussian probe of its final hidden states;
@@ -20,7 +25,8 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +34,7 @@ import torch
 from torch import nn
 
 from ...errors import ModelLoadError
+from ...forms import CompressedLinear
 from ..experts import UnfusedExperts, is_fused_experts, unfuse_experts
 from ..projection import MATRIX_MODULES, Projection
 
@@ -50,6 +57,8 @@ class ModelAdapter:
     layers: dotted path of the block stack in the model that `auto_class` loads; None: search for the one
     nn.ModuleList of num_hidden_layers blocks (the generic fallback).
     projections: fnmatch patterns of layer-relative module names to compress ("*": every nn.Linear/Conv1D).
+    one_of: alternative sets of patterns (a dense MLP, an experts block), also compressed: every block holds
+    the whole of at least one, and a set may be held by no block (a model MoE in every block, or in none).
     shared_inputs: groups of projections reading one tensor (fused projections are one matrix: see the adapters).
     objective: CAUSAL_LM or HIDDEN_STATES (see `loss`). experts: fused mixture-of-experts modules, if any.
     unused_heads: name prefixes of task heads a checkpoint may carry that `auto_class` does not build (an
@@ -61,6 +70,7 @@ class ModelAdapter:
     model_types: tuple[str, ...]
     layers: str | None
     projections: tuple[str, ...] = ("*",)
+    one_of: tuple[tuple[str, ...], ...] = ()
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     objective: str = CAUSAL_LM
     experts: ExpertLayout | None = None
@@ -96,34 +106,72 @@ class ModelAdapter:
             )
         return self.layers, stack
 
-    def targets(self, model: nn.Module) -> dict[str, Projection]:
-        """{full module name: Projection} of every projection named by `projections`, in module order.
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """Every pattern of a projection to compress: `projections`, then those of each `one_of` set."""
+        return self.projections + tuple(p for group in self.one_of for p in group)
 
-        Every pattern must match in some layer and every layer must hold a match, else ModelLoadError.
+    def targets(self, model: nn.Module) -> dict[str, Projection]:
+        """{full module name: Projection} of every projection named by `projections` or `one_of`, in module order.
+
+        Every pattern of `projections` must match in some layer, every layer must hold a match and the whole
+        of one `one_of` set, else ModelLoadError; a projection lrc already compressed (`--stream` builds one
+        block at a time) counts as held, but is not a target. Fused experts the adapter does not unfuse stay
+        dense: a warning (shown once).
         """
         stack_name, stack = self.layer_stack(model)
         found: dict[str, Projection] = {}
         matched: set[str] = set()
+        patterns = self.patterns
+        skip = _routers(model) if self.layers is None else None
+        fused: list[str] = []
         for index, layer in enumerate(stack):
-            in_layer = 0
+            in_layer: set[str] = set()
+            compressed_layers: list[str] = []
             for sub_name, module in layer.named_modules():
-                if not sub_name or not isinstance(module, MATRIX_MODULES):
+                if not sub_name or any(sub_name.startswith(c + ".") for c in compressed_layers):
+                    continue  # the factors inside an lrc layer are not projections of the model
+                if self.experts is None and is_fused_experts(module):
+                    fused.append(f"{stack_name}.{index}.{sub_name}")
+                compressed = isinstance(module, CompressedLinear)
+                if compressed:
+                    compressed_layers.append(sub_name)
+                elif not isinstance(module, MATRIX_MODULES) or (skip and skip(module)):
                     continue
-                hits = [p for p in self.projections if fnmatch.fnmatchcase(sub_name, p)]
+                hits = [p for p in patterns if fnmatch.fnmatchcase(sub_name, p)]
                 if hits:
-                    matched.update(hits)
-                    found[f"{stack_name}.{index}.{sub_name}"] = Projection(module)
-                    in_layer += 1
-            if in_layer == 0 and self.layers is not None:
+                    in_layer.update(hits)
+                    if not compressed:
+                        found[f"{stack_name}.{index}.{sub_name}"] = Projection(module)
+            if self.layers is None:
+                continue
+            if not in_layer:
                 raise ModelLoadError(
                     f"layer {index} of {stack_name} in {type(model).__name__} holds no nn.Linear or Conv1D "
-                    f"named {', '.join(self.projections)} (lrc's {self.name} adapter)"
+                    f"named {', '.join(patterns)} (lrc's {self.name} adapter)"
                 )
+            if self.one_of and not any(set(group) <= in_layer for group in self.one_of):
+                forms = " nor ".join(", ".join(group) for group in self.one_of)
+                raise ModelLoadError(
+                    f"layer {index} of {stack_name} in {type(model).__name__} holds "
+                    f"{'neither' if len(self.one_of) > 1 else 'not all of'} {forms} as nn.Linear or Conv1D "
+                    f"(lrc's {self.name} adapter)"
+                )
+            matched |= in_layer
         missing = [p for p in self.projections if p not in matched]
         if missing and self.layers is not None:
             raise ModelLoadError(
                 f"no nn.Linear or Conv1D named {', '.join(missing)} in the {len(stack)} layers of {stack_name} "
                 f"in {type(model).__name__} (lrc's {self.name} adapter)"
+            )
+        if fused:
+            config: Any = getattr(model, "config", None)
+            blocks = f"{len(fused)} block{'s' if len(fused) > 1 else ''}, first {fused[0]}"
+            warnings.warn(
+                f"lrc: {type(model).__name__} (model_type {getattr(config, 'model_type', '?')!r}) keeps its fused "
+                f"experts dense ({blocks}): lrc's {self.name} adapter does not unfuse them into one nn.Linear per "
+                "expert matrix, so only the other projections are compressed",
+                stacklevel=2,
             )
         return found
 
@@ -169,6 +217,24 @@ class ModelAdapter:
         hidden = model(**self.forward_inputs(batch)).last_hidden_state.float()
         epsilon = torch.randn(hidden.shape, generator=probe, dtype=torch.float32).to(hidden.device)
         return (hidden * epsilon).sum()
+
+
+ROUTED_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+"""Config fields that give the number of routed experts, a router's number of outputs."""
+
+
+def _routers(model: nn.Module) -> Callable[[nn.Module], bool]:
+    """The test the generic fallback skips an nn.Linear by: one output (a per-token scalar gate), or one per
+    routed expert (a router)."""
+    config: Any = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    counts = {getattr(text_config, field, None) for field in ROUTED_EXPERT_COUNTS}
+    outputs = {1} | {c for c in counts if isinstance(c, int) and c > 1}
+
+    def skip(module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and module.out_features in outputs
+
+    return skip
 
 
 def _search_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
