@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelLoadError
 from ..io.checkpoint import SAFETENSORS_DTYPES, read_header, read_tensor
+from ..model.experts import is_fused_experts
 from ..progress import Progress, no_progress
 from ..sources import LoadedModel
 
@@ -98,7 +99,6 @@ def load_streamed(spec: str, progress: Progress = no_progress) -> LoadedModel:
     from ..io.checkpoint import read_tensor_names
     from ..load_check import one_line
     from ..model.adapters import adapter_for
-    from ..model.experts import is_fused_experts
     from ..sources import check_folder, local_folder, resolve_model
 
     hf_integration.register()
@@ -207,6 +207,11 @@ def _check_covered(model: nn.Module, blocks: StreamedBlocks, stack_name: str) ->
     for name, _, _, tensor in _entries(model, "", skip=f"{stack_name}."):
         if tensor.is_meta:
             raise ModelLoadError(f"the checkpoint has no tensor {name}, which the model's structure needs")
+    fused = [n for n, m in model.named_modules() if n and is_fused_experts(m)]
     for name, _, _, _ in _entries(model, ""):
         if name.startswith(f"{stack_name}.") and name not in blocks:
+            if any(name.startswith(f"{expert}.") for expert in fused):  # stored one matrix per expert
+                raise ConfigError(f"streaming cannot read the experts of this mixture-of-experts model ({name} is "
+                                  "stored one matrix per expert, which transformers merges when it loads the whole "
+                                  "model): compress it without --stream")
             raise ModelLoadError(f"the checkpoint has no tensor {name}, which the model's structure needs")
