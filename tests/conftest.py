@@ -61,6 +61,8 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                              "num_experts": 4, "num_experts_per_tok": 2,
                                              "mlp_only_layers": [0]}),  # layer 0 dense; a shared expert and its gate
     "mixtral": ("MixtralConfig", TINY | {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "olmoe": ("OlmoeConfig", TINY | {"intermediate_size": 32, "num_experts": 4,
+                                     "num_experts_per_tok": 2}),  # q_norm / k_norm; experts in every block
     "bert": ("BertConfig", dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=256) | IDS),  # encoder, no head
     "roberta": ("RobertaConfig", dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -34,7 +34,7 @@ from lrc.stats.walker import LayerWalk
 from ..conftest import ARCHITECTURES, ENCODERS, save_tiny_model, tiny_config, whole_model_reference
 
 SAMPLES, SEQ_LEN, BATCH = 24, 24, 2  # 24 tokens > the sliding window of 8; 576 tokens > every input width (gpt2: 256)
-MOE = ["qwen3_moe", "qwen2_moe", "mixtral"]
+MOE = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
 
 
 TIED = {"gpt2", "opt", "gemma2", "gemma3"}  # families whose checkpoints tie the LM head to the embedding

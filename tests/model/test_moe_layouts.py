@@ -31,18 +31,19 @@ EXPERTS = {
     "qwen2_moe": (("gate_proj", "up_proj", "down_proj"),
                   {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"}),
     "mixtral": (("w1", "w3", "w2"), set()),
+    "olmoe": (("gate_proj", "up_proj", "down_proj"), set()),
 }
 # (family, which blocks are experts blocks): mlp_only_layers lists the dense blocks; Mixtral has no dense block
 LAYOUTS = [
     ("qwen3_moe", "all"), ("qwen3_moe", "mixed"), ("qwen3_moe", "none"),
     ("qwen2_moe", "all"), ("qwen2_moe", "mixed"), ("qwen2_moe", "none"),
-    ("mixtral", "all"),
+    ("mixtral", "all"), ("olmoe", "all"),
 ]
 DENSE_BLOCKS = {"all": [], "mixed": [0], "none": [0, 1]}
 
 
 def save_layout(folder, family, layout):
-    overrides = {} if family == "mixtral" else {"mlp_only_layers": DENSE_BLOCKS[layout]}
+    overrides = {} if family in ("mixtral", "olmoe") else {"mlp_only_layers": DENSE_BLOCKS[layout]}
     return save_tiny_model(folder, family, **overrides)
 
 
