@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .allocate import ALLOCATORS, allocate_ranks, compile_patterns
+from .allocate import ALLOCATORS, allocate_ranks, check_budget_reachable, compile_patterns
 from .allocate.curve import allocation_curve
 from .allocate.objective import predicted_cost
 from .config import CompressionConfig
@@ -86,6 +86,8 @@ def compress(
     loaded = load_model(model, progress=progress) if isinstance(model, str) else model
     if out_path is not None:
         _claim = check_output_path(out_path, overwrite, run_places(loaded, config.calib, cache_dir))
+    if analysis is None:
+        check_budget_reachable(loaded.model, config)
     timing = {"load_s": time.perf_counter() - start}
     original_params = count_params(loaded.model)
     if analysis is None:

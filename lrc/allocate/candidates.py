@@ -29,6 +29,29 @@ def compile_patterns(patterns: list[str], what: str) -> list[re.Pattern[str]]:
         raise ConfigError(f"bad regex in {what}: {exc}") from None
 
 
+def check_budget_reachable(model: nn.Module, config: CompressionConfig) -> None:
+    """Before any statistics: raise ConfigError when keep_dense and min_kept leave less than the budget to
+    remove, counting parameters: the matrices kept dense keep all m·n, every other at least min_kept·m·n (no
+    option keeps less). A necessary condition only (the allocator may still find the budget out of reach with
+    the ranks it can choose), checked for the disk objective, the one that counts parameters."""
+    from ..model.targets import target_linears
+
+    if config.objective != "disk":
+        return
+    keep_dense = compile_patterns(config.keep_dense, "keep_dense")
+    total = kept = 0.0
+    for name, projection in target_linears(model, config.exclude).items():
+        size = projection.out_features * projection.in_features
+        total += size
+        kept += size if any(p.search(name) for p in keep_dense) else config.min_kept * size
+    if total and kept > (1 - config.budget) * total:
+        raise ConfigError(
+            f"the budget cannot be met under these constraints: keep_dense and min_kept keep at least "
+            f"{kept / total:.1%} of the targeted parameters, so at most {1 - kept / total:.1%} can be removed, "
+            f"not {config.budget:.1%}; lower --budget or relax them"
+        )
+
+
 def build_candidates(analysis: Analysis, config: CompressionConfig) -> list[MatrixCandidates]:
     """Every decomposed matrix with its error curve, rank range, sparse options and constraints, in model order.
 

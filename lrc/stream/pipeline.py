@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..allocate import ALLOCATORS, allocate_ranks
+from ..allocate import ALLOCATORS, allocate_ranks, check_budget_reachable
 from ..allocate.curve import allocation_curve
 from ..allocate.objective import predicted_cost
 from ..allocate.refine import ProblemGroups
@@ -103,6 +103,7 @@ def compress_streamed(
     return_freed_memory()
     loaded = load_streamed(model, progress)
     _claim = check_output_path(out_path, overwrite, run_places(loaded, config.calib, cache_dir))
+    check_budget_reachable(loaded.model, config)
     timing = {"load_s": time.perf_counter() - start}
     original_params = count_params(loaded.model)
     store = open_layer_store(loaded, config, cache_dir)
