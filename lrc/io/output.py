@@ -122,14 +122,23 @@ def check_output_path(target: Path, overwrite: bool, places: dict[Path, tuple[st
         if not overwrite:
             raise OutputError(f"output folder {target} exists and is not empty (pass --overwrite to replace it)")
         check_replaceable(target)
-    parent = target.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot create output folder {target}: {parent} is a file")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write to {parent}: {unwritable_reason(parent)}")
+    refusal = folder_refusal(target.parent)
+    if refusal is not None:
+        raise OutputError(f"cannot create output folder {target}: {refusal}")
     return OutputClaim.take(target)
+
+
+def folder_refusal(folder: Path) -> str | None:
+    """Why a folder cannot be made at `folder` (or written in, if it exists), as the machine would refuse it:
+    its nearest existing ancestor is a file, or cannot be written to; None when nothing stands in the way."""
+    existing = folder.expanduser()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    if not os.access(existing, os.W_OK):
+        return f"cannot write to {existing}: {unwritable_reason(existing)}"
+    return None
 
 
 def unwritable_reason(folder: Path) -> str:

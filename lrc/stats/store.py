@@ -29,7 +29,7 @@ from .. import __version__
 from ..errors import OutputError
 from ..factorize import InputStats, OutputStats
 from ..io.checkpoint import weight_files
-from ..io.output import apply_umask, unwritable_reason
+from ..io.output import apply_umask, folder_refusal
 from ..sources import file_sha256
 from .types import CalibrationStats
 
@@ -107,13 +107,9 @@ def cache_key(loaded: LoadedModel, config: CompressionConfig, gradients: bool, f
 def check_cache_folder(folder: Path) -> None:
     """Raise OutputError unless `folder` (a statistics cache, created on first use) can be written: checked
     before the run, not when its statistics are ready."""
-    existing = folder.expanduser()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"cannot use {folder} as the statistics cache: {existing} is a file")
-    if not os.access(existing, os.W_OK):
-        raise OutputError(f"cannot use {folder} as the statistics cache: {unwritable_reason(existing)}")
+    refusal = folder_refusal(folder)
+    if refusal is not None:
+        raise OutputError(f"cannot use {folder} as the statistics cache: {refusal}")
 
 
 def save_stats(stats: CalibrationStats, folder: Path, key: str) -> Path:
