@@ -138,6 +138,25 @@ def model_size(loaded: LoadedModel) -> dict[str, Any]:
             "memory_bytes": held_tensor_bytes(loaded.model)}
 
 
+def check_same_tokens(model: str, baseline: str, data: str) -> None:
+    """Raise ConfigError unless `model` and `baseline` split the text `data` into the same tokens (its first
+    100,000 characters): a perplexity is per token, so the ratio of two from different tokenizers measures the
+    tokenizers, not the compression. Reads the tokenizers only (a .gguf is converted, as loading would)."""
+    from .sources import load_tokenizer, local_folder, resolve_model
+
+    head = read_text(data, what="evaluation")[:100_000]
+    ids = []
+    for spec in (model, baseline):
+        tokenizer = load_tokenizer(local_folder(resolve_model(spec)))
+        ids.append(tokenizer(head, add_special_tokens=False).input_ids)
+    if ids[0] != ids[1]:
+        raise ConfigError(
+            f"{model} and the baseline {baseline} tokenize {data} differently ({len(ids[0])} against {len(ids[1])} "
+            "tokens in its first 100,000 characters): their perplexities are per token of different tokenizers "
+            "and cannot be compared; give the model's own dense original as --baseline"
+        )
+
+
 def evaluate(
     model: str | LoadedModel,
     data: str,
@@ -153,6 +172,8 @@ def evaluate(
     An encoder (no next-token head) gets `embedding_similarity` to `reference` (the dense model) instead of
     a perplexity; it needs one. A decoder ignores `reference`.
     """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     loaded = load_model(model, progress=progress) if isinstance(model, str) else model
     context = getattr(loaded.model.config, "max_position_embeddings", None)
     if context is not None and seq_len > context:

@@ -176,7 +176,6 @@ def load_model(
 ) -> LoadedModel:
     """Load model (on the CPU, eval mode) and tokenizer; the weights are checked to be finite."""
     import transformers
-    from transformers import AutoTokenizer
 
     from .forms.fused import release_freed_heap
     from .io import hf_integration
@@ -204,13 +203,20 @@ def load_model(
     model.requires_grad_(False)
     check_finite_model(model)
     release_freed_heap()  # what loading freed (transformers' copies too, released by now) back to the OS
-    tokenizer = None
-    if need_tokenizer:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load the tokenizer of {folder}: {one_line(exc)}") from None
+    tokenizer = load_tokenizer(folder) if need_tokenizer else None
     return LoadedModel(model, tokenizer, source, folder)
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer of a model folder (never the folder's own code)."""
+    from transformers import AutoTokenizer
+
+    from .load_check import one_line
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {folder}: {one_line(exc)}") from None
 
 
 def check_finite_model(model: torch.nn.Module) -> None:

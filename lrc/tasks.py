@@ -22,7 +22,6 @@ from .hub import network_failure, quiet_retries
 from .progress import Progress, no_progress
 from .sources import LoadedModel
 
-METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "perplexity", "word_perplexity")
 """Metrics reported per task (those lm-eval computes for it), with their standard errors."""
 
 
@@ -43,7 +42,8 @@ def task_manager(tasks: list[str], include_path: str | Path | None = None) -> An
         raise LrcError(f"--tasks needs lm-evaluation-harness, which is not installed ({exc.name} missing): "
                        "pip install 'lrc[tasks]'") from None
     if include_path is not None and not Path(include_path).is_dir():
-        raise ConfigError(f"task folder not found: {include_path}")
+        what = "is a file, not a folder of task YAML files" if Path(include_path).is_file() else "not found"
+        raise ConfigError(f"task folder {include_path} {what}")
     with _quiet_lm_eval():
         manager = None
         if include_path is not None:  # the folder alone first: indexing lm-eval's own tasks took 7-15 s here
@@ -89,6 +89,8 @@ def run_tasks(
                 model=model, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                 log_samples=False, bootstrap_iters=1000, verbosity="ERROR",
             )
+        except FileNotFoundError as exc:  # a task's data file (a local task YAML names it)
+            raise LrcError(f"lm-eval could not read the data of {', '.join(tasks)}: {exc}") from None
         except Exception as exc:
             if not network_failure(exc):
                 raise
@@ -101,9 +103,8 @@ def run_tasks(
     for task, values in output["results"].items():
         row: dict[str, float | int | None] = {}
         for key, value in values.items():
-            metric, _, _filter = key.partition(",")
-            base = metric.removesuffix("_stderr")
-            if base in METRICS:
+            metric, comma, _filter = key.partition(",")  # lm-eval names a metric "NAME,FILTER"; others: alias...
+            if comma and (isinstance(value, (int, float)) or value == "N/A"):
                 row[metric] = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
         row["samples"] = int(output.get("n-samples", {}).get(task, {}).get("effective", values.get("sample_len", 0)))
         results[task] = row

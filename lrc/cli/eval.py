@@ -43,7 +43,7 @@ def eval_command(
 
     Perplexity: non-overlapping windows of --seq-len tokens, tail dropped. The gate (--max-ratio R with --baseline) exits with code 3 when perplexity(model) / perplexity(baseline) > R.
     """
-    from ..evaluate import evaluate, model_size
+    from ..evaluate import check_same_tokens, evaluate, model_size
     from ..sources import load_model
     from ..tasks import parse_tasks, run_tasks, task_manager
 
@@ -56,8 +56,12 @@ def eval_command(
             raise ConfigError("--max-ratio compares perplexities: it needs --baseline MODEL and --data FILE")
         if not max_ratio > 0:
             raise ConfigError(f"--max-ratio must be a positive number, got {max_ratio}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if output is not None:
         check_results_path(output)
+    if baseline is not None and data is not None:
+        check_same_tokens(model, baseline, data)
     task_names = parse_tasks(tasks) if tasks is not None else []
     if task_limit is not None and task_limit < 1:
         raise ConfigError(f"--task-limit must be at least 1, got {task_limit}")

@@ -113,3 +113,26 @@ def test_an_unwritable_output_file_fails_before_evaluating(tmp_path, compressed_
     monkeypatch.setattr("lrc.cli.eval.write_atomically", refuse)
     code, _, stderr = run_main(capsys, *args, "-o", tmp_path / "e.yaml", "--quiet")
     assert code == 2 and stderr.strip().splitlines()[-1] == f"error: Read-only file system: {tmp_path / 'e.yaml'}"
+
+
+def test_a_baseline_with_another_tokenizer_is_refused_before_evaluating(tmp_path, compressed_run, capsys):
+    """Per-token perplexities of two tokenizations are not comparable: the ratio (and the gate) would be
+    meaningless. The same model with a lower-casing tokenizer splits the text differently: refused, one line."""
+    import shutil
+
+    from tokenizers import normalizers
+
+    from ..conftest import byte_tokenizer, run_main
+
+    other = tmp_path / "lowercased"
+    shutil.copytree(compressed_run.model, other)
+    tokenizer = byte_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.save_pretrained(other)
+    code, stdout, stderr = run_main(capsys, "eval", compressed_run.out, "--data", compressed_run.calib, "--seq-len", 16,
+                                    "--windows", 1, "--baseline", other, "--max-ratio", 100)
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith(f"error: {compressed_run.out} and the baseline {other} tokenize {compressed_run.calib} "
+                             "differently") and stderr.count("\n") == 1
+    code, _, stderr = run_main(capsys, "eval", compressed_run.out, "--data", compressed_run.calib, "--batch-size", 0)
+    assert (code, stderr) == (2, "error: --batch-size must be at least 1, got 0\n")

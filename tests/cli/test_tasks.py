@@ -109,3 +109,40 @@ def test_without_lm_eval_says_what_to_install(capsys, compressed_run, monkeypatc
     assert (code, captured.out) == (2, "")
     assert captured.err.startswith("error: --tasks needs lm-evaluation-harness, which is not installed (lm_eval")
     assert captured.err.endswith("missing): pip install 'lrc[tasks]'\n") and captured.err.count("\n") == 1
+
+
+def test_every_metric_a_task_defines_is_reported(capsys, compressed_run, tmp_path):
+    """A perplexity task's byte_perplexity / bits_per_byte are reported like acc (bits = log2 of the byte
+    perplexity, as lm-eval defines both from one log-likelihood); a task whose data file is missing is one line."""
+    import math
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": q + " " + c[a]}) for q, c, a in QUESTIONS[:4]))
+    task = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+    (tmp_path / "ppl.yaml").write_text(task.format(name="lrc_tiny_ppl", data=data, cache=tmp_path / "hf-cache"))
+    (tmp_path / "gone.yaml").write_text(task.format(name="lrc_tiny_gone", data=tmp_path / "missing.jsonl",
+                                                    cache=tmp_path / "hf-cache"))
+    capsys.readouterr()
+    code = main(["eval", str(compressed_run.out), "--tasks", "lrc_tiny_ppl", "--tasks-path", str(tmp_path), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    scores = json.loads(captured.out)["results"][0]["tasks"]["lrc_tiny_ppl"]
+    assert {"word_perplexity", "byte_perplexity", "bits_per_byte"} <= set(scores) and scores["samples"] == 4
+    assert scores["bits_per_byte"] == pytest.approx(math.log2(scores["byte_perplexity"]))
+    code = main(["eval", str(compressed_run.out), "--tasks", "lrc_tiny_gone", "--tasks-path", str(tmp_path), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: lm-eval could not read the data of lrc_tiny_gone") and err.count("\n") == 1
