@@ -42,7 +42,7 @@ class Registry(Generic[T]):
         cls = self.get(name)
         options = dict(options or {})
         if dataclasses.is_dataclass(cls):
-            valid = [f.name for f in dataclasses.fields(cls)]
+            valid = [f.name for f in dataclasses.fields(cls) if f.init]  # not the state a class keeps itself
             for key in options:
                 if key not in valid:
                     hint = suggest(key, valid) if valid else " (it takes no options)"

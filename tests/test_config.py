@@ -67,3 +67,21 @@ def test_recipes_exist():
 def test_unknown_method_option():
     with pytest.raises(ConfigError, match=r"unknown option 'dampin' for method 'svd-llm' \(did you mean 'damping'\?\)"):
         METHODS.create("svd-llm", {"dampin": 1e-3})
+
+
+def test_options_a_class_keeps_for_itself_are_not_offered():
+    """The knapsack's price and outside are set by lrc from --objective, not options a recipe may give."""
+    for key in ("price", "outside"):
+        with pytest.raises(ConfigError, match=rf"unknown option '{key}' for allocator 'knapsack' \(valid: rank_step, "
+                                              "max_units, same_rank_per_type\\)"):
+            ALLOCATORS.create("knapsack", {key: 1})
+    with pytest.raises(ConfigError, match=r"unknown option 'last_unit' .*\(did you mean 'max_units'\?\)"):
+        ALLOCATORS.create("knapsack", {"last_unit": 1})
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "loss-aware"])
+def test_damping_is_checked_when_the_recipe_is_read(method):
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="damping must be a number >= 0"):
+            METHODS.create(method, {"damping": bad})
+    assert METHODS.create(method, {"damping": 0.5}).damping == 0.5

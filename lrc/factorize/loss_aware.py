@@ -9,7 +9,7 @@ import torch
 from ..errors import ConfigError, NumericalError
 from .base import FactorizationMethod, InputStats, OutputStats, Weighting
 from .registry import METHODS
-from .whitening import cholesky_whitener
+from .whitening import check_damping, cholesky_whitener
 
 
 def _require(stats: OutputStats | None, method: str) -> OutputStats:
@@ -51,6 +51,8 @@ class LossAwareSVD(FactorizationMethod):
     def __post_init__(self) -> None:
         if self.output not in ("full", "diag"):
             raise ConfigError(f"loss-aware output must be 'full' or 'diag', got {self.output!r}")
+        check_damping(self.damping)
+        check_damping(self.output_damping, "output_damping")
 
     def in_weighting(self, stats: InputStats) -> Weighting:
         return cholesky_whitener(stats.gram / max(stats.tokens, 1), self.damping)

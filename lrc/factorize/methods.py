@@ -8,7 +8,7 @@ import torch
 
 from .base import FactorizationMethod, InputStats
 from .registry import METHODS
-from .whitening import cholesky_whitener, eigen_whitener
+from .whitening import check_damping, cholesky_whitener, eigen_whitener
 
 
 @METHODS.register("svd")
@@ -36,6 +36,9 @@ class CholeskyWhitenedSVD(FactorizationMethod):
     """SVD-LLM: SVD of W L with L Lᵀ = X Xᵀ (+ damping); dropped σ² = squared output error on the data."""
 
     damping: float = 1e-6
+
+    def __post_init__(self) -> None:
+        check_damping(self.damping)
 
     def in_weighting(self, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
         return cholesky_whitener(stats.gram / max(stats.tokens, 1), self.damping)

@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..errors import NumericalError
+from ..errors import ConfigError, NumericalError
 
 
 def cholesky_whitener(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(L, L⁻¹) with L Lᵀ = G + λ I, L lower triangular; λ = damping · mean(diag G), raised 10x on failure.
 
     G is often singular (dead channels); SVD-LLM shifts it until Cholesky succeeds. We start at `damping`
-    and multiply by 10 up to 1e-1, then give up with an error (never a silent NaN).
+    and multiply by 10 up to 1e-1 (or the damping asked, if larger), then give up with an error (never a
+    silent NaN).
     """
     g = gram.to(torch.float64)
     n = g.shape[0]
     scale = float(torch.diagonal(g).mean().clamp_min(1e-30))
     eye = torch.eye(n, dtype=g.dtype, device=g.device)
-    lam = damping
-    while lam <= 1e-1:
+    lam, last = damping, max(damping, 1e-1)
+    while True:
         chol, info = torch.linalg.cholesky_ex(g + lam * scale * eye)
         if int(info) == 0:
             inv = torch.linalg.solve_triangular(chol, eye, upper=False)
             return chol, inv
-        lam = lam * 10 if lam > 0 else 1e-10
-    raise NumericalError("Cholesky of the input Gram failed even with damping 1e-1")
+        if lam >= last:
+            raise NumericalError(f"Cholesky of the input Gram failed even with damping {lam:g}")
+        lam = min(lam * 10 if lam > 0 else 1e-10, last)
+
+
+def check_damping(value: float, name: str = "damping") -> None:
+    """A method's damping option: a finite number >= 0 (a fraction of the Gram's mean diagonal)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{name} must be a number >= 0 (a fraction of the input Gram's mean diagonal), got {value!r}")
 
 
 def eigen_whitener(gram: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:

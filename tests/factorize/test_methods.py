@@ -105,3 +105,15 @@ def test_breakeven_rank():
     for m, n in [(576, 576), (192, 576), (1536, 576), (7, 3)]:
         r = breakeven_rank(m, n)
         assert r * (m + n) < m * n <= (r + 1) * (m + n)
+
+
+def test_a_damping_above_the_retry_limit_is_used_not_skipped():
+    """G singular: the whitener is the Cholesky factor of G + λ mean(diag G) I at the damping asked, even above
+    the 1e-1 the retries stop at (it used to give up without trying)."""
+    from lrc.factorize.whitening import cholesky_whitener
+
+    gram = torch.diag(torch.tensor([4.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    chol, inv = cholesky_whitener(gram, 0.5)
+    expected = gram + 0.5 * 1.0 * torch.eye(4, dtype=torch.float64)  # mean diagonal 1
+    torch.testing.assert_close(chol @ chol.T, expected)
+    torch.testing.assert_close(inv @ chol, torch.eye(4, dtype=torch.float64))
