@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModel, AutoModelForCausalLM, HunYuanMoEV1Config, PreTrainedTokenizerFast
 
 import lrc  # noqa: F401  (registers the lrc loader with transformers)
 
@@ -89,6 +89,19 @@ def save_tiny_model(folder: Path, family: str = "llama", tie: bool = False, seed
     auto = AutoModel if family in ENCODERS else AutoModelForCausalLM
     model = auto.from_config(tiny_config(family, tie, **overrides))
     model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def save_hunyuan_moe(folder: Path) -> Path:
+    """A model type lrc has no adapter for (the generic fallback) with fused experts, an nn.Linear router
+    (mlp.gate.wg, hidden -> experts) and a shared MLP."""
+    config = HunYuanMoEV1Config(
+        vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_experts=4, moe_topk=2,
+        bos_token_id=256, eos_token_id=257, pad_token_id=257, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
 

@@ -13,7 +13,7 @@ values as the in-memory model's, tested tensor by tensor.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from io import BufferedReader
 from pathlib import Path
@@ -36,6 +36,21 @@ def streamed_blocks(model: nn.Module) -> StreamedBlocks | None:
     return _STREAMED.get(model)
 
 
+def checkpoint_renaming(model: nn.Module) -> Callable[[str], str]:
+    """The model's name of a checkpoint tensor, as transformers renames it on load (GPT-NeoX's embed_out is
+    the model's lm_head, a LayerNorm's gamma its weight); tensors it would convert (merge, split) keep their
+    name, and the model then misses them (see _check_covered)."""
+    import copy
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    pretrained: Any = model
+    mapping = copy.deepcopy(get_model_conversion_mapping(pretrained))  # matching arms stateful renamings
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    return lambda name: rename_source_key(name, renamings, [])[0]
+
+
 class StreamedBlocks:
     """Reads tensors of `model` by name from the safetensors files of `folder`.
 
@@ -49,6 +64,7 @@ class StreamedBlocks:
         self.layers = layers
         self._files = ExitStack()
         self._where: dict[str, tuple[BufferedReader, int, dict[str, Any]]] = {}
+        rename = checkpoint_renaming(model)
         for path in sorted(folder.glob("*.safetensors")):
             start, header = read_header(path)
             handle = self._files.enter_context(path.open("rb"))
@@ -56,7 +72,7 @@ class StreamedBlocks:
                 if entry["dtype"] not in SAFETENSORS_DTYPES:
                     raise ModelLoadError(f"tensor {name} in {path} has dtype {entry['dtype']}, which streaming cannot "
                                          "read: compress without --stream")
-                self._where[name] = (handle, start, entry)
+                self._where[rename(name)] = (handle, start, entry)
         self.loads = 0  # block loads so far (a resumed run does fewer)
 
     def __contains__(self, name: str) -> bool:

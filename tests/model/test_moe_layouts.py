@@ -20,7 +20,13 @@ from lrc.forms import LowRankLinear
 from lrc.model.targets import matrix_type, replace_module, target_linears
 from lrc.sequential import sequential_factorize
 
-from ..conftest import byte_tokenizer, lrc_command, lrc_env, save_tiny_model, tiny_compress_args
+from ..conftest import (
+    lrc_command,
+    lrc_env,
+    save_hunyuan_moe,
+    save_tiny_model,
+    tiny_compress_args,
+)
 
 SAMPLES, SEQ_LEN, BATCH = 24, 24, 4  # 576 tokens: each expert sees more than its 64 inputs
 ATTENTION = {f"self_attn.{p}_proj" for p in "qkvo"}
@@ -117,21 +123,8 @@ def test_stream_compresses_a_moe_model_type_without_experts_blocks(tmp_path, cal
     assert (tmp_path / "memory" / "model.safetensors").read_bytes() == (tmp_path / "stream" / "model.safetensors").read_bytes()
 
 
-def hunyuan_moe(folder):
-    """A model type lrc has no adapter for (the generic fallback) with fused experts, an nn.Linear router
-    (mlp.gate.wg, hidden -> experts) and a shared MLP."""
-    config = transformers.HunYuanMoEV1Config(
-        vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_experts=4, moe_topk=2,
-        bos_token_id=256, eos_token_id=257, pad_token_id=257, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def test_generic_fallback_skips_routers_and_warns_once_that_fused_experts_stay_dense(tmp_path, calib_file):
-    folder = hunyuan_moe(tmp_path / "hunyuan")
+    folder = save_hunyuan_moe(tmp_path / "hunyuan")
     model = lrc.load(str(folder)).model
     assert isinstance(model.model.layers[0].mlp.gate.wg, nn.Linear)
     with pytest.warns(UserWarning, match=r"keeps its fused experts dense \(2 blocks, first model\.layers\.0\.mlp\.experts\)"):
