@@ -13,6 +13,7 @@ non-zero. Every tensor is in the state dict, so the checkpoint holds exactly wha
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -189,10 +190,35 @@ def make_plan(layout: str, cols: int, stored: tuple[torch.Tensor, ...]) -> _Kern
     if layout == "csr":
         check_csr(cols, stored)
         return _KernelPlan(state, stored[2], cpu_kernels.csr_matmul_fn(stored[0], stored[1], stored[2], cols))
-    starts = bitmask_row_starts(stored[1], cols, values.numel())
     if values.device.type != "cpu":  # the GPU kernels start each split of the columns
-        return _KernelPlan(state, gpu_kernels.split_starts(starts, stored[1], cols), None)
+        return _KernelPlan(state, outside_graph_pools(
+            lambda: gpu_kernels.split_starts(bitmask_row_starts(stored[1], cols, values.numel()), stored[1], cols)), None)
+    starts = bitmask_row_starts(stored[1], cols, values.numel())
     return _KernelPlan(state, starts, cpu_kernels.bitmask_matmul_fn(values, stored[1], starts, cols))
+
+
+def outside_graph_pools(make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """make() run in a helper thread and finished there: torch.compile's CUDA graphs (mode="reduce-overhead")
+    put every allocation of the thread running a compiled graph into the graph's private memory pool, and
+    refuse a tensor that outlives the run there; a kernel plan is made on the first call and kept, so it is
+    allocated from the ordinary pool of another thread."""
+    result: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(make())
+            if result[0].is_cuda:  # done before the caller's stream reads it
+                torch.cuda.synchronize(result[0].device)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    helper = threading.Thread(target=run, name="lrc-kernel-plan")
+    helper.start()
+    helper.join()
+    if errors:
+        raise errors[0]
+    return result[0]
 
 
 def multiply(layout: str, rows: int, cols: int, stored: tuple[torch.Tensor, ...], plan: _KernelPlan,

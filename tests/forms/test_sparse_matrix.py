@@ -217,3 +217,25 @@ def test_compiled_product_matches_the_dense_product(layout):
     matrix.values.data.mul_(-2)
     h = torch.randn(1, 40)
     torch.testing.assert_close(compiled(h), h @ (-2 * dense).T)
+
+
+def test_a_plan_made_outside_the_graph_pools_is_made_in_another_thread():
+    """outside_graph_pools runs its function in a helper thread (CUDA graphs redirect only the calling
+    thread's allocations), returns its tensor, and re-raises its error in the caller."""
+    import threading
+
+    from lrc.forms.sparse_matrix import outside_graph_pools
+
+    seen = []
+
+    def make():
+        seen.append(threading.current_thread() is not threading.main_thread())
+        return torch.arange(3)
+
+    assert torch.equal(outside_graph_pools(make), torch.arange(3)) and seen == [True]
+
+    def fail():
+        raise ValueError("inconsistent bitmask")
+
+    with pytest.raises(ValueError, match="inconsistent bitmask"):
+        outside_graph_pools(fail)
