@@ -4,8 +4,9 @@ Every compressed layer becomes the module it replaced (nn.Linear, or GPT-2's Con
 `dense_weight()` (out x in, the product of its factors) and its bias, under the original tensor names;
 experts lrc stores unfused are written one matrix each, which transformers' own conversions merge back
 when it loads. config.json loses `quantization_config` and `auto_map`; the tokenizer and generation config
-are copied, and `lrc_export.yaml` says which lrc output it came from (so `--overwrite` may replace it later). The folder is written like `lrc compress`'s output: refused where it could lose a file,
-built in a temporary sibling, checked, then moved into place. Plain transformers loads it, no lrc needed.
+are copied, and `lrc_export.yaml` says which lrc output it came from (so `--overwrite` may replace it later).
+The folder is written like `lrc compress`'s output: refused where it could lose a file, built in a
+temporary sibling, checked, then moved into place. Plain transformers loads it, no lrc needed.
 The file is as large as the original model's (at the output's dtype).
 """
 

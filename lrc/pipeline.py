@@ -86,11 +86,10 @@ def compress(
     loaded = load_model(model, progress=progress) if isinstance(model, str) else model
     if out_path is not None:
         _claim = check_output_path(out_path, overwrite, run_places(loaded, config.calib, cache_dir))
-    if analysis is None:
-        check_budget_reachable(loaded.model, config)
     timing = {"load_s": time.perf_counter() - start}
     original_params = count_params(loaded.model)
     if analysis is None:
+        check_budget_reachable(loaded.model, config)
         stats = cached_statistics(loaded, config, Path(cache_dir) if cache_dir else None, progress)
         analysis = decompose_all(loaded, config, stats, progress)
     timing.update(analysis.timing)

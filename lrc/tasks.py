@@ -22,8 +22,6 @@ from .hub import network_failure, quiet_retries
 from .progress import Progress, no_progress
 from .sources import LoadedModel
 
-"""Metrics reported per task (those lm-eval computes for it), with their standard errors."""
-
 
 def parse_tasks(text: str) -> list[str]:
     """'piqa, arc_easy' -> ['piqa', 'arc_easy']; an empty list is an error."""

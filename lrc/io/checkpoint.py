@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,22 @@ SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+
+
+def renaming_on_load(model: Any, convert: bool = True) -> Callable[[str], tuple[str, str | None]]:
+    """name -> (the model's name for a checkpoint tensor `name`, as transformers' conversion mapping for the
+    model's class gives it on load; the pattern of the converter that merges or splits it, or None). With
+    convert=False renamings only: a tensor to be converted keeps its name. Each call makes its own mapping
+    (matching arms the renamings' state)."""
+    import copy
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = copy.deepcopy(get_model_conversion_mapping(model))
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)] if convert else []
+    return lambda name: rename_source_key(name, renamings, converters)
 
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:

@@ -142,15 +142,10 @@ def load_dtype(config: Any) -> torch.dtype:
 def converted_on_load(skeleton: Any, names: set[str]) -> bool:
     """Whether transformers' checkpoint conversion mapping for the model would rename or convert one of `names`
     on load (then the loaded model is not the file's tensors under these names)."""
-    import copy
+    from .checkpoint import renaming_on_load
 
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    mapping = copy.deepcopy(get_model_conversion_mapping(skeleton))  # matching arms stateful renamings
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    return any(rename_source_key(n, renamings, converters) != (n, None) for n in sorted(names))
+    rename = renaming_on_load(skeleton)
+    return any(rename(n) != (n, None) for n in sorted(names))
 
 
 def write_tensors(path: Path, folder: Path, plan: StreamPlan, progress: Progress) -> None:

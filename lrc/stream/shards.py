@@ -13,7 +13,7 @@ values as the in-memory model's, tested tensor by tensor.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from io import BufferedReader
 from pathlib import Path
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelLoadError
-from ..io.checkpoint import SAFETENSORS_DTYPES, read_header, read_tensor
+from ..io.checkpoint import SAFETENSORS_DTYPES, read_header, read_tensor, renaming_on_load
 from ..model.experts import is_fused_experts
 from ..progress import Progress, no_progress
 from ..sources import LoadedModel
@@ -34,21 +34,6 @@ _STREAMED: weakref.WeakKeyDictionary[nn.Module, StreamedBlocks] = weakref.WeakKe
 def streamed_blocks(model: nn.Module) -> StreamedBlocks | None:
     """The block source of a model from `load_streamed`, None for an ordinary (resident) model."""
     return _STREAMED.get(model)
-
-
-def checkpoint_renaming(model: nn.Module) -> Callable[[str], str]:
-    """The model's name of a checkpoint tensor, as transformers renames it on load (GPT-NeoX's embed_out is
-    the model's lm_head, a LayerNorm's gamma its weight); tensors it would convert (merge, split) keep their
-    name, and the model then misses them (see _check_covered)."""
-    import copy
-
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, rename_source_key
-
-    pretrained: Any = model
-    mapping = copy.deepcopy(get_model_conversion_mapping(pretrained))  # matching arms stateful renamings
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    return lambda name: rename_source_key(name, renamings, [])[0]
 
 
 class StreamedBlocks:
@@ -64,7 +49,7 @@ class StreamedBlocks:
         self.layers = layers
         self._files = ExitStack()
         self._where: dict[str, tuple[BufferedReader, int, dict[str, Any]]] = {}
-        rename = checkpoint_renaming(model)
+        rename = renaming_on_load(model, convert=False)  # GPT-NeoX's embed_out is the model's lm_head
         for path in sorted(folder.glob("*.safetensors")):
             start, header = read_header(path)
             handle = self._files.enter_context(path.open("rb"))
@@ -72,7 +57,7 @@ class StreamedBlocks:
                 if entry["dtype"] not in SAFETENSORS_DTYPES:
                     raise ModelLoadError(f"tensor {name} in {path} has dtype {entry['dtype']}, which streaming cannot "
                                          "read: compress without --stream")
-                self._where[rename(name)] = (handle, start, entry)
+                self._where[rename(name)[0]] = (handle, start, entry)
         self.loads = 0  # block loads so far (a resumed run does fewer)
 
     def __contains__(self, name: str) -> bool:
