@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,9 @@ class CompressionConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError on a value of the wrong type (naming its key) or out of range; called on
-        construction and after overrides."""
+        """Raise ConfigError on a value of the wrong type (naming its key), out of range, or a regex that does not
+        compile; called on construction and after overrides. The method's and allocator's names and options and
+        the device are checked when compress starts (against the registries and the machine)."""
         check_fields(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         if not (math.isfinite(self.budget) and 0.0 < self.budget < 1.0):
             raise ConfigError(f"budget must be in (0, 1) (fraction of parameters removed), got {self.budget}")
@@ -107,6 +109,14 @@ class CompressionConfig:
             raise ConfigError(f"stream_activation_gib must be 0 or more (GiB), got {self.stream_activation_gib!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch's generators take
+            raise ConfigError(f"seed must fit in 64 bits (-2**63 to 2**64 - 1), got {self.seed}")
+        for name in ("keep_dense", "exclude"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"bad regex in {name}: {pattern!r}: {exc}") from None
 
     # --- dict / YAML round trip -------------------------------------------------------------------
 

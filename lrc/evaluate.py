@@ -11,6 +11,7 @@ one) by the cosine similarity of their embeddings (see `embedding_similarity`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from .io.checkpoint import tensor_bytes
 from .model.adapters import CAUSAL_LM, adapter_for
 from .peak_memory import held_tensor_bytes
 from .progress import Progress, no_progress
-from .sources import LoadedModel, load_model
+from .sources import LoadedModel, load_model, model_argument
 
 
 def perplexity(
@@ -157,9 +158,15 @@ def check_same_tokens(model: str, baseline: str, data: str) -> None:
         )
 
 
+def check_integer(name: str, value: object, minimum: int, why: str = "") -> None:
+    """ConfigError unless `value` is an int (not a bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer of at least {minimum}{f' ({why})' if why else ''}, got {value!r}")
+
+
 def evaluate(
-    model: str | LoadedModel,
-    data: str,
+    model: str | os.PathLike[str] | LoadedModel,
+    data: str | os.PathLike[str],
     seq_len: int = 512,
     windows: int | None = None,
     batch_size: int = 4,
@@ -172,8 +179,15 @@ def evaluate(
     An encoder (no next-token head) gets `embedding_similarity` to `reference` (the dense model) instead of
     a perplexity; it needs one. A decoder ignores `reference`.
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    model = model_argument(model)
+    reference = None if reference is None else model_argument(reference, "reference")
+    check_integer("seq_len", seq_len, 2, "a window predicts its tokens after the first")
+    check_integer("batch_size", batch_size, 1)
+    if windows is not None:
+        check_integer("windows", windows, 1)
+    if not isinstance(data, (str, os.PathLike)):
+        raise ConfigError(f"data must be the path of a text file (str or os.PathLike), not {type(data).__name__}")
+    data = str(os.fspath(data))
     loaded = load_model(model, progress=progress) if isinstance(model, str) else model
     context = getattr(loaded.model.config, "max_position_embeddings", None)
     if context is not None and seq_len > context:

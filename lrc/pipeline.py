@@ -6,14 +6,16 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .allocate import ALLOCATORS, allocate_ranks, check_budget_reachable, compile_patterns
+from .allocate import ALLOCATORS, allocate_ranks, check_budget_reachable
 from .allocate.curve import allocation_curve
 from .allocate.objective import predicted_cost
 from .config import CompressionConfig
@@ -27,10 +29,11 @@ from .forms import count_params
 from .io.output import check_output_path, run_places
 from .io.report import build_report
 from .io.writer import write_output
+from .model.targets import check_not_compressed
 from .peak_memory import peak_memory
 from .progress import Progress, no_progress
 from .quality_check import HeldOutCheck
-from .sources import LoadedModel, load_model
+from .sources import LoadedModel, load_model, model_argument
 from .stats.collect import cached_statistics
 from .stats.store import check_cache_folder
 from .stream.pipeline import check_streamable, compress_streamed
@@ -49,8 +52,8 @@ class CompressionResult:
 
 
 def compress(
-    model: str | LoadedModel,
-    config: CompressionConfig | None = None,
+    model: str | os.PathLike[str] | LoadedModel,
+    config: CompressionConfig | Mapping[str, Any] | None = None,
     output: str | Path | None = None,
     *,
     overwrite: bool = False,
@@ -58,20 +61,19 @@ def compress(
     analysis: Analysis | None = None,
     cache_dir: str | Path | None = None,
 ) -> CompressionResult:
-    """Compress `model` (a path / Hub id / alias, or a LoadedModel) as `config` says; write to `output` if given.
+    """Compress `model` (a path / Hub id / alias, or a LoadedModel) as `config` (a CompressionConfig, or a mapping
+    of its fields as a recipe gives them) says; write to `output` if given.
 
-    The model object is modified in place: its chosen linear layers become compressed layer forms. Pass an
+    A LoadedModel is modified in place: its chosen linear layers become compressed layer forms. Pass an
     `analysis` from `lrc.engine.decompose_all` (same model, method and calibration) to skip the calibration
     and decomposition, or a `cache_dir` to reuse the calibration statistics of an earlier run with the same
     model and data.
     """
-    config = config or CompressionConfig()
-    config.validate()
+    model = model_argument(model)
+    config = config_argument(config)
     start = time.perf_counter()
     resolve_device(config.device)
     check_method_allocator(config)
-    compile_patterns(config.keep_dense, "keep_dense")
-    compile_patterns(config.exclude, "exclude")
     out_path = Path(output) if output is not None and is_main() else None  # over torch.distributed rank 0 writes
     if cache_dir is not None:
         check_cache_folder(Path(cache_dir))
@@ -84,13 +86,15 @@ def compress(
     if out_path is not None and isinstance(model, str):  # _claim: a lock on the output, held until it is written
         _claim = check_output_path(out_path, overwrite, run_places(model, config.calib, cache_dir))
     loaded = load_model(model, progress=progress) if isinstance(model, str) else model
+    check_not_compressed(loaded.source.spec, loaded.model.config, loaded.model)
     if out_path is not None:
         _claim = check_output_path(out_path, overwrite, run_places(loaded, config.calib, cache_dir))
     timing = {"load_s": time.perf_counter() - start}
     original_params = count_params(loaded.model)
     if analysis is None:
         check_budget_reachable(loaded.model, config)
-        stats = cached_statistics(loaded, config, Path(cache_dir) if cache_dir else None, progress)
+        stats = cached_statistics(loaded, config, Path(cache_dir) if cache_dir else None, progress,
+                                  weights_in_files=isinstance(model, str))
         analysis = decompose_all(loaded, config, stats, progress)
     timing.update(analysis.timing)
     t = time.perf_counter()
@@ -124,6 +128,18 @@ def compress(
     if out_path is not None:
         write_output(loaded, out_path, results, report, config)
     return CompressionResult(loaded.model, report, results)
+
+
+def config_argument(config: object) -> CompressionConfig:
+    """compress's `config` as a validated CompressionConfig: the default for None, a mapping read as a recipe."""
+    if config is None:
+        return CompressionConfig()
+    if isinstance(config, Mapping):
+        return CompressionConfig.from_dict(dict(config))
+    if not isinstance(config, CompressionConfig):
+        raise ConfigError(f"config must be an lrc.CompressionConfig or a mapping of its fields, not {type(config).__name__}")
+    config.validate()
+    return config
 
 
 def check_method_allocator(config: CompressionConfig) -> None:

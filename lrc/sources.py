@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import LrcError, ModelLoadError, NumericalError
+from .errors import ConfigError, LrcError, ModelLoadError, NumericalError
 from .hub import network_failure, quiet_retries
 from .progress import Progress, no_progress
 
@@ -169,6 +169,19 @@ def local_folder(source: ModelSource, progress: Progress = no_progress) -> Path:
         source.path = folder
         return folder
     return source.path
+
+
+def model_argument(model: object, what: str = "model") -> str | LoadedModel:
+    """`model` as lrc's functions take it: a path, Hub id or alias (str or os.PathLike, as str), or a LoadedModel
+    (what lrc.load returns); ConfigError for anything else."""
+    if isinstance(model, (str, LoadedModel)):
+        return model
+    if isinstance(model, os.PathLike):
+        return str(os.fspath(model))
+    hint = (": a torch module alone has no tokenizer or folder; save it with save_pretrained (and its tokenizer) and "
+            "pass the folder") if isinstance(model, torch.nn.Module) else ""
+    raise ConfigError(f"{what} must be a path, Hub id or alias (str or os.PathLike) or what lrc.load returns, "
+                      f"not {type(model).__name__}{hint}")
 
 
 def load_model(

@@ -85,3 +85,14 @@ def test_damping_is_checked_when_the_recipe_is_read(method):
         with pytest.raises(ConfigError, match="damping must be a number >= 0"):
             METHODS.create(method, {"damping": bad})
     assert METHODS.create(method, {"damping": 0.5}).damping == 0.5
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"seed": 2**70}, "seed must fit in 64 bits"),
+    ({"seed": -(2**63) - 1}, "seed must fit in 64 bits"),
+    ({"keep_dense": ["mlp.("]}, "bad regex in keep_dense: 'mlp.\\('"),
+    ({"exclude": ["[lm_head"]}, "bad regex in exclude"),
+])
+def test_seed_range_and_regexes_checked_on_construction(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        CompressionConfig(**fields)

@@ -34,3 +34,26 @@ def test_too_short_evaluation_text(llama_dir, tmp_path):
     text.write_text("short")
     with pytest.raises(lrc.errors.ConfigError, match="fewer than one window"):
         lrc.evaluate(str(llama_dir), str(text), seq_len=64)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"seq_len": 0}, "seq_len must be an integer of at least 2"),
+    ({"seq_len": 1}, "seq_len must be an integer of at least 2"),
+    ({"seq_len": "64"}, "seq_len must be an integer"),
+    ({"seq_len": 16.0}, "seq_len must be an integer"),
+    ({"windows": 2.5}, "windows must be an integer"),
+    ({"batch_size": 0}, "batch_size must be an integer of at least 1"),
+    ({"data": None}, "data must be the path of a text file"),
+])
+def test_bad_arguments_are_refused_by_name(llama_dir, calib_file, arguments, message):
+    call = {"data": str(calib_file), "seq_len": 64} | arguments
+    with pytest.raises(lrc.errors.ConfigError, match=message):
+        lrc.evaluate(str(llama_dir), **call)
+
+
+def test_paths_are_taken(llama_dir, calib_file):
+    by_path = lrc.evaluate(llama_dir, calib_file, seq_len=64, windows=2)
+    by_str = lrc.evaluate(str(llama_dir), str(calib_file), seq_len=64, windows=2)
+    assert by_path["perplexity"] == by_str["perplexity"] and by_path["data"] == str(calib_file)
+    with pytest.raises(lrc.errors.ConfigError, match="save_pretrained"):
+        lrc.evaluate(lrc.load(str(llama_dir)).model, calib_file, seq_len=64)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 import lrc
@@ -80,3 +81,23 @@ def test_cache_skips_calibration_and_detects_corruption(tmp_path, calib_file, ll
     assert direct.ranks == second.ranks
 
 
+
+
+def test_cache_reads_a_loaded_model_in_memory(tmp_path, calib_file, llama_dir):
+    # the folder a model was loaded from may no longer hold its weights (changed in memory, or saved over):
+    # the entry is keyed by the weights as they are in memory, so neither reuses the other's statistics
+    cache = tmp_path / "cache"
+    config = lrc.CompressionConfig(calib=str(calib_file), samples=4, seq_len=32, method="loss-aware", budget=0.3)
+    changed = lrc.load(str(llama_dir))
+    with torch.no_grad():
+        changed.model.model.layers[0].mlp.up_proj.weight.mul_(3.0)
+    lrc.compress(changed, config, tmp_path / "changed", cache_dir=cache)
+    from_folder = lrc.compress(str(llama_dir), config, tmp_path / "folder", cache_dir=cache)
+    assert "cache_hit" not in from_folder.report["timing_s"]
+    lrc.compress(str(llama_dir), config, tmp_path / "fresh")
+    assert (tmp_path / "folder" / "model.safetensors").read_bytes() == (tmp_path / "fresh" / "model.safetensors").read_bytes()
+    assert (tmp_path / "changed" / "model.safetensors").read_bytes() != (tmp_path / "fresh" / "model.safetensors").read_bytes()
+    lrc.compress(lrc.load(str(llama_dir)), config, tmp_path / "loaded1", cache_dir=cache)
+    again = lrc.compress(lrc.load(str(llama_dir)), config, tmp_path / "loaded", cache_dir=cache)  # the same weights
+    assert again.report["timing_s"]["cache_hit"] == 1.0
+    assert (tmp_path / "loaded" / "model.safetensors").read_bytes() == (tmp_path / "fresh" / "model.safetensors").read_bytes()

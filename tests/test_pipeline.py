@@ -118,3 +118,31 @@ def test_keep_dense_and_bf16_output(llama_dir, calib_file, tmp_path):
     layer = model.model.layers[1].mlp.up_proj
     assert ranks["model.layers.1.mlp.up_proj"] != "dense" and not isinstance(layer, torch.nn.Linear)
     assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}
+
+
+def test_an_already_compressed_model_is_refused(llama_dir, calib_file, tmp_path):
+    # a second pass would target the layers left dense alone and write a rank map listing only those
+    lrc.compress(str(llama_dir), config(calib_file), tmp_path / "out")
+    with pytest.raises(lrc.errors.ConfigError, match="already compressed by lrc"):
+        lrc.compress(str(tmp_path / "out"), config(calib_file), tmp_path / "again")
+    with pytest.raises(lrc.errors.ConfigError, match="already compressed by lrc"):
+        lrc.compress(str(tmp_path / "out"), config(calib_file, stream=True), tmp_path / "streamed")
+    loaded = lrc.load(str(llama_dir))
+    lrc.compress(loaded, config(calib_file))  # changes the loaded model in place
+    with pytest.raises(lrc.errors.ConfigError, match="already compressed by lrc"):
+        lrc.compress(loaded, config(calib_file), tmp_path / "twice")
+    assert not (tmp_path / "again").exists() and not (tmp_path / "twice").exists()
+
+
+def test_paths_and_mappings_are_taken_other_objects_refused(llama_dir, calib_file, tmp_path):
+    settings = {"calib": str(calib_file), "samples": 4, "seq_len": 32, "batch_size": 2}
+    by_path = lrc.compress(llama_dir, settings, tmp_path / "a")  # a pathlib.Path and a recipe's mapping
+    by_str = lrc.compress(str(llama_dir), lrc.CompressionConfig(**settings), str(tmp_path / "b"))
+    assert by_path.ranks == by_str.ranks
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    with pytest.raises(lrc.errors.ConfigError, match="save_pretrained"):
+        lrc.compress(lrc.load(str(llama_dir)).model, settings)
+    with pytest.raises(lrc.errors.ConfigError, match="config must be an lrc.CompressionConfig"):
+        lrc.compress(str(llama_dir), ["budget", 0.3])
+    with pytest.raises(lrc.errors.ConfigError, match="unknown recipe key 'budgte'"):
+        lrc.compress(str(llama_dir), {"budgte": 0.3})

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from .adapters import adapter_for
 from .projection import Projection
 
@@ -32,6 +32,23 @@ def target_linears(model: nn.Module, exclude: list[str] | None = None) -> dict[s
             f"{len(stack)} layers of {stack_name!r}" + (f" after excluding {exclude}" if exclude else "")
         )
     return kept
+
+
+def check_not_compressed(spec: str, config: Any, model: nn.Module | None = None) -> None:
+    """ConfigError when the model `spec` (its transformers config, and the model when built) already holds layers
+    compressed by lrc (an lrc output, or a model an earlier compress changed in place): a second pass would
+    target the layers left dense only, and its rank map would list those alone."""
+    from ..forms import LAYER_FORMS
+
+    forms = tuple(LAYER_FORMS.get(kind) for kind in LAYER_FORMS.names())
+    count = 0 if model is None else sum(isinstance(module, forms) for module in model.modules())
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if count or method == "lrc":
+        raise ConfigError(
+            f"{spec} is already compressed by lrc: compress the model it was made from (lrc.compress changes a model "
+            f"it is given in place), or its dense form, written by `lrc export {spec} --dense -o DIR`"
+        )
 
 
 def matrix_type(name: str) -> str:

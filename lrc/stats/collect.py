@@ -91,15 +91,17 @@ def collect_statistics(
 
 
 def cached_statistics(
-    loaded: LoadedModel, config: CompressionConfig, cache_dir: Path | None, progress: Progress = no_progress
+    loaded: LoadedModel, config: CompressionConfig, cache_dir: Path | None, progress: Progress = no_progress,
+    weights_in_files: bool = True,
 ) -> CalibrationStats:
-    """collect_statistics, through the statistics store in `cache_dir` when given (see lrc.stats.store)."""
+    """collect_statistics, through the statistics store in `cache_dir` when given (see lrc.stats.store);
+    `weights_in_files`: the model was loaded from its folder for this run (else it is fingerprinted in memory)."""
     if cache_dir is None:
         return collect_statistics(loaded, config, progress)
     from .store import cache_key, load_stats, save_stats
 
     needs = METHODS.get(config.method).needs_gradients
-    key = cache_key(loaded, config, gradients=needs, fisher=config.method == "fwsvd")
+    key = cache_key(loaded, config, gradients=needs, fisher=config.method == "fwsvd", weights_in_files=weights_in_files)
     stats = load_stats(cache_dir, key)
     if stats is None:
         stats = collect_statistics(loaded, config, progress)

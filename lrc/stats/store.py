@@ -1,7 +1,8 @@
 """A cache of calibration statistics, so a second run on the same model and data skips the calibration passes.
 
 Entry key: SHA-256 over everything that changes the statistics (see `cache_key`): the model's weight
-files and config.json, its tokenizer and generation files (they make the token windows), the dtype and
+files and config.json (for a model the caller loaded, its weights and config as they are in memory, which
+may no longer be what its folder holds), its tokenizer and generation files (they make the token windows), the dtype and
 attention implementation of the loaded model, the calibration data (the text's bytes, or
 "self-sampled"), samples, seq_len, seed, batch_size (float sums are taken per batch), grad_samples,
 exclude patterns, which statistics were collected, the device and torch's CPU thread count (both change
@@ -20,7 +21,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -55,6 +56,17 @@ TOKENIZER_FILES = re.compile(
 )
 
 
+def tensors_fingerprint(model: Any) -> str:
+    """SHA-256 over a model's config (its path aside) and every state-dict tensor's name, dtype, shape and bytes,
+    as they are in memory."""
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
 def tokenizer_fingerprint(folder: Path) -> str:
     """SHA-256 over the tokenizer and generation files of a model folder (names and bytes)."""
     digest = hashlib.sha256()
@@ -76,13 +88,15 @@ def data_fingerprint(calib: str | None) -> str:
     return hashlib.sha256(read_text(calib).encode()).hexdigest()
 
 
-def cache_key(loaded: LoadedModel, config: CompressionConfig, gradients: bool, fisher: bool) -> str:
-    """SHA-256 over every input of `collect_statistics` (see the module docstring)."""
+def cache_key(loaded: LoadedModel, config: CompressionConfig, gradients: bool, fisher: bool,
+              weights_in_files: bool = True) -> str:
+    """SHA-256 over every input of `collect_statistics` (see the module docstring); `weights_in_files`: the model
+    was loaded from its folder for this run (else its weights are read in memory)."""
     import transformers
 
     model = loaded.model
     fields = {
-        "model": model_fingerprint(Path(loaded.folder)),
+        "model": model_fingerprint(Path(loaded.folder)) if weights_in_files else tensors_fingerprint(model),
         "tokenizer": tokenizer_fingerprint(Path(loaded.folder)),
         "model_dtype": str(getattr(model, "dtype", "")),
         "attention": str(getattr(model.config, "_attn_implementation", "")),

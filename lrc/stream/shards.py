@@ -100,6 +100,7 @@ def load_streamed(spec: str, progress: Progress = no_progress) -> LoadedModel:
     from ..io.checkpoint import read_tensor_names
     from ..load_check import one_line
     from ..model.adapters import adapter_for
+    from ..model.targets import check_not_compressed
     from ..sources import check_folder, local_folder, resolve_model
 
     hf_integration.register()
@@ -107,6 +108,7 @@ def load_streamed(spec: str, progress: Progress = no_progress) -> LoadedModel:
     folder = local_folder(source, progress)  # a .gguf is converted once into a safetensors folder: stream that
     check_folder(folder)
     config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    check_not_compressed(spec, config)
     adapter = adapter_for(config)
     dtype = _model_dtype(config, folder)
     try:
