@@ -53,6 +53,8 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                 eos_token_id=257)),  # Conv1D projections
     "opt": ("OPTConfig", dict(vocab_size=260, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
                               max_position_embeddings=256, word_embed_proj_dim=64) | IDS),
+    "falcon": ("FalconConfig", dict(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    max_position_embeddings=256) | IDS),  # reads a block's output as outputs[0]; parallel MLP
     "gpt_neox": ("GPTNeoXConfig", dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                        num_attention_heads=4, max_position_embeddings=256) | IDS),
     "qwen3_moe": ("Qwen3MoeConfig", TINY | {"head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4,

@@ -17,10 +17,12 @@ Two checks, both before any decomposition:
   Some deficiency is the model's own and more data would not lift it: heads sharing a key/value head
   that attend alike give identical outputs (a tiny GQA model trained 20 steps: o_proj input rank 52 of
   64 on natural text), dead channels; damping hides those, so only a Gram missing more than half of its
-  directions is refused. The first Gram of the first
-  decoder layer is not rank-checked: it is the normalised token embedding, so its rank is the number of
-  distinct tokens in the data (28 of 64 on 128 tokens of text with a byte tokenizer), a vocabulary
-  coverage limit rather than a failure of the statistics; every later input mixes context.
+  directions is refused. An input of the first decoder layer whose rank is at most the number of
+  distinct tokens in the data is not refused: its first input is the normalised token embedding, whose
+  rank is that number (28 of 64 on 128 tokens of text with a byte tokenizer), a vocabulary coverage
+  limit rather than a failure of the statistics, and in a parallel block (GPT-J, GPT-NeoX, Phi-2,
+  Falcon, Cohere) the MLP's inputs are functions of that embedding alone too (43 of 256 directions on
+  512 tokens of 43 distinct bytes). Every input of a later layer mixes context.
 Cost: one float64 eigvalsh per distinct Gram: SmolLM2-135M's 30 layers x (3 of 576 + 1 of 1536) take
 about 7 s on one CPU thread (0.24 s a layer, measured), against ~34 s for its loss-aware decompositions
 and ~750 s for the default calibration (128 x 512).
@@ -69,15 +71,19 @@ def check_token_count(in_features: Mapping[str, int], samples: int, seq_len: int
         )
 
 
-def check_sufficiency(inputs: Mapping[str, InputStats], samples: int, seq_len: int) -> None:
+def check_sufficiency(inputs: Mapping[str, InputStats], windows: torch.Tensor, first_layer: str) -> None:
     """Raise CalibrationError when the input statistics cannot determine the decompositions.
 
     inputs: the input statistics of every targeted linear that owns one (shared Grams appear once);
-    samples, seq_len: the calibration windows, to say how many are needed.
+    windows: the calibration token ids (samples x seq_len); first_layer: the module-name prefix of the first
+    decoder layer (e.g. "model.layers.0."), whose inputs may span as few directions as there are distinct
+    tokens (see the module docstring).
     """
     if not inputs:
         return
+    samples, seq_len = int(windows.shape[0]), int(windows.shape[1])
     total = samples * seq_len
+    distinct_tokens = int(windows.unique().numel())
 
     def needed(item: tuple[str, InputStats]) -> float:  # total tokens for this input to see its width
         stats = item[1]
@@ -95,10 +101,10 @@ def check_sufficiency(inputs: Mapping[str, InputStats], samples: int, seq_len: i
             f"{what}: the statistics cannot determine the factorization (it would fit only the {seen} directions "
             f"seen). {advice}"
         )
-    for name, stats in list(inputs.items())[1:]:  # the first: token embeddings (see the module docstring)
+    for name, stats in inputs.items():
         n = stats.gram.shape[0]
         rank = numerical_rank(stats.gram)
-        if rank < MIN_RANK_FRACTION * n:
+        if rank < MIN_RANK_FRACTION * n and not (name.startswith(first_layer) and rank <= distinct_tokens):
             raise CalibrationError(
                 f"the calibration inputs of {name} span only {rank} of its {n} directions ({stats.tokens} tokens in "
                 f"{samples} windows): the text repeats itself too much to determine the factorization; give "

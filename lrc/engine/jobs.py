@@ -22,7 +22,7 @@ from ..factorize import METHODS, Decomposition, FactorizationMethod, breakeven_r
 from ..factorize.output_error import relative_output_errors
 from ..io.checkpoint import DTYPES
 from ..model.projection import Projection
-from ..model.targets import target_linears
+from ..model.targets import decoder_layers, target_linears
 from ..progress import Progress, no_progress
 from ..sources import LoadedModel
 from ..stats.types import CalibrationStats
@@ -121,7 +121,8 @@ def decompose_all(
 
     executor: a name in EXECUTORS; None picks one from the run (lrc.engine.executors.default_executor).
     """
-    check_sufficiency(stats.inputs, int(stats.windows.shape[0]), int(stats.windows.shape[1]))
+    stack_name, _ = decoder_layers(loaded.model)
+    check_sufficiency(stats.inputs, stats.windows, f"{stack_name}.0.")
     device = resolve_device(config.device)
     method = METHODS.create(config.method, config.method_options)
     if method.needs_gradients and not stats.outputs:

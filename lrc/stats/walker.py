@@ -53,8 +53,10 @@ class LayerWalk:
         self.inputs = self.activations.boundary()
         self._calls: list[list[_Call]] = [[] for _ in self.layers]  # [layer][batch]
         memo: dict[int, Any] = {}
+        self.tuple_outputs: bool | None = None  # whether the model reads a block's output as (hidden, ...)
         for batch in windows.split(batch_size) if windows.shape[0] else ():  # no windows: no batch
-            hidden, calls = _record_batch(model, self.stack_name, self.layers, adapter.forward_inputs(batch))
+            hidden, calls, self.tuple_outputs = _record_batch(model, self.stack_name, self.layers,
+                                                              adapter.forward_inputs(batch), self.tuple_outputs)
             self.inputs.append(hidden.to(self.device))
             for per_layer, call in zip(self._calls, calls):
                 kw, args, kwargs = call
@@ -103,8 +105,9 @@ class LayerWalk:
         last = len(self.layers) - 1
 
         def bypass(index: int) -> Any:
-            def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-                return last_output if index == last else (args[0] if args else kwargs["hidden_states"])
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                hidden = last_output if index == last else (args[0] if args else kwargs["hidden_states"])
+                return (hidden,) if self.tuple_outputs else hidden
 
             return forward
 
@@ -113,14 +116,33 @@ class LayerWalk:
 
 
 def _record_batch(
-    model: nn.Module, stack_name: str, layers: nn.ModuleList, inputs: dict[str, Any]
+    model: nn.Module, stack_name: str, layers: nn.ModuleList, inputs: dict[str, Any], tuple_outputs: bool | None
+) -> tuple[torch.Tensor, list[_Call], bool]:
+    """(layer 0's input hidden states, every block's call, tuple_outputs) for one batch, without running any block.
+
+    tuple_outputs: whether the model reads a block's output as a tuple (hidden, ...) (Falcon, Bloom, MPT take
+    `outputs[0]`) rather than the hidden states themselves; None: found out here, bare first (a model that
+    indexes a bare tensor reads its first row, and the record fails), then as a tuple."""
+    if tuple_outputs is not None:
+        return (*_record(model, stack_name, layers, inputs, tuple_outputs), tuple_outputs)
+    try:
+        return (*_record(model, stack_name, layers, inputs, False), False)
+    except Exception as bare_failed:
+        try:
+            return (*_record(model, stack_name, layers, inputs, True), True)
+        except Exception:
+            raise bare_failed from None
+
+
+def _record(
+    model: nn.Module, stack_name: str, layers: nn.ModuleList, inputs: dict[str, Any], tuple_outputs: bool
 ) -> tuple[torch.Tensor, list[_Call]]:
-    """(layer 0's input hidden states, every block's call) for one batch, without running any block."""
+    """_record_batch's record, each block returning its input as (hidden,) when `tuple_outputs`."""
     calls: list[_Call] = []
     passed: list[torch.Tensor] = []
 
     def recorder(index: int) -> Any:
-        def record(*args: Any, **kwargs: Any) -> torch.Tensor:
+        def record(*args: Any, **kwargs: Any) -> Any:
             by_keyword = not args
             hidden = kwargs.pop("hidden_states") if by_keyword else args[0]
             if index != len(calls):
@@ -134,7 +156,7 @@ def _record_batch(
             passed.append(hidden)
             if index == len(layers) - 1:
                 raise _StopForward
-            return hidden
+            return (hidden,) if tuple_outputs else hidden
 
         return record
 

@@ -3,6 +3,8 @@ before any decomposition, saying how many tokens are needed; nothing is written.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -36,16 +38,31 @@ def test_fewer_tokens_than_the_widest_input(capsys, tmp_path, calib_file, family
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("text", "rank"), [("a" * 4000, 1), ("ab" * 2000, 5), ("the cat. " * 500, 25)],
-                         ids=["one-letter", "two-letters", "one-short-sentence"])
-def test_repetitive_text_spans_too_few_directions(capsys, tmp_path, text, rank):
+@pytest.mark.parametrize(("text", "layer", "rank"), [
+    ("a" * 4000, "1.self_attn.q_proj", 1),  # layer 0's inputs span its 1 distinct token: the vocabulary's limit
+    ("ab" * 2000, "0.self_attn.o_proj", 5),
+    ("the cat. " * 500, "0.self_attn.o_proj", 25),
+], ids=["one-letter", "two-letters", "one-short-sentence"])
+def test_repetitive_text_spans_too_few_directions(capsys, tmp_path, text, layer, rank):
     model = save_tiny_model(tmp_path / "model", "llama")
     calib = tmp_path / "calib.txt"
     calib.write_text(text)
     args = tiny_compress_args(model, calib, tmp_path / "out")
     refused(capsys, tmp_path, args,
-            f"the calibration inputs of model.layers.0.self_attn.o_proj span only {rank} of its 64 directions "
+            f"the calibration inputs of model.layers.{layer} span only {rank} of its 64 directions "
             "(128 tokens in 4 windows): the text repeats itself too much")
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "falcon"])
+def test_a_parallel_blocks_first_mlp_may_span_only_the_distinct_tokens(capsys, tmp_path, family):
+    # in a parallel block the first layer's MLP reads the normalised token embedding alone: its inputs span at
+    # most as many directions as the text has distinct tokens, here 20 letters for an MLP 96 or 256 wide
+    model = save_tiny_model(tmp_path / "model", family)
+    calib = tmp_path / "calib.txt"
+    letters = random.Random(0)
+    calib.write_text("".join(letters.choice("abcdefghij klmnopqrs") for _ in range(6000)))
+    code, _, stderr = run_main(capsys, *tiny_compress_args(model, calib, tmp_path / "out", "--samples", 12))
+    assert code == 0, stderr
 
 
 def test_enough_varied_text_passes(capsys, tmp_path, calib_file):
