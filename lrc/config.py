@@ -18,6 +18,8 @@ import yaml
 from .errors import ConfigError
 from .value_types import check_fields
 
+DEFAULT_EXCLUDE = (r"(^|\.)lm_head$",)  # the output head, never factorized by default
+
 
 @dataclass
 class CompressionConfig:
@@ -68,7 +70,7 @@ class CompressionConfig:
     dtype: str | None = None
     keep_dense: list[str] = field(default_factory=list)
     min_kept: float = 0.0
-    exclude: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$"])
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     heldout_windows: int = 4
     heldout_max_ratio: float = 100.0
     objective: str = "disk"

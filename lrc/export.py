@@ -4,7 +4,8 @@ Every compressed layer becomes the module it replaced (nn.Linear, or GPT-2's Con
 `dense_weight()` (out x in, the product of its factors) and its bias, under the original tensor names;
 experts lrc stores unfused are written one matrix each, which transformers' own conversions merge back
 when it loads. config.json loses `quantization_config` and `auto_map`; the tokenizer and generation config
-are copied, and `lrc_export.yaml` says which lrc output it came from (so `--overwrite` may replace it later).
+are copied, and `lrc_export.yaml` says which lrc output it came from and lists the files written (so
+`--overwrite` may replace them later, and nothing else).
 The folder is written like `lrc compress`'s output: refused where it could lose a file, built in a
 temporary sibling, checked, then moved into place. Plain transformers loads it, no lrc needed.
 The file is as large as the original model's (at the output's dtype).
@@ -23,7 +24,14 @@ from . import __version__
 from .errors import LrcError
 from .forms import LAYER_FORMS
 from .io.checkpoint import check_finite_files, read_tensor_names, write_checkpoint
-from .io.output import EXPORT_MARKER, atomic_directory, check_output_path, protected_places
+from .io.output import (
+    EXPORT_MARKER,
+    FILES_KEY,
+    atomic_directory,
+    check_output_path,
+    protected_places,
+    written_files,
+)
 from .progress import Progress, no_progress
 
 
@@ -83,14 +91,15 @@ def export_dense(model: str, output: str | Path, *, overwrite: bool = False, pro
         if hasattr(config, key):
             delattr(config, key)
     check_output_path(out, overwrite, places | protected_places([Path(loaded.folder)]))
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         write_checkpoint(loaded.model, tmp, loaded.tokenizer)
-        marker = {"lrc_version": __version__, "exported_from": str(model), "densified_layers": len(names)}
-        (tmp / EXPORT_MARKER).write_text(yaml.safe_dump(marker, sort_keys=False), encoding="utf-8")
         written = read_tensor_names(tmp)
         for name in names:
             if f"{name}.weight" not in written:
                 raise LrcError(f"the exported checkpoint is missing {name}.weight")
         check_finite_files(tmp)
+        marker = {"lrc_version": __version__, "exported_from": str(model), "densified_layers": len(names),
+                  FILES_KEY: written_files(tmp, EXPORT_MARKER)}  # what --overwrite may replace later
+        (tmp / EXPORT_MARKER).write_text(yaml.safe_dump(marker, sort_keys=False), encoding="utf-8")
     del claim
     return out

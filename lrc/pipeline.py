@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .allocate import ALLOCATORS, allocate_ranks, check_budget_reachable
+from .allocate import ALLOCATORS, allocate_ranks, check_budget_reachable, check_patterns_match
 from .allocate.curve import allocation_curve
 from .allocate.objective import predicted_cost
 from .config import CompressionConfig
@@ -92,6 +92,7 @@ def compress(
     timing = {"load_s": time.perf_counter() - start}
     original_params = count_params(loaded.model)
     if analysis is None:
+        check_patterns_match(loaded.model, config)
         check_budget_reachable(loaded.model, config)
         stats = cached_statistics(loaded, config, Path(cache_dir) if cache_dir else None, progress,
                                   weights_in_files=isinstance(model, str))
@@ -126,7 +127,7 @@ def compress(
     report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
     report["memory"] = peak_memory(resolve_device(config.device))  # write_output measures it again
     if out_path is not None:
-        write_output(loaded, out_path, results, report, config)
+        write_output(loaded, out_path, results, report, config, overwrite=overwrite)
     return CompressionResult(loaded.model, report, results)
 
 

@@ -91,6 +91,12 @@ class HeldOutCheck:
             warnings.warn(f"lrc: held-out quality check skipped: {reason}; give more text to enable it", stacklevel=2)
             return cls(windows, None, config.heldout_max_ratio, config.batch_size, device, reason)
         dense_loss = loss_of(loaded.model, windows, config.batch_size, device)
+        if not math.isfinite(dense_loss):  # no ratio can be taken to it
+            raise QualityError(
+                f"the dense model's own loss on {windows.shape[0]} held-out calibration windows is {dense_loss}: it "
+                "does not predict this text, so the compressed model cannot be judged against it; check the model "
+                "and --calib (or skip the held-out check with heldout_windows: 0); nothing was written"
+            )
         return cls(windows, dense_loss, config.heldout_max_ratio, config.batch_size, device)
 
     def compare(self, model: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..config import CompressionConfig
+from ..config import DEFAULT_EXCLUDE, CompressionConfig
 from ..errors import ConfigError
 from ..model.targets import matrix_type
 from ..progress import Progress, no_progress
@@ -27,6 +27,24 @@ def compile_patterns(patterns: list[str], what: str) -> list[re.Pattern[str]]:
         return [re.compile(p) for p in patterns]
     except re.error as exc:
         raise ConfigError(f"bad regex in {what}: {exc}") from None
+
+
+def check_patterns_match(model: nn.Module, config: CompressionConfig) -> None:
+    """Before any statistics: ConfigError for a keep_dense regex that matches no targeted matrix, or an exclude
+    regex that matches no module (the default's lm_head pattern aside: encoders have none): a misspelt name
+    would otherwise be ignored, and the layers it was meant to keep compressed."""
+    from ..model.targets import target_linears
+
+    targets = list(target_linears(model, config.exclude))
+    for pattern in compile_patterns(config.keep_dense, "keep_dense"):
+        if not any(pattern.search(name) for name in targets):
+            raise ConfigError(f"keep_dense pattern {pattern.pattern!r} matches no targeted layer (they are named like "
+                              f"{targets[0]}); correct it or leave it out")
+    modules = [name for name, _ in model.named_modules()]
+    for pattern in compile_patterns([p for p in config.exclude if p not in DEFAULT_EXCLUDE], "exclude"):
+        if not any(pattern.search(name) for name in modules):
+            raise ConfigError(f"exclude pattern {pattern.pattern!r} matches no module of the model (its layers are "
+                              f"named like {targets[0]}); correct it or leave it out")
 
 
 def check_budget_reachable(model: nn.Module, config: CompressionConfig) -> None:

@@ -7,6 +7,7 @@ One module per command (compress, eval, report, methods), shared option types in
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Annotated, Any
 
 import typer
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     _state["argv"] = args
     command = typer.main.get_command(app)
     errors = Console(stderr=True, soft_wrap=True, highlight=False)
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         with handle_signals():
             _quiet_libraries()
@@ -62,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         return rule.code(exc)
     finally:
         _state["debug"] = False
+        warnings.formatwarning = format_warning
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """A warning as the CLI prints it: `warning: MESSAGE` on one line (not Python's file, line and source)."""
+    return f"warning: {one_line(str(message)).removeprefix('lrc: ')}\n"
 
 
 def _quiet_libraries() -> None:

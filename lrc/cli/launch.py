@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 
 from ..errors import ConfigError
+from .exit_codes import Signalled
 
 
 def without_nproc(argv: list[str]) -> list[str]:
@@ -43,19 +44,25 @@ def threads_per_rank(nproc: int) -> int:
 
 @contextlib.contextmanager
 def _launcher_logs_quiet() -> Iterator[None]:
-    logger = logging.getLogger("torch.distributed.elastic")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """torch's elastic launcher logs nothing while open (each of its modules' loggers has its own level, so
+    every one is set): the ranks print lrc's messages."""
+    names = ["torch.distributed.elastic", *(name for name in logging.root.manager.loggerDict
+                                           if name.startswith("torch.distributed.elastic."))]
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def launch_ranks(nproc: int, argv: list[str]) -> int:
     """Run `python -m lrc ARGV` (minus --nproc) as `nproc` ranks of one job; their exit code (0 when all succeed)."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -67,6 +74,8 @@ def launch_ranks(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as exc:
         codes = [failure.exitcode for _, failure in sorted(exc.failures.items())]
         return next((code for code in codes if code > 0), 1)  # a rank stopped by a signal: the others' code
+    except SignalException as exc:  # the launcher was signalled and stopped its ranks (which may be unable to say so)
+        raise Signalled(int(exc.sigval)) from None
     return 0
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..errors import ModelLoadError, NumericalError
@@ -128,12 +131,28 @@ def write_shard_index(folder: Path, shards: list[list[str]], sizes: dict[str, in
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors reports the system's error in its message
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file; a write the system refused (a full or read-only disk) raised as that OSError
+    with the path (safetensors wraps it in SafetensorError), so it reads as the machine's refusal, not a bug."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        found = OS_ERROR.search(str(exc))
+        if found is None:
+            raise
+        number = int(found.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from None
+
+
 def _write_shards(tensors: dict[str, torch.Tensor], folder: Path) -> list[Path]:
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     shards = plan_shards(sizes)
     files = [folder / name for name in shard_file_names(len(shards))]
     for path, names in zip(files, shards):
-        save_file({n: tensors[n] for n in names}, str(path), metadata={"format": "pt"})
+        save_tensors({n: tensors[n] for n in names}, path, metadata={"format": "pt"})
     write_shard_index(folder, shards, sizes)
     return files
 

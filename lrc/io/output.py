@@ -9,7 +9,6 @@ import atexit
 import contextlib
 import fcntl
 import os
-import re
 import shutil
 import tempfile
 import weakref
@@ -26,16 +25,15 @@ from .report import REPORT_NAME
 if TYPE_CHECKING:
     from ..sources import LoadedModel
 
-# every file name lrc (and the tokenizer's save_pretrained) writes into an output folder
-LRC_FILES = re.compile(
-    r"(config\.json|generation_config\.json|lrc_report\.yaml|model(-\d{5}-of-\d{5})?\.safetensors"
-    r"|model\.safetensors\.index\.json|tokenizer[\w.-]*|special_tokens_map\.json|added_tokens\.json"
-    r"|chat_template\.(jinja|json)|vocab\.(json|txt)|merges\.txt|(spiece|sentencepiece\.bpe)\.model"
-    r"|additional_chat_templates(/[\w.-]+\.jinja)?"
-    r"|modeling_lrc\.py|lrc_\w+\.py"  # the modeling code (io.remote_code)
-    r"|lrc_export\.yaml)"  # what `lrc export` writes beside a dense checkpoint (EXPORT_MARKER)
-)
-EXPORT_MARKER = "lrc_export.yaml"  # {lrc_version, exported_from}: marks a folder `lrc export` wrote
+EXPORT_MARKER = "lrc_export.yaml"  # {lrc_version, exported_from, files}: marks a folder `lrc export` wrote
+FILES_KEY = "files"  # in lrc_report.yaml / lrc_export.yaml: every file lrc wrote into the folder
+
+
+def written_files(folder: Path, *also: str) -> list[str]:
+    """The sorted relative paths (with /) of every file in `folder` and of `also` (files about to be written
+    into it): the list an output's record keeps, so `--overwrite` replaces exactly what lrc wrote."""
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink() or not p.is_dir()}
+    return sorted(files | set(also))
 
 
 def current_umask() -> int:
@@ -151,26 +149,39 @@ def unwritable_reason(folder: Path) -> str:
 
 def check_replaceable(folder: Path) -> None:
     """Raise unless `folder` is an earlier lrc output or `lrc export` folder: a readable report (or export
-    marker) with lrc_version, and only files lrc writes."""
+    marker) with lrc_version and the list of files lrc wrote there, and nothing else in it (no other file or
+    folder, no symlink)."""
     name = REPORT_NAME if (folder / REPORT_NAME).exists() or not (folder / EXPORT_MARKER).exists() else EXPORT_MARKER
-    refuse = f"--overwrite replaces only an empty folder or an earlier lrc output; {folder}"
+    what = "an lrc output" if name == REPORT_NAME else "an lrc export"
+    refuse = f"--overwrite replaces only an empty folder or an earlier lrc output or export; {folder}"
     try:
         data = yaml.safe_load((folder / name).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise OutputError(f"{refuse} has no {REPORT_NAME}, so it is not one (choose another output folder)") from None
+        raise OutputError(f"{refuse} has no {REPORT_NAME} and no {EXPORT_MARKER}, so it is neither an lrc output "
+                          f"nor an lrc export (choose another output folder)") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         raise OutputError(f"{refuse} has an unreadable {name} (choose another output folder)") from None
     if not isinstance(data, dict) or "lrc_version" not in data:
-        what = "an lrc report" if name == REPORT_NAME else "lrc's record of an export"
-        raise OutputError(f"{refuse}: its {name} is not {what} (choose another output folder)")
-    foreign = sorted(
-        str(p.relative_to(folder)) + ("/" if p.is_dir() and not p.is_symlink() else "")
+        record = "an lrc report" if name == REPORT_NAME else "lrc's record of an export"
+        raise OutputError(f"{refuse}: its {name} is not {record} (choose another output folder)")
+    listed = data.get(FILES_KEY)
+    if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
+        raise OutputError(f"output folder {folder} is {what}, but its {name} does not list the files lrc wrote "
+                          f"(an older lrc wrote it), so --overwrite cannot tell them from yours: delete the folder "
+                          f"yourself or choose another output folder")
+    files = set(listed)
+    parents = {parent.as_posix() for f in files for parent in Path(f).parents if parent != Path(".")}
+    unlisted = {  # {relative path: how it is shown}, a folder's contents left out when it is shown itself
+        rel: rel + (" (a symlink)" if p.is_symlink() else "/" if p.is_dir() else "")
         for p in folder.rglob("*")
-        if p.is_symlink() or not LRC_FILES.fullmatch(str(p.relative_to(folder)))
-    )
+        for rel in [p.relative_to(folder).as_posix()]
+        if p.is_symlink() or rel not in (parents if p.is_dir() else files)
+    }
+    foreign = sorted(shown for rel, shown in unlisted.items()
+                     if not any(parent.as_posix() in unlisted for parent in Path(rel).parents))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise OutputError(f"output folder {folder} is an lrc output but also holds files lrc did not write "
+        raise OutputError(f"output folder {folder} is {what} but also holds files lrc did not write "
                           f"({shown}); --overwrite would delete them: move them or choose another output folder")
 
 
@@ -261,13 +272,15 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def atomic_directory(target: Path, replace: bool = True) -> Iterator[Path]:
+def atomic_directory(target: Path, replace: bool = True, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `target`; on success it replaces `target`, on any error it is removed.
 
     The target is claimed (see OutputClaim; waiting for another holder when not `replace`) until the block
-    ends. A target that exists when the block ends is checked again to be replaceable (an earlier lrc
-    output) before it is replaced; with replace=False (a cache entry) an existing target is kept and the
-    new folder discarded. A process killed inside the block leaves only a hidden `.NAME.lrc-tmp-*`
+    ends. What stands at the target when the block ends is checked again, since something may have appeared
+    there during the run: a file or symlink is refused, a non-empty folder is refused without `overwrite`
+    (the run's --overwrite) and with it must still be replaceable (check_replaceable); a refusal leaves it
+    untouched and discards the new folder. With replace=False (a cache entry) an existing target is kept
+    and the new folder discarded. A process killed inside the block leaves only a hidden `.NAME.lrc-tmp-*`
     sibling, never a partial target. The folder and its files get the user's umask (mkdtemp alone gives
     0700, safetensors 0600 files).
     """
@@ -283,9 +296,8 @@ def atomic_directory(target: Path, replace: bool = True) -> Iterator[Path]:
                     apply_umask(path, 0o777 if path.is_dir() else 0o666)
             if target.exists() and not replace:
                 shutil.rmtree(tmp, ignore_errors=True)
-            elif target.exists():
-                if target.is_dir() and any(target.iterdir()):
-                    check_replaceable(target)
+            elif os.path.lexists(target):
+                check_still_replaceable(target, overwrite)
                 replace_folder(target, tmp)
             else:
                 os.replace(tmp, target)
@@ -294,6 +306,24 @@ def atomic_directory(target: Path, replace: bool = True) -> Iterator[Path]:
             raise
     finally:
         claim.release()
+
+
+def check_still_replaceable(target: Path, overwrite: bool) -> None:
+    """Raise unless the existing `target` may be replaced at the end of a run: an empty folder, or with
+    `overwrite` a replaceable one (check_replaceable). A file, a symlink, or files in a folder without
+    `overwrite` appeared while the run worked (check_output_path refused them before it)."""
+    discarded = "nothing was replaced and the new output was discarded"
+    if target.is_symlink() or not target.is_dir():
+        kind = "a symlink" if target.is_symlink() else "a file"
+        raise OutputError(f"output {target} appeared as {kind} during the run; {discarded}: move it away and run "
+                          f"again, or choose another output folder")
+    if not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise OutputError(f"output folder {target} exists and is not empty: it was filled during the run; "
+                          f"{discarded} (pass --overwrite to replace an earlier lrc output, or choose another "
+                          f"output folder)")
+    check_replaceable(target)
 
 
 def replace_folder(target: Path, new: Path) -> None:

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import __version__
 from ..errors import OutputError
 from ..factorize import InputStats, OutputStats
-from ..io.checkpoint import weight_files
+from ..io.checkpoint import save_tensors, weight_files
 from ..io.output import apply_umask, folder_refusal
 from ..sources import file_sha256
 from .types import CalibrationStats
@@ -149,7 +149,7 @@ def save_stats(stats: CalibrationStats, folder: Path, key: str) -> Path:
     target = folder / f"{key}.safetensors"
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=folder)
     os.close(fd)
-    save_file(tensors, tmp, metadata=meta)
+    save_tensors(tensors, tmp, metadata=meta)
     apply_umask(Path(tmp), 0o666)  # mkstemp and safetensors make 0600
     digest = file_sha256(Path(tmp))
     os.replace(tmp, target)

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..io.checkpoint import save_tensors
 
 
 class ActivationStore:
@@ -70,7 +72,7 @@ class SpilledBoundary(MutableSequence[torch.Tensor]):
             self._store.resident += size
             return tensor
         path = self._store._new_file()
-        save_file({"h": tensor.detach().contiguous()}, str(path))
+        save_tensors({"h": tensor.detach().contiguous()}, path)
         self._store.spilled += size
         return path
 

@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..factorize import Decomposition, InputStats, OutputStats, SparseOption
+from ..io.checkpoint import save_tensors
 
 
 def decomposition_key(stats_key: str, method: str, options: dict[str, Any], dtype: str | None) -> str:
@@ -50,8 +51,8 @@ class LayerStore:
     def _save(self, path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={k: json.dumps(v) for k, v in meta.items()})
+        save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                     metadata={k: json.dumps(v) for k, v in meta.items()})
         os.replace(tmp, path)
 
     def _load(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..allocate import ALLOCATORS, allocate_ranks, check_budget_reachable
+from ..allocate import ALLOCATORS, allocate_ranks, check_budget_reachable, check_patterns_match
 from ..allocate.curve import allocation_curve
 from ..allocate.objective import predicted_cost
 from ..allocate.refine import ProblemGroups
@@ -46,7 +45,7 @@ from ..engine.jobs import decomposition_jobs, run_job
 from ..errors import ConfigError
 from ..factorize import METHODS, Decomposition
 from ..forms import LowRankLinear, count_params
-from ..io.checkpoint import DTYPES, write_model_files, written_tensor
+from ..io.checkpoint import DTYPES, save_tensors, write_model_files, written_tensor
 from ..io.output import atomic_directory, check_output_path, run_places
 from ..io.remote_code import write_remote_code
 from ..io.report import build_report
@@ -103,6 +102,7 @@ def compress_streamed(
     return_freed_memory()
     loaded = load_streamed(model, progress)
     _claim = check_output_path(out_path, overwrite, run_places(loaded, config.calib, cache_dir))
+    check_patterns_match(loaded.model, config)
     check_budget_reachable(loaded.model, config)
     timing = {"load_s": time.perf_counter() - start}
     original_params = count_params(loaded.model)
@@ -125,7 +125,7 @@ def compress_streamed(
         held_out = HeldOutCheck.measure_dense(
             loaded, config, lambda net, windows, batch, device: streamed_mean_loss(net, windows, batch, device, activations)
         )
-        with atomic_directory(out_path) as tmp:
+        with atomic_directory(out_path, overwrite=overwrite) as tmp:
             t = time.perf_counter()
             results, held_out_entry = build_and_write(loaded, analysis, config, store, allocation, held_out, tmp,
                                                       activations, kept, progress)
@@ -251,7 +251,7 @@ def decompose_layers(
         found = store.load_decompositions(index)
         if found is None and layer_targets:
             layer_stats = _layer_stats(store, index, stats)
-            check_sufficiency(layer_stats.inputs, int(stats.windows.shape[0]), int(stats.windows.shape[1]))
+            check_sufficiency(layer_stats.inputs, stats.windows, f"{stack_name}.0.")
             if method.needs_gradients and not layer_stats.outputs:
                 raise ConfigError(f"method {config.method} needs output-gradient statistics; these statistics have none")
             blocks.load(index)
@@ -377,8 +377,8 @@ def build_and_write(
                 results += apply(loaded, layer_analysis, config, no_progress, (layer_candidates, choices), kept)[0]
             if held is not None:
                 held.step(index)
-            save_file({prefix + k: written_tensor(prefix + k, v, dtype) for k, v in unique_entries(layer).items()},
-                      str(staging / f"{index}.safetensors"))
+            save_tensors({prefix + k: written_tensor(prefix + k, v, dtype) for k, v in unique_entries(layer).items()},
+                         str(staging / f"{index}.safetensors"))
         finally:
             blocks.release(index)
         progress("build layers", index + 1, n_layers)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import lrc
-from lrc.allocate import check_budget_reachable
+from lrc.allocate import check_budget_reachable, check_patterns_match
 from lrc.errors import ConfigError
 
 from ..conftest import run_main, tiny_compress_args
@@ -37,3 +37,18 @@ def test_a_reachable_budget_passes_and_other_objectives_are_left_to_the_allocato
         check_budget_reachable(model, lrc.CompressionConfig(budget=0.3, keep_dense=["layers"]))
     check_budget_reachable(model, lrc.CompressionConfig(budget=0.3, keep_dense=["layers"], objective="memory",
                                                         allocator="knapsack"))
+
+
+def test_a_pattern_that_matches_nothing_is_refused_before_calibration(capsys, tmp_path, llama_dir, calib_file):
+    # a misspelt --keep-dense would otherwise be ignored and the layers it names compressed
+    args = tiny_compress_args(llama_dir, calib_file, tmp_path / "out", "--keep-dense", r"self_attn\.qproj")
+    code, _, stderr = run_main(capsys, *args)
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == (
+        r"error: keep_dense pattern 'self_attn\\.qproj' matches no targeted layer (they are named like "
+        "model.layers.0.self_attn.q_proj); correct it or leave it out")
+    assert "calibrate" not in stderr and not (tmp_path / "out").exists()
+    model = lrc.load(str(llama_dir)).model
+    with pytest.raises(ConfigError, match="exclude pattern 'mlp_typo' matches no module"):
+        check_patterns_match(model, lrc.CompressionConfig(exclude=["mlp_typo"]))
+    check_patterns_match(model, lrc.CompressionConfig(keep_dense=[r"q_proj$"], exclude=[r"(^|\.)lm_head$", "down_proj"]))

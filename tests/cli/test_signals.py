@@ -24,8 +24,8 @@ import lrc.io.output
 real = lrc.io.output.atomic_directory
 
 @contextmanager
-def paused(target):
-    with real(target) as tmp:
+def paused(target, **kwargs):
+    with real(target, **kwargs) as tmp:
         yield tmp  # the checkpoint and the report are written; then wait before the rename into place
         print(f"TEMPORARY {tmp}", file=sys.stderr, flush=True)
         time.sleep(120)

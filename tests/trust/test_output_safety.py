@@ -3,7 +3,9 @@ succeed, everything written follows the umask. Each test hashes every pre-existi
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -11,6 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+import lrc
+from lrc.errors import OutputError
+from lrc.io.output import atomic_directory
 
 from ..conftest import (
     WIKI_VALID,
@@ -89,7 +95,8 @@ def test_symlink_to_the_input_is_the_input(capsys, sandbox):
 def test_overwrite_refuses_a_folder_that_is_not_an_lrc_output(capsys, sandbox):
     (sandbox / "photos").mkdir()
     (sandbox / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 cat")
-    refused(capsys, sandbox, "../photos", "has no lrc_report.yaml, so it is not one", "--overwrite")
+    refused(capsys, sandbox, "../photos", "has no lrc_report.yaml and no lrc_export.yaml, so it is neither an lrc "
+            "output nor an lrc export", "--overwrite")
     (sandbox / "photos" / "lrc_report.yaml").write_text("budget: [0.3\n")
     refused(capsys, sandbox, "../photos", "has an unreadable lrc_report.yaml", "--overwrite")
     (sandbox / "photos" / "lrc_report.yaml").write_text("budget: 0.3\n")
@@ -111,7 +118,9 @@ def test_overwrite_replaces_an_earlier_output_only_without_foreign_files(capsys,
     after = file_hashes(sandbox)
     assert {k: v for k, v in after.items() if not k.startswith("out/")} == {
         k: v for k, v in before.items() if not k.startswith("out/")}
-    assert yaml.safe_load((out / "lrc_report.yaml").read_text())["budget"] == 0.5
+    report = yaml.safe_load((out / "lrc_report.yaml").read_text())
+    assert report["budget"] == 0.5
+    assert report["files"] == sorted(k.removeprefix("out/") for k in after if k.startswith("out/"))
     assert not [p for p in sandbox.iterdir() if p.name.startswith(".out")]  # no lock or temporary left
 
 
@@ -203,3 +212,213 @@ def test_a_failed_replacement_puts_the_earlier_output_back(capsys, sandbox, monk
 
 def test_an_unusable_cache_folder_is_refused_before_any_work(capsys, sandbox):
     refused(capsys, sandbox, sandbox / "out", "cannot use", "--cache-dir", "../notes.txt/stats")
+
+
+# Files a user may add to an earlier output whose names look like what lrc or a tokenizer writes: --overwrite
+# replaces only the files the output's record lists, so each of these must make it refuse.
+LOOK_ALIKES = ["tokenizer_NOTES.txt", "tokenizer.json.orig", "lrc_my_helper.py", "vocab.txt", "merges.txt",
+               "model-00001-of-00002.safetensors", "additional_chat_templates/mine.jinja"]
+
+
+def test_overwrite_refuses_files_that_only_look_like_lrc_files(capsys, sandbox):
+    out = sandbox / "out"
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, out))
+    assert code == 0, stderr
+    listed = yaml.safe_load((out / "lrc_report.yaml").read_text())["files"]
+    assert listed == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert "lrc_report.yaml" in listed and not set(LOOK_ALIKES) & set(listed)
+    for name in LOOK_ALIKES:
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text(f"the user's {name}")
+        shown = name.split("/")[0] + "/" if "/" in name else name  # a folder lrc did not write: named itself
+        refused(capsys, sandbox, out, f"also holds files lrc did not write ({shown})", "--overwrite")
+        (out / name).unlink()
+        if (out / name).parent != out:
+            (out / name).parent.rmdir()
+    (out / "tokenizer_link.json").symlink_to(sandbox / "notes.txt")  # a symlink, even under a look-alike name
+    refused(capsys, sandbox, out, "(tokenizer_link.json (a symlink))", "--overwrite")
+    (out / "tokenizer_link.json").unlink()
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, out, "--overwrite"))  # clean again: replaced
+    assert code == 0, stderr
+
+
+def test_overwrite_refuses_an_output_whose_record_does_not_list_its_files(capsys, sandbox):
+    """An output of an older lrc (a report without `files`) cannot be told apart from the user's additions."""
+    out = sandbox / "out"
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, out))
+    assert code == 0, stderr
+    report = yaml.safe_load((out / "lrc_report.yaml").read_text())
+    del report["files"]
+    (out / "lrc_report.yaml").write_text(yaml.safe_dump(report, sort_keys=False))
+    refused(capsys, sandbox, out, "its lrc_report.yaml does not list the files lrc wrote (an older lrc wrote it), so "
+            "--overwrite cannot tell them from yours: delete the folder yourself or choose another", "--overwrite")
+
+
+def test_overwrite_replaces_a_clean_export_and_refuses_one_with_user_files(capsys, sandbox):
+    out, dense = sandbox / "out", sandbox / "dense"
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, out))
+    assert code == 0, stderr
+    code, _, stderr = run_main(capsys, "export", out, "--dense", "-o", dense)
+    assert code == 0, stderr
+    marker = yaml.safe_load((dense / "lrc_export.yaml").read_text())
+    assert marker["files"] == sorted(str(p.relative_to(dense)) for p in dense.rglob("*") if p.is_file())
+    first = file_hashes(dense)
+    code, _, stderr = run_main(capsys, "export", out, "--dense", "-o", dense, "--overwrite")
+    assert code == 0, stderr
+    assert file_hashes(dense) == first
+    for name in ("tokenizer_NOTES.txt", "vocab.txt", "model-00001-of-00002.safetensors"):
+        (dense / name).write_text("mine")
+        before = file_hashes(sandbox)
+        code, _, stderr = run_main(capsys, "export", out, "--dense", "-o", dense, "--overwrite")
+        assert code == 2 and "files lrc did not write" in stderr and file_hashes(sandbox) == before, stderr
+        (dense / name).unlink()
+
+
+def test_a_symlink_to_a_user_folder_without_overwrite_is_the_plain_refusal(capsys, sandbox):
+    (sandbox / "photos").mkdir()
+    (sandbox / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 cat")
+    (sandbox / "link").symlink_to(sandbox / "photos")
+    refused(capsys, sandbox, "../link", "exists and is not empty (pass --overwrite to replace it)")
+    refused(capsys, sandbox, "../link", "so it is neither an lrc output nor an lrc export", "--overwrite")
+
+
+def fake_output(folder: Path) -> None:
+    """A minimal earlier lrc output: one checkpoint file and a report listing both."""
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "lrc_report.yaml").write_text(yaml.safe_dump(
+        {"lrc_version": lrc.__version__, "files": ["lrc_report.yaml", "model.safetensors"]}))
+
+
+def users_files(folder: Path) -> dict[str, str]:
+    """file_hashes less lrc's own lock and temporary folders."""
+    return {k: v for k, v in file_hashes(folder).items() if not k.startswith(".out.lrc-")}
+
+
+def no_temporaries(target: Path) -> bool:
+    return not list(target.parent.glob(f".{target.name}.lrc-*"))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("kind", ["file", "symlink", "user folder", "lrc output"])
+def test_what_appears_at_the_target_during_the_run_is_not_lost(tmp_path, kind, overwrite):
+    """The target did not exist when the run began and something appears there while it works: a file, a
+    symlink or a user's folder is never replaced (with or without --overwrite); a copy of an earlier lrc
+    output is replaced only with --overwrite. A refusal discards the new output and leaves no temporary."""
+    target = tmp_path / "out"
+    (tmp_path / "elsewhere").write_text("the link's target")
+    expected = {
+        "file": "appeared as a file during the run; nothing was replaced and the new output was discarded",
+        "symlink": "appeared as a symlink during the run; nothing was replaced",
+        "user folder": ("so it is neither an lrc output" if overwrite else
+                        "exists and is not empty: it was filled during the run; nothing was replaced"),
+        "lrc output": None if overwrite else "exists and is not empty: it was filled during the run",
+    }[kind]
+    refusal = pytest.raises(OutputError) if expected else contextlib.nullcontext()
+    with refusal as raised, atomic_directory(target, overwrite=overwrite) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"new weights")
+        if kind == "file":
+            target.write_bytes(b"\x00the user's file\xff")
+        elif kind == "symlink":
+            target.symlink_to(tmp_path / "elsewhere")
+        elif kind == "user folder":
+            target.mkdir()
+            (target / "cat.jpg").write_bytes(b"cat")
+        else:
+            fake_output(target)
+        before = users_files(tmp_path)
+    if expected:
+        assert expected in str(raised.value) and "\n" not in str(raised.value)
+        assert users_files(tmp_path) == before
+        assert target.is_symlink() == (kind == "symlink")
+    else:
+        assert (target / "model.safetensors").read_bytes() == b"new weights"
+        assert not (target / "lrc_report.yaml").exists()
+    assert no_temporaries(target)
+
+
+def test_a_cache_entry_that_appears_during_the_run_is_kept(tmp_path):
+    """replace=False (a cache entry): another run's entry is kept, the new one discarded, as before."""
+    target = tmp_path / "entry"
+    with atomic_directory(target, replace=False) as tmp:
+        (tmp / "new").write_text("new")
+        fake_output(target)
+    assert sorted(p.name for p in target.iterdir()) == ["lrc_report.yaml", "model.safetensors"]
+    assert no_temporaries(target)
+
+
+def appear_during(monkeypatch, module, name: str, make) -> None:
+    """Wrap `module.name` (a step inside the atomic write) so that `make()` runs just before it."""
+    real = getattr(module, name)
+
+    def step(*args, **kwargs):
+        make()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, step)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_file_created_at_the_output_during_compress_survives(capsys, sandbox, monkeypatch, stream):
+    """Through the CLI (in memory and --stream), without --overwrite: the user's file created at -o while the
+    run works ends the run with exit 2 and stays byte for byte."""
+    import lrc.io.writer
+    import lrc.stream.pipeline
+
+    out = sandbox / "out"
+    data = b"\x00\x01 the user's file, created while lrc ran \xfe\xff"
+    appear_during(monkeypatch, lrc.stream.pipeline if stream else lrc.io.writer, "write_remote_code",
+                  lambda: out.exists() or out.write_bytes(data))
+    extra = ["--quiet", "--stream"] if stream else ["--quiet"]
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, out, *extra))
+    assert code == 2 and stderr.count("\n") == 1 and "appeared as a file during the run" in stderr, stderr
+    assert out.read_bytes() == data and no_temporaries(out)
+
+
+def test_an_earlier_output_copied_to_the_output_during_compress(capsys, sandbox, monkeypatch):
+    """An earlier lrc output copied to -o while the run works is replaced only with --overwrite."""
+    import lrc.io.writer
+
+    earlier = sandbox / "earlier"
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, earlier))
+    assert code == 0, stderr
+    out = sandbox / "out"
+    appear_during(monkeypatch, lrc.io.writer, "write_remote_code",
+                  lambda: out.exists() or shutil.copytree(earlier, out))
+    before_hashes = file_hashes(earlier)
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, out, "--budget", "0.5"))
+    assert code == 2 and "exists and is not empty: it was filled during the run" in stderr, stderr
+    assert file_hashes(out) == before_hashes and no_temporaries(out)
+    shutil.rmtree(out)
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, out, "--budget", "0.5", "--overwrite"))
+    assert code == 0, stderr
+    assert yaml.safe_load((out / "lrc_report.yaml").read_text())["budget"] == 0.5 and no_temporaries(out)
+
+
+def test_a_file_created_at_the_output_during_export_survives(capsys, sandbox, monkeypatch):
+    import lrc.export
+
+    out, dense = sandbox / "out", sandbox / "dense"
+    code, _, stderr = run_main(capsys, *compress_args(sandbox, out))
+    assert code == 0, stderr
+    appear_during(monkeypatch, lrc.export, "check_finite_files", lambda: dense.write_text("mine"))
+    code, _, stderr = run_main(capsys, "export", out, "--dense", "-o", dense, "--overwrite")
+    assert code == 2 and "appeared as a file during the run" in stderr, stderr
+    assert dense.read_text() == "mine" and no_temporaries(dense)
+
+
+def test_a_full_disk_is_the_machines_refusal(capsys, monkeypatch, tmp_path, calib_file):
+    # safetensors reports the system's error inside its own exception; lrc raises it as the OSError it was
+    from safetensors import SafetensorError
+
+    import lrc.io.checkpoint
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(lrc.io.checkpoint, "save_file", full)
+    model = save_tiny_model(tmp_path / "model", "llama")
+    code, stdout, stderr = run_main(capsys, *tiny_compress_args(model, calib_file, tmp_path / "out"))
+    assert code == 2, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: No space left on device: ")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.lrc-*"))

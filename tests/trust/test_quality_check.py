@@ -98,3 +98,21 @@ def test_heldout_check_can_be_turned_off(capsys, tmp_path, calib_file):
     assert code == 0, stderr
     assert yaml.safe_load((tmp_path / "out" / "lrc_report.yaml").read_text())["held_out"] == {
         "windows": 0, "skipped": "heldout_windows is 0"}
+
+
+def test_a_dense_model_that_does_not_predict_the_text_is_named(capsys, tmp_path, calib_file):
+    # logits overflowing to inf make the dense loss infinite: no ratio can be taken, and the compression is not
+    # what is wrong
+    from safetensors.torch import load_file, save_file
+
+    model = save_tiny_model(tmp_path / "model", "llama")
+    weights = load_file(model / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 1e37
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    args = ["--method", "svd", "--allocator", "uniform"]  # no output gradients, which the head's scale overflows
+    code, _, stderr = run_main(capsys, *tiny_compress_args(model, calib_file, tmp_path / "out", *args))
+    assert code == 2, stderr
+    error = stderr.strip().splitlines()[-1]
+    assert error.startswith("error: the dense model's own loss on 4 held-out calibration windows is ")
+    assert "it does not predict this text" in error and "heldout_windows: 0" in error
+    assert not (tmp_path / "out").exists()
