@@ -204,3 +204,27 @@ def test_launching_ranks_leaves_the_callers_environment(tmp_path, monkeypatch, c
     code = main(["compress", str(tmp_path / "missing"), "-o", str(tmp_path / "out"), "--nproc", "1"])
     assert code == 2 and "model not found" in capfd.readouterr().err  # the rank's own message
     assert "OMP_NUM_THREADS" not in os.environ
+
+
+def test_a_rank_killed_from_outside_is_named(monkeypatch, tmp_path):
+    """SIGKILL of one rank (the out-of-memory killer): the launcher names that rank and its signal (exit 1), not
+    the broken connection its peer then saw."""
+    import time
+
+    import torch.distributed.launcher.api
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from lrc.cli.launch import RankKilled, launch_ranks
+
+    def killed(config, entrypoint):
+        def run(*args):
+            peer = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(tmp_path / "none"))
+            victim = ProcessFailure(local_rank=1, pid=2, exitcode=-9, error_file=str(tmp_path / "none"))
+            victim.timestamp, peer.timestamp = int(time.time()) - 1, int(time.time())
+            raise ChildFailedError("lrc", {0: peer, 1: victim})
+        return run
+
+    monkeypatch.setattr(torch.distributed.launcher.api, "elastic_launch", killed)
+    with pytest.raises(RankKilled, match="process 1 of the 2 was killed by SIGKILL .*out-of-memory killer") as error:
+        launch_ranks(2, ["compress", "m", "-o", "o"])
+    assert error.value.exit_code == 1

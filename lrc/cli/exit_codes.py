@@ -75,6 +75,9 @@ def _usage_message(exc: BaseException) -> str:
 ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 
 
+PEER_GONE = re.compile(r"Connection (reset|closed) by peer")  # gloo's words for a process that went away
+
+
 def _environment_refusal(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS
 
@@ -102,6 +105,10 @@ EXIT_RULES: tuple[ExitRule, ...] = (
     # MissingParameter...) is a TyperException
     ExitRule((typer.TyperException,), lambda exc: BAD_INPUT, _usage_message),
     ExitRule((OSError,), lambda exc: BAD_INPUT, _refusal_message, debug_raises=True, when=_environment_refusal),
+    # a process of an --nproc / torchrun run whose peer ended first: the peer's message (or the launcher's) says why
+    ExitRule((RuntimeError,), lambda exc: UNEXPECTED,
+             lambda exc: "lost the connection to another process of this run, which stopped first (see its message)",
+             debug_raises=True, when=lambda exc: bool(PEER_GONE.search(str(exc)))),
     ExitRule(
         (Exception,),
         lambda exc: UNEXPECTED,

@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LrcError
 from .exit_codes import Signalled
 
 
@@ -58,6 +58,12 @@ def _launcher_logs_quiet() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+class RankKilled(LrcError):
+    """A process of an --nproc run was killed by a signal (exit 1: not the user's input)."""
+
+    exit_code = 1
+
+
 def launch_ranks(nproc: int, argv: list[str]) -> int:
     """Run `python -m lrc ARGV` (minus --nproc) as `nproc` ranks of one job; their exit code (0 when all succeed)."""
     if nproc < 1:
@@ -72,8 +78,13 @@ def launch_ranks(nproc: int, argv: list[str]) -> int:
         with _launcher_logs_quiet(), _environment(OMP_NUM_THREADS=str(threads_per_rank(nproc))):  # the ranks inherit it
             elastic_launch(config, sys.executable)("-m", "lrc", *without_nproc(argv))
     except ChildFailedError as exc:
+        rank, first = exc.get_first_failure()
+        if first.exitcode < 0:  # killed from outside: the others then stop on a broken connection
+            name = first.signal_name()
+            why = " (often the system's out-of-memory killer: each process holds the whole model)" if name == "SIGKILL" else ""
+            raise RankKilled(f"process {rank} of the {nproc} was killed by {name}{why}, and the run stopped") from None
         codes = [failure.exitcode for _, failure in sorted(exc.failures.items())]
-        return next((code for code in codes if code > 0), 1)  # a rank stopped by a signal: the others' code
+        return next((code for code in codes if code > 0), 1)
     except SignalException as exc:  # the launcher was signalled and stopped its ranks (which may be unable to say so)
         raise Signalled(int(exc.sigval)) from None
     return 0

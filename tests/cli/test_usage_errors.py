@@ -61,6 +61,8 @@ def test_every_exception_has_one_rule():
     (OSError(28, "No space left on device", "/data/out"), 2, "No space left on device: /data/out"),
     (PermissionError(13, "Permission denied", "/a", None, "/b"), 2, "Permission denied: /a -> /b"),
     (FileNotFoundError(2, "No such file or directory", "/x"), 1, "unexpected FileNotFoundError"),
+    (RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1: Connection reset by peer."), 1,
+     "lost the connection to another process of this run, which stopped first"),
 ])
 def test_the_machine_refusing_a_file_is_bad_input_not_a_bug(error, code, line):
     """A read-only or full disk, or a permission the user lacks: exit 2 and the reason; other OSErrors stay unexpected."""
