@@ -182,8 +182,15 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 def load_with_report(path: str, auto_class: str = "AutoModelForCausalLM", **kwargs: Any) -> tuple[Any, dict[str, Any]]:
     """(model, transformers' load report: missing / unexpected / mismatched keys) of `auto_class`.from_pretrained,
-    for `check_loading_info`."""
+    for `check_loading_info`, which says in one line what is wrong: transformers' own printed table of the
+    report is silenced meanwhile."""
     import transformers
+    from transformers.utils import logging as transformers_logging
 
-    loaded: Any = getattr(transformers, auto_class).from_pretrained(path, output_loading_info=True, **kwargs)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        loaded: Any = getattr(transformers, auto_class).from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     return loaded[0], loaded[1]

@@ -6,12 +6,14 @@ pre-existing file is hashed before and after."""
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaModel
 
@@ -161,6 +163,24 @@ def test_lrc_output_without_its_rank_map_is_refused(capsys, tmp_path, lrc_output
     message = "is an lrc output but its config.json has no quantization_config (the rank map)"
     refused(capsys, tmp_path, ["eval", folder, "--data", calib_file, "--seq-len", 32, "--windows", 1], message)
     refused(capsys, tmp_path, tiny_compress_args(folder, calib_file, tmp_path / "again"), message)
+
+
+def test_the_library_says_it_in_one_error(tmp_path, lrc_output):
+    # not transformers' logged table of the unexpected keys first
+    folder = shutil.copytree(lrc_output, tmp_path / "out")
+    delete_quantization_config(folder)
+    transformers.logging.set_verbosity_warning()  # transformers' default (lrc's CLI, run in this process, lowers it)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with pytest.raises(ModelLoadError, match="has no quantization_config"):
+            lrc.load(str(folder))
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
+    assert transformers.logging.get_verbosity() == transformers.logging.WARNING  # the user's setting, restored
 
 
 # --- pickle and code beside the weights -------------------------------------------------------------
