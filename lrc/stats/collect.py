@@ -103,6 +103,8 @@ def cached_statistics(
     needs = METHODS.get(config.method).needs_gradients
     key = cache_key(loaded, config, gradients=needs, fisher=config.method == "fwsvd", weights_in_files=weights_in_files)
     stats = load_stats(cache_dir, key)
+    if stats is not None:
+        progress("statistics read from the cache", 1, 1)
     if stats is None:
         stats = collect_statistics(loaded, config, progress)
         if is_main():  # over torch.distributed every rank holds the same statistics: rank 0 stores them
