@@ -125,10 +125,12 @@ def _portable(error: BaseException, rank: int) -> BaseException:
 @contextlib.contextmanager
 def shared_errors() -> Iterator[None]:
     """An error inside reaches every rank (each raises the first failing rank's error); a rank that finishes
-    waits at the end until every rank has finished or failed."""
+    waits at the end until every rank has finished or failed. An interruption (a BaseException: a signal,
+    KeyboardInterrupt) is not exchanged: the launcher stops every rank, and a peer still inside another
+    collective would meet this rank's exchange as a mismatched collective (gloo aborts the process)."""
     try:
         yield
-    except BaseException as exc:
+    except Exception as exc:
         if world()[1] > 1 and not getattr(exc, "shared_by_ranks", False):
             check_peers(exc)
         raise

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 
 from ..errors import ConfigError, LrcError
-from .exit_codes import Signalled
 
 
 def without_nproc(argv: list[str]) -> list[str]:
@@ -85,8 +84,8 @@ def launch_ranks(nproc: int, argv: list[str]) -> int:
             raise RankKilled(f"process {rank} of the {nproc} was killed by {name}{why}, and the run stopped") from None
         codes = [failure.exitcode for _, failure in sorted(exc.failures.items())]
         return next((code for code in codes if code > 0), 1)
-    except SignalException as exc:  # the launcher was signalled and stopped its ranks (which may be unable to say so)
-        raise Signalled(int(exc.sigval)) from None
+    except SignalException as exc:  # the launcher was signalled and stopped its ranks, whose first says so
+        return 128 + int(exc.sigval)
     return 0
 
 

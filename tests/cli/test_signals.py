@@ -111,3 +111,20 @@ def test_signal_while_calibrating(workspace, signum, code, line):
     assert [s for s in stderr.splitlines() if s.startswith("error:")] == [line]
     assert stdout == ""
     assert file_hashes(root) == before and not list(root.glob("*out2*"))
+
+
+def test_signal_to_a_two_process_run(workspace):
+    """--nproc 2 signalled while calibrating: the launcher stops both ranks (neither meets the other's error
+    exchange inside another collective), one line, 128 + the signal, nothing left behind (SIGTERM takes the
+    same path)."""
+    signum, code, line = signal.SIGINT, 130, "error: interrupted by SIGINT"
+    root, model, calib = workspace
+    before = file_hashes(root)
+    proc = start([*tiny_compress_args(model, calib, root / "out3"), "--nproc", 2], root, pause_in_write=False)
+    wait_for_line(proc, "] compress ")
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert [s for s in stderr.splitlines() if s.startswith("error:")] == [line] and "Traceback" not in stderr
+    assert "terminate called" not in stderr and stdout == ""
+    assert file_hashes(root) == before and not list(root.glob("*out3*"))
