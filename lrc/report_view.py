@@ -58,8 +58,9 @@ def summary_table(report: dict[str, Any]) -> Table:
     if "bytes" in report:
         rows.append(("weights on disk", f"{human_bytes(report['bytes']['safetensors'])} ({report['bytes']['dtype']})"))
     timing = report.get("timing_s", {})
-    if timing:
-        rows.append(("time", ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in timing.items())))
+    if timing:  # cache_hit is a flag among the times (1.0: the statistics came from the cache)
+        times = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in timing.items() if k != "cache_hit")
+        rows.append(("time", times + (" (statistics read from the cache)" if timing.get("cache_hit") else "")))
     rows += [("peak memory", ", ".join(f"{human_bytes(v)} {k.removesuffix('_bytes').replace('_', ' ')}"
                                       for k, v in report["memory"].items()))] if report.get("memory") else []
     env = report.get("environment", {})

@@ -102,3 +102,17 @@ def test_plot_without_matplotlib_says_what_to_install(capsys, compressed_run, tm
 def test_a_missing_folder_is_not_found(capsys, tmp_path):
     code, _, err = run(capsys, "report", tmp_path / "nothere")
     assert (code, err) == (2, f"error: not found: {tmp_path / 'nothere'}\n")
+
+
+def test_a_cache_hit_is_said_not_timed(capsys, compressed_run, tmp_path):
+    # timing_s carries cache_hit: 1.0 as a flag; the table says where the statistics came from instead of "1.0s"
+    import shutil
+
+    out = shutil.copytree(compressed_run.out, tmp_path / "out")
+    report = yaml.safe_load((out / "lrc_report.yaml").read_text())
+    report["timing_s"] = {"cache_hit": 1.0, **report["timing_s"]}
+    (out / "lrc_report.yaml").write_text(yaml.safe_dump(report, sort_keys=False))
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "cache_hit" not in text and "statistics read from the cache" in text
