@@ -45,6 +45,7 @@ def perplexity(
     model.to(dev)
     nll = 0.0
     predicted = 0
+    warm_up(model, data[:batch_size], dev)
     start = time.perf_counter()
     with torch.inference_mode():
         for i, batch in enumerate(data.split(batch_size)):
@@ -58,16 +59,33 @@ def perplexity(
             predicted += targets.numel()
             progress("perplexity", min((i + 1) * batch_size, count), count)
     seconds = time.perf_counter() - start
+    mean_nll = nll / predicted
     return {
-        "perplexity": math.exp(nll / predicted),
-        "mean_nll": nll / predicted,
+        "perplexity": math.exp(mean_nll) if mean_nll < MAX_EXP else math.inf,
+        "mean_nll": mean_nll,
         "seq_len": seq_len,
         "windows": count,
         "windows_available": available,
         "tokens": count * seq_len,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(count * seq_len / seconds, 1),
+        **speed(count * seq_len, seconds, batch_size, dev),
     }
+
+
+MAX_EXP = 709.0  # math.exp overflows past ~709.78: a larger mean loss is an infinite perplexity
+
+
+def warm_up(model: Any, batch: torch.Tensor, device: torch.device) -> None:
+    """One untimed forward on `batch`: the first call's allocations, kernel compilation and plans are not the
+    model's speed."""
+    if batch.numel():
+        with torch.inference_mode():
+            model(input_ids=batch.to(device))
+
+
+def speed(tokens: int, seconds: float, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """The timed passes' throughput and the conditions it was measured under (after one untimed pass)."""
+    return {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+            "threads": torch.get_num_threads(), "batch_size": batch_size, "device": str(device)}
 
 
 def evaluation_windows(token_ids: torch.Tensor, seq_len: int, windows: int | None) -> tuple[torch.Tensor, int]:
@@ -103,6 +121,7 @@ def embedding_similarity(
     reference.to(dev)
     pooled = token = 0.0
     seconds = 0.0
+    warm_up(model, data[:batch_size], dev)
     with torch.inference_mode():
         for i, batch in enumerate(data.split(batch_size)):
             batch = batch.to(dev)
@@ -120,8 +139,7 @@ def embedding_similarity(
         "windows": count,
         "windows_available": available,
         "tokens": count * seq_len,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(count * seq_len / seconds, 1),
+        **speed(count * seq_len, seconds, batch_size, dev),
     }
 
 

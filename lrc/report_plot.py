@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LrcError, OutputError
-from .io.atomic_file import atomic_file
+from .io.atomic_file import atomic_file, check_writable_file
 from .model.targets import matrix_type
 
 
@@ -43,19 +43,34 @@ def kept_grid(report: dict[str, Any]) -> tuple[list[int], list[str], np.ndarray,
     return layers, types, kept, kinds
 
 
+PLOT_TITLE = "lrc report"  # the title in every picture's metadata: what marks a file --plot may replace
+
+
+def check_plot_path(path: str | Path) -> None:
+    """OutputError unless the picture can go to `path`: a known image type, a writable place, and no file there
+    but one lrc report drew (its metadata title): a user's file of that name is never replaced."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise OutputError(f"cannot draw to {path}: unknown image type {path.suffix!r} (use .png, .svg or .pdf)")
+    check_writable_file(path)
+    if path.exists() and PLOT_TITLE.encode() not in path.read_bytes():
+        raise OutputError(f"--plot {path} exists and is not a picture lrc report drew; choose another file (lrc "
+                          "replaces only its own pictures)")
+
+
 def plot_report(report: dict[str, Any], path: str | Path) -> Path:
-    """Draw the report to `path` (format from its suffix), written atomically; returns the path."""
+    """Draw the report to `path` (format from its suffix; see check_plot_path), written atomically; returns
+    the path."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise LrcError("--plot needs matplotlib, which is not installed: pip install 'lrc[plot]'") from None
     path = Path(path)
+    check_plot_path(path)
     fig = Figure(figsize=(11, 8), layout="constrained")
-    canvas = FigureCanvasAgg(fig)
+    FigureCanvasAgg(fig)
     suffix = path.suffix.lower().lstrip(".")
-    if suffix not in canvas.get_supported_filetypes():
-        raise OutputError(f"cannot draw to {path}: unknown image type {path.suffix!r} (use .png, .svg or .pdf)")
     heat, curve = fig.subplots(2, 1, height_ratios=[1.1, 1])
     _draw_heat_map(fig, heat, report)
     _draw_curve(curve, report)
@@ -64,7 +79,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"{model}: {report.get('method')} + {report.get('allocator')}, "
                  f"{removed:.1%} of the targeted parameters removed")
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=suffix)
+        fig.savefig(tmp, dpi=110, format=suffix, metadata={"Title": PLOT_TITLE})
     return path
 
 

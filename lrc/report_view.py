@@ -16,7 +16,7 @@ from .model.targets import matrix_type
 
 __all__ = ["REPORT_NAME", "read_report", "render_report", "summary_table"]
 
-def _bar(fraction: float, width: int = 8) -> Text:
+def _bar(fraction: float, width: int = 4) -> Text:
     """A bar of `width` cells, filled to `fraction`; shows the parameters a matrix keeps."""
     filled = max(0, min(width, round(fraction * width)))
     return Text("█" * filled, style="green") + Text("░" * (width - filled), style="grey50")
@@ -74,16 +74,14 @@ def layers_table(report: dict[str, Any]) -> Table:
     table = Table(title="per matrix (kept: parameters kept, sparse indices counted; error: ||(W - W')X|| / ||WX|| "
                         "on calibration data)",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for name, justify in [("#", "right"), ("matrix", "left"), ("shape", "right"), ("rank", "right"), ("kept", "left"),
-                          ("params", "right"), ("error", "right")]:
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    rows = []
     for layer in report["layers"]:
         m, n = layer["shape"]
         kept = layer["params"] / (m * n)
         error = layer["rel_error"]
         style = "red" if error > 0.5 else "yellow" if error > 0.2 else ""
         index = re.search(r"\.(\d+)\.", layer["name"])
-        table.add_row(
+        rows.append((
             index.group(1) if index else "",
             matrix_type(layer["name"]),
             f"{m}x{n}",
@@ -91,7 +89,17 @@ def layers_table(report: dict[str, Any]) -> Table:
             _bar(kept) + Text(f" {kept:.0%}"),
             f"{layer['params']:,}",
             Text(f"{error:.3f}", style=style),
-        )
+        ))
+    columns = [("#", "right"), ("matrix", "left"), ("shape", "right"), ("rank", "right"), ("kept", "left"),
+               ("params", "right"), ("error", "right")]
+    for i, (name, justify) in enumerate(columns):
+        # on a narrow terminal the matrix names are shortened, never a number
+        widest = max([len(name), *(len(str(row[i])) for row in rows)])
+        flexible = name == "matrix"  # one word: shortened with "…" where the table would not fit
+        table.add_column(name, justify=justify, no_wrap=not flexible, overflow="ellipsis",  # type: ignore[arg-type]
+                         min_width=None if flexible else widest)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 

@@ -57,3 +57,19 @@ def test_paths_are_taken(llama_dir, calib_file):
     assert by_path["perplexity"] == by_str["perplexity"] and by_path["data"] == str(calib_file)
     with pytest.raises(lrc.errors.ConfigError, match="save_pretrained"):
         lrc.evaluate(lrc.load(str(llama_dir)).model, calib_file, seq_len=64)
+
+
+def test_a_finite_loss_past_exps_range_is_an_infinite_perplexity(tmp_path, calib_file):
+    # a mean loss above ~709.78 nats overflows math.exp: the perplexity is infinite (null in JSON), not a crash
+    from safetensors.torch import load_file, save_file
+
+    from .conftest import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model", "llama")
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 30000.0
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    result = lrc.evaluate(folder, calib_file, seq_len=64, windows=2, batch_size=1)
+    assert math.isfinite(result["mean_nll"]) and result["mean_nll"] > 709.78
+    assert result["perplexity"] == math.inf
+    assert result["threads"] == torch.get_num_threads() and result["batch_size"] == 1 and result["device"] == "cpu"

@@ -129,13 +129,15 @@ def results_table(summary: dict[str, Any]) -> Table:
              else "zero-shot tasks")
     table = Table(title=title, title_justify="left")
     table.add_column("")
-    for r in results:
-        table.add_column(r["model"], justify="right")
+    for role, r in zip(["model", "baseline"], results):  # a long path folds onto more lines, never cut
+        table.add_column(f"{role}: {r['model']}", justify="right", overflow="fold")
     rows = [("parameters", "{:,}", "params"), ("bytes on disk", "{:,}", "bytes"),
             ("bytes in memory (tensors)", "{:,}", "memory_bytes")]
     if summary["data"]:
+        threads = results[0].get("threads")
         rows = [("perplexity", "{:.3f}", "perplexity"), ("cosine similarity to baseline", "{:.5f}", "cosine_similarity"),
-                *rows, ("tokens/s", "{:,.0f}", "tokens_per_s")]
+                *rows, (f"tokens/s ({threads} thread{'' if threads == 1 else 's'}, batch {results[0].get('batch_size')})",
+                        "{:,.0f}", "tokens_per_s")]
     for label, fmt, key in rows:
         if key in results[0]:  # an encoder has a cosine similarity instead of a perplexity
             table.add_row(label, *[fmt.format(r[key]) + (" (gguf file)" if key == "bytes" and r.get("bytes_of") == "gguf file"

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from ..io.atomic_file import check_writable_file
 from .command_output import CommandOutput
 from .options import JsonOpt, ReportArg
 
@@ -23,8 +22,10 @@ def report(
     from ..report_view import read_report, render_report
 
     data = read_report(folder)
-    if plot is not None:
-        check_writable_file(plot)
+    if plot is not None:  # before drawing anything (matplotlib is imported only to draw)
+        from ..report_plot import check_plot_path
+
+        check_plot_path(plot)
     shown = CommandOutput(json_output)
     if plot is not None:
         from ..report_plot import plot_report

@@ -108,4 +108,30 @@ def read_report(path: str | Path) -> dict[str, Any]:
         raise ModelLoadError(f"{file} is not valid YAML") from None
     if not isinstance(report, dict) or "layers" not in report or "params" not in report:
         raise ModelLoadError(f"{file} is not an lrc report (no params/layers)")
+    check_complete(report, file)
     return report
+
+
+def check_complete(report: dict[str, Any], file: Path) -> None:
+    """ModelLoadError unless every layer entry has a name, kind, shape [m, n] and params, the layers' original
+    parameters add up to the targeted total, and the keys written last (timing_s, bytes) are there: a report
+    cut short or edited is not shown as if it were whole."""
+    layers = report["layers"]
+    if not isinstance(layers, list):
+        raise ModelLoadError(f"{file} is not a valid lrc report: its layers are not a list")
+    for index, layer in enumerate(layers):
+        shape = layer.get("shape") if isinstance(layer, dict) else None
+        if not (isinstance(layer, dict) and isinstance(layer.get("name"), str) and isinstance(layer.get("kind"), str)
+                and isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) for d in shape)
+                and isinstance(layer.get("params"), int)):
+            raise ModelLoadError(f"{file} is not a valid lrc report: layers[{index}] lacks a name, kind, shape [m, n] "
+                                 "or params")
+    targeted = report["params"].get("targeted") if isinstance(report["params"], dict) else None
+    total = targeted.get("original") if isinstance(targeted, dict) else None
+    listed = sum(layer["shape"][0] * layer["shape"][1] for layer in layers)
+    if total != listed:
+        raise ModelLoadError(f"{file} is incomplete or edited: its {len(layers)} layers hold {listed:,} parameters, "
+                             f"not the {total} its targeted total says")
+    missing = [key for key in ("timing_s", "bytes") if key not in report]
+    if missing:
+        raise ModelLoadError(f"{file} is incomplete or edited: it has no {' or '.join(missing)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import matplotlib.image
 import numpy as np
@@ -116,3 +117,54 @@ def test_a_cache_hit_is_said_not_timed(capsys, compressed_run, tmp_path):
     assert main(["report", str(out)]) == 0
     text = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the table's cells wrapped, joined
     assert "cache_hit" not in text and "statistics read from the cache" in text
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg", ".pdf"])
+def test_plot_replaces_only_its_own_picture(capsys, compressed_run, tmp_path, suffix):
+    path = tmp_path / f"report{suffix}"
+    path.write_bytes(b"the user's own picture")
+    code, out, err = run(capsys, "report", compressed_run.out, "--plot", path)
+    assert code == 2 and "exists and is not a picture lrc report drew" in err
+    assert path.read_bytes() == b"the user's own picture"
+    path.unlink()
+    for _ in range(2):  # drawn, then drawn again over its own picture
+        code, out, err = run(capsys, "report", compressed_run.out, "--plot", path)
+        assert code == 0, err
+    assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda r: r["layers"][0].update(shape=None), "is not a valid lrc report: layers[0] lacks a name, kind, shape"),
+    (lambda r: r.update(layers=r["layers"][:3]), "is incomplete or edited: its 3 layers hold"),
+    (lambda r: r.pop("bytes"), "is incomplete or edited: it has no bytes"),
+])
+def test_a_damaged_or_cut_report_is_not_shown_as_whole(capsys, compressed_run, tmp_path, damage, message):
+    import shutil
+
+    out = shutil.copytree(compressed_run.out, tmp_path / "out")
+    report = yaml.safe_load((out / "lrc_report.yaml").read_text())
+    damage(report)
+    (out / "lrc_report.yaml").write_text(yaml.safe_dump(report, sort_keys=False))
+    for extra in ([], ["--json"]):
+        code, stdout, err = run(capsys, "report", out, *extra)
+        assert code == 2 and message in err and stdout == ""
+
+
+def test_an_80_column_table_shortens_names_never_numbers(compressed_run):
+    from rich.console import Console
+
+    from lrc.report_view import render_report
+
+    report = yaml.safe_load((compressed_run.out / "lrc_report.yaml").read_text())
+    report["layers"][0]["name"] = "model.layers.0.self_attn.a_projection_name_far_longer_than_any_column"
+    console = Console(width=80, record=True, color_system=None)
+    render_report(report, console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    rows = [line for line in text.splitlines() if re.search(r" \d+x\d+ ", line)]  # the per-matrix rows, in order
+    assert len(rows) == len(report["layers"])
+    for layer, row in zip(report["layers"], rows):
+        m, n = layer["shape"]
+        for figure in (f"{m}x{n}", f"{layer['params']:,}", f"{layer['rel_error']:.3f}", f"{layer['params'] / (m * n):.0%}"):
+            assert figure in row
+    assert "self_attn.a_proj" in text and "…" in text  # the long name shortened
