@@ -24,14 +24,8 @@ from . import __version__
 from .errors import LrcError
 from .forms import LAYER_FORMS
 from .io.checkpoint import check_finite_files, read_tensor_names, write_checkpoint
-from .io.output import (
-    EXPORT_MARKER,
-    FILES_KEY,
-    atomic_directory,
-    check_output_path,
-    protected_places,
-    written_files,
-)
+from .io.output import FILES_KEY, atomic_directory, check_output_path, protected_places, written_files
+from .io.report import EXPORT_MARKER
 from .progress import Progress, no_progress
 
 
@@ -98,7 +92,7 @@ def export_dense(model: str, output: str | Path, *, overwrite: bool = False, pro
             if f"{name}.weight" not in written:
                 raise LrcError(f"the exported checkpoint is missing {name}.weight")
         check_finite_files(tmp)
-        marker = {"lrc_version": __version__, "exported_from": str(model), "densified_layers": len(names),
+        marker = {"lrc_version": __version__, "exported_from": source.describe()["path"] if source.kind != "hub" else str(model), "densified_layers": len(names),
                   FILES_KEY: written_files(tmp, EXPORT_MARKER)}  # what --overwrite may replace later
         (tmp / EXPORT_MARKER).write_text(yaml.safe_dump(marker, sort_keys=False), encoding="utf-8")
     del claim

@@ -62,7 +62,9 @@ def test_export_overwrite_replaces_an_earlier_export_only(compressed_outputs, tm
     dense = tmp_path / "dense"
     code, _, stderr = run_main(capsys, "export", out, "--dense", "-o", dense)
     assert code == 0, stderr
-    assert yaml.safe_load((dense / "lrc_export.yaml").read_text())["exported_from"] == str(out)
+    assert yaml.safe_load((dense / "lrc_export.yaml").read_text())["exported_from"] == str(out.resolve())
+    code, _, stderr = run_main(capsys, "report", dense)
+    assert code == 2 and "is an lrc export (a dense checkpoint" in stderr
     first = file_hashes(dense)
     code, _, stderr = run_main(capsys, "export", out, "--dense", "-o", dense)
     assert code == 2 and "not empty" in stderr

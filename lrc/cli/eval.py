@@ -7,6 +7,7 @@ QUALITY_GATE_FAILED) when perplexity(model) / perplexity(B) > R, after printing 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -82,6 +83,9 @@ def eval_command(
                                          progress=labelled, manager=manager)
             results.append(row)
             del loaded
+    if windows is not None and results and results[0].get("windows", windows) < windows:
+        warnings.warn(f"--windows {windows}: the text holds {results[0]['windows']} windows of {seq_len} tokens, all "
+                      "of which were evaluated", stacklevel=1)
     ratio = None
     if baseline and data and "perplexity" in results[0]:  # an encoder has a cosine similarity instead
         ratio = results[0]["perplexity"] / results[1]["perplexity"]

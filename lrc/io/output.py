@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ..errors import OutputError
-from .report import REPORT_NAME
+from .report import EXPORT_MARKER, REPORT_NAME
 
 if TYPE_CHECKING:
     from ..sources import LoadedModel
 
-EXPORT_MARKER = "lrc_export.yaml"  # {lrc_version, exported_from, files}: marks a folder `lrc export` wrote
 FILES_KEY = "files"  # in lrc_report.yaml / lrc_export.yaml: every file lrc wrote into the folder
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..stats.types import CalibrationStats
 
 REPORT_NAME = "lrc_report.yaml"
+EXPORT_MARKER = "lrc_export.yaml"  # {lrc_version, exported_from, files}: marks a folder `lrc export` wrote
 
 
 def build_report(
@@ -100,6 +101,9 @@ def read_report(path: str | Path) -> dict[str, Any]:
     file = path / REPORT_NAME if path.is_dir() else path
     if not path.exists():
         raise ModelLoadError(f"not found: {path}")
+    if not file.is_file() and (path / EXPORT_MARKER).is_file():
+        raise ModelLoadError(f"{path} is an lrc export (a dense checkpoint, see its {EXPORT_MARKER}), which has no "
+                             "compression report: run lrc report on the output it was exported from")
     if not file.is_file():
         raise ModelLoadError(f"no {REPORT_NAME} in {path}: not an lrc output folder")
     try:

@@ -136,3 +136,11 @@ def test_a_baseline_with_another_tokenizer_is_refused_before_evaluating(tmp_path
                              "differently") and stderr.count("\n") == 1
     code, _, stderr = run_main(capsys, "eval", compressed_run.out, "--data", compressed_run.calib, "--batch-size", 0)
     assert (code, stderr) == (2, "error: --batch-size must be at least 1, got 0\n")
+
+
+def test_more_windows_than_the_text_holds_is_said(capsys, compressed_run, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text(compressed_run.calib.read_text()[:2000])
+    with pytest.warns(UserWarning, match=r"--windows 100: the text holds 31 windows of 64 tokens, all of which"):
+        code, _, stderr = run(capsys, "eval", compressed_run.out, "--data", text, "--seq-len", 64, "--windows", 100)
+    assert code == 0, stderr
