@@ -26,6 +26,7 @@ from .calibration import SELF_SAMPLED, read_text, sample_windows
 from .calibration.text import heldout_token_windows
 from .config import CompressionConfig
 from .errors import QualityError
+from .factorize import METHODS
 from .sources import LoadedModel
 
 SELF_SAMPLED_SEED_OFFSET = 7919  # held-out sequences of a self-sampled run use seed + this
@@ -59,6 +60,7 @@ class HeldOutCheck:
     batch_size: int
     device: torch.device
     skipped: str = ""
+    advice: str = "give more calibration data (--samples) or remove less (--budget)"  # when the ratio is past the limit
 
     @classmethod
     def measure_dense(
@@ -97,7 +99,11 @@ class HeldOutCheck:
                 "does not predict this text, so the compressed model cannot be judged against it; check the model "
                 "and --calib (or skip the held-out check with heldout_windows: 0); nothing was written"
             )
-        return cls(windows, dense_loss, config.heldout_max_ratio, config.batch_size, device)
+        advice = None if METHODS.get(config.method).weighs_data else (
+            f"remove less (--budget), or use a method that weighs the calibration data (method {config.method} does "
+            "not; e.g. --method loss-aware)")
+        return cls(windows, dense_loss, config.heldout_max_ratio, config.batch_size, device,
+                   **({"advice": advice} if advice else {}))
 
     def compare(self, model: Any) -> dict[str, Any]:
         """The report entry for the compressed `model`; raises QualityError past the perplexity-ratio limit."""
@@ -123,7 +129,6 @@ class HeldOutCheck:
             raise QualityError(
                 f"the compressed model's perplexity on {entry['windows']} held-out calibration windows is "
                 f"{entry['compressed_perplexity']:.4g}, {ratio:.3g}x the dense model's {entry['dense_perplexity']:.4g} "
-                f"(limit {self.max_ratio:g}x): the model is broken; give more calibration data (--samples) or "
-                "remove less (--budget); nothing was written"
+                f"(limit {self.max_ratio:g}x): the model is broken; {self.advice}; nothing was written"
             )
         return entry

@@ -121,10 +121,11 @@ def decompose_all(
 
     executor: a name in EXECUTORS; None picks one from the run (lrc.engine.executors.default_executor).
     """
-    stack_name, _ = decoder_layers(loaded.model)
-    check_sufficiency(stats.inputs, stats.windows, f"{stack_name}.0.")
-    device = resolve_device(config.device)
     method = METHODS.create(config.method, config.method_options)
+    if method.weighs_data:
+        stack_name, _ = decoder_layers(loaded.model)
+        check_sufficiency(stats.inputs, stats.windows, f"{stack_name}.0.")
+    device = resolve_device(config.device)
     if method.needs_gradients and not stats.outputs:
         raise ConfigError(f"method {config.method} needs output-gradient statistics; these statistics have none")
     targets = target_linears(loaded.model, config.exclude)

@@ -150,12 +150,15 @@ class FactorizationMethod:
     errors_comparable: whether errors are on one scale across matrices (loss units), so a global
     allocator may compare them raw; otherwise allocators use relative errors.
     offers_sparse: whether `sparse_options` offers sparse-plus-low-rank options (only the knapsack uses them).
+    weighs_data: whether the factorization depends on the calibration statistics (plain SVD's does not: the
+    checks that the calibration determines them do not apply, and more data would not change it).
     """
 
     name: ClassVar[str]
     errors_comparable: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
     offers_sparse: ClassVar[bool] = False
+    weighs_data: ClassVar[bool] = True
 
     def in_weighting(self, stats: InputStats) -> Weighting:
         return None, None

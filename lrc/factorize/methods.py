@@ -16,6 +16,8 @@ from .whitening import check_damping, cholesky_whitener, eigen_whitener
 class PlainSVD(FactorizationMethod):
     """Truncated SVD of W itself: minimises ||W - W'||_F, blind to the data."""
 
+    weighs_data = False
+
 
 @METHODS.register("asvd")
 @dataclass

@@ -30,7 +30,8 @@ def calibration_windows(loaded: LoadedModel, config: CompressionConfig) -> tuple
     if context is not None and config.seq_len > context:
         raise ConfigError(f"seq_len {config.seq_len} is longer than the model's context ({context} tokens)")
     widths = {name: p.in_features for name, p in target_linears(loaded.model, config.exclude).items()}
-    check_token_count(widths, config.samples, config.seq_len)
+    if METHODS.get(config.method).weighs_data:
+        check_token_count(widths, config.samples, config.seq_len)
     if config.calib is None:
         return sample_windows(loaded.model, loaded.tokenizer, config.samples, config.seq_len, config.seed), SELF_SAMPLED
     text = read_text(config.calib)

@@ -251,7 +251,8 @@ def decompose_layers(
         found = store.load_decompositions(index)
         if found is None and layer_targets:
             layer_stats = _layer_stats(store, index, stats)
-            check_sufficiency(layer_stats.inputs, stats.windows, f"{stack_name}.0.")
+            if method.weighs_data:
+                check_sufficiency(layer_stats.inputs, stats.windows, f"{stack_name}.0.")
             if method.needs_gradients and not layer_stats.outputs:
                 raise ConfigError(f"method {config.method} needs output-gradient statistics; these statistics have none")
             blocks.load(index)

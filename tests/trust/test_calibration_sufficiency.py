@@ -76,3 +76,12 @@ def test_numerical_rank_against_construction():
     for n, r in [(64, 64), (64, 40), (96, 1), (50, 0)]:
         x = torch.randn(n, r, dtype=torch.float64) @ torch.randn(r, 300, dtype=torch.float64)
         assert numerical_rank(x @ x.T) == r
+
+
+def test_plain_svd_needs_no_calibration_tokens(capsys, tmp_path, calib_file):
+    # it factorizes W alone: the checks that the data determine the statistics do not apply to it
+    model = save_tiny_model(tmp_path / "model", "llama")
+    args = tiny_compress_args(model, calib_file, tmp_path / "out", "--samples", 1, "--method", "svd", "--allocator",
+                              "uniform")
+    code, _, stderr = run_main(capsys, *args)
+    assert code == 0, stderr
