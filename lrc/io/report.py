@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,8 @@ def build_report(
             "seq_len": int(windows.shape[1]),
             "tokens": int(windows.numel()),
             "sha256": data_fingerprint(config.calib),
+            # the token windows themselves (int64, row-major): what self-sampled calibration drew, too
+            "windows_sha256": hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest(),
         },
         "params": {
             "targeted": {

@@ -4,6 +4,7 @@ compressed model past the perplexity-ratio limit stops the run with nothing writ
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -43,11 +44,13 @@ def test_report_holds_dense_and_compressed_heldout_loss(capsys, tmp_path, calib_
     out = tmp_path / "out"
     code, _, stderr = run_main(capsys, *tiny_compress_args(model, calib_file, out, "--seed", 3))
     assert code == 0, stderr
-    held = yaml.safe_load((out / "lrc_report.yaml").read_text())["held_out"]
+    report = yaml.safe_load((out / "lrc_report.yaml").read_text())
+    held = report["held_out"]
 
     calibration, heldout = expected_heldout(calib_file.read_text(), 4, 32, 3, 4)
     tokenizer = byte_tokenizer()
     assert torch.equal(calibration, token_windows(tokenizer, calib_file.read_text(), 4, 32, 3))
+    assert report["calibration"]["windows_sha256"] == hashlib.sha256(calibration.to(torch.int64).numpy().tobytes()).hexdigest()
     assert not {tuple(w.tolist()) for w in heldout} & {tuple(w.tolist()) for w in calibration}
     dense = mean_next_token_loss(AutoModelForCausalLM.from_pretrained(model), heldout)
     compressed = mean_next_token_loss(AutoModelForCausalLM.from_pretrained(out), heldout)
