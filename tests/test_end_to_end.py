@@ -35,7 +35,7 @@ def test_compress_eval_report_smollm2(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     report = yaml.safe_load((out / "lrc_report.yaml").read_text())
     assert report["params"]["targeted"]["removed_fraction"] >= 0.3
-    assert len(report["calibration"].pop("sha256")) == 64
+    assert len(report["calibration"].pop("sha256")) == len(report["calibration"].pop("windows_sha256")) == 64
     assert report["calibration"] == {"source": str(WIKI_VALID), "samples": 12, "seq_len": 128, "tokens": 1536}
     assert len(report["layers"]) == 30 * 7
     assert report["method"] == "sparse-dictionary" and report["allocator"] == "knapsack"  # the defaults
