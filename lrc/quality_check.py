@@ -50,6 +50,15 @@ def mean_loss(model: Any, windows: torch.Tensor, batch_size: int, device: torch.
     return total / count
 
 
+def held_out_advice(method: str) -> str:
+    """What to do when the compressed model fails the held-out check: more data helps only a method that
+    weighs it."""
+    if METHODS.get(method).weighs_data:
+        return "give more calibration data (--samples) or remove less (--budget)"
+    return (f"remove less (--budget), or use a method that weighs the calibration data (method {method} does not; "
+            "e.g. --method loss-aware)")
+
+
 @dataclass
 class HeldOutCheck:
     """The held-out windows and the dense model's loss on them, measured before the model is compressed."""
@@ -60,7 +69,7 @@ class HeldOutCheck:
     batch_size: int
     device: torch.device
     skipped: str = ""
-    advice: str = "give more calibration data (--samples) or remove less (--budget)"  # when the ratio is past the limit
+    advice: str = ""  # what to do when the ratio is past the limit (held_out_advice)
 
     @classmethod
     def measure_dense(
@@ -99,11 +108,8 @@ class HeldOutCheck:
                 "does not predict this text, so the compressed model cannot be judged against it; check the model "
                 "and --calib (or skip the held-out check with heldout_windows: 0); nothing was written"
             )
-        advice = None if METHODS.get(config.method).weighs_data else (
-            f"remove less (--budget), or use a method that weighs the calibration data (method {config.method} does "
-            "not; e.g. --method loss-aware)")
         return cls(windows, dense_loss, config.heldout_max_ratio, config.batch_size, device,
-                   **({"advice": advice} if advice else {}))
+                   advice=held_out_advice(config.method))
 
     def compare(self, model: Any) -> dict[str, Any]:
         """The report entry for the compressed `model`; raises QualityError past the perplexity-ratio limit."""

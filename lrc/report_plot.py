@@ -69,7 +69,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     check_plot_path(path)
     fig = Figure(figsize=(11, 8), layout="constrained")
-    FigureCanvasAgg(fig)
+    FigureCanvasAgg(fig)  # attaches the canvas that draws the figure
     suffix = path.suffix.lower().lstrip(".")
     heat, curve = fig.subplots(2, 1, height_ratios=[1.1, 1])
     _draw_heat_map(fig, heat, report)

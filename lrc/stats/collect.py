@@ -106,7 +106,7 @@ def cached_statistics(
     stats = load_stats(cache_dir, key)
     if stats is not None:
         progress("statistics read from the cache", 1, 1)
-    if stats is None:
+    else:
         stats = collect_statistics(loaded, config, progress)
         if is_main():  # over torch.distributed every rank holds the same statistics: rank 0 stores them
             save_stats(stats, cache_dir, key)
