@@ -224,5 +224,8 @@ def evaluate(
             ref = loaded
         else:
             ref = load_model(reference, progress=progress) if isinstance(reference, str) else reference
+        if adapter_for(ref.model).objective == CAUSAL_LM:
+            raise ConfigError(f"{loaded.source.spec} is an encoder and its reference {ref.source.spec} a decoder: "
+                              "compare a model with the dense model it was compressed from")
         result = embedding_similarity(loaded.model, ref.model, ids, seq_len, windows, batch_size, device, progress)
     return {"model": loaded.source.spec, "data": data, **result, **model_size(loaded)}

@@ -26,10 +26,11 @@ from .engine.build import KeptLayers, MatrixResult, apply
 from .errors import ConfigError
 from .factorize import METHODS
 from .forms import count_params
+from .io.checkpoint import read_tensor_names
 from .io.output import check_output_path, run_places
 from .io.report import build_report
 from .io.writer import write_output
-from .model.targets import check_not_compressed
+from .model.targets import check_not_compressed, warn_left_out_heads
 from .peak_memory import peak_memory
 from .progress import Progress, no_progress
 from .quality_check import HeldOutCheck
@@ -87,6 +88,7 @@ def compress(
         _claim = check_output_path(out_path, overwrite, run_places(model, config.calib, cache_dir))
     loaded = load_model(model, progress=progress) if isinstance(model, str) else model
     check_not_compressed(loaded.source.spec, loaded.model.config, loaded.model)
+    warn_left_out_heads(loaded.source.spec, loaded.model.config, read_tensor_names(loaded.folder))
     if out_path is not None:
         _claim = check_output_path(out_path, overwrite, run_places(loaded, config.calib, cache_dir))
     timing = {"load_s": time.perf_counter() - start}

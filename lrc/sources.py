@@ -195,13 +195,16 @@ def load_model(
     from .io.checkpoint import read_tensor_names
     from .load_check import check_loading_info, load_with_report, one_line
     from .model.adapters import adapter_for
+    from .model.targets import quantization_method
 
     hf_integration.register()
     source = resolve_model(spec)
     folder = local_folder(source, progress)
     check_folder(folder)
+    config = None
     try:  # safetensors only, no code from the folder; mismatched shapes are reported below, not raised
-        adapter = adapter_for(transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False))
+        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        adapter = adapter_for(config)
         model, info = load_with_report(
             str(folder), adapter.auto_class, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=False,
             ignore_mismatched_sizes=True, **adapter.build_flags(read_tensor_names(folder)),
@@ -209,7 +212,10 @@ def load_model(
     except LrcError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"transformers cannot load {folder}: {one_line(exc)}") from None
+        quantized = quantization_method(config)
+        advice = (f" (a checkpoint quantized with {quantized}: lrc compresses unquantized weights, give the original "
+                  "checkpoint)" if quantized not in (None, "lrc") else "")
+        raise ModelLoadError(f"transformers cannot load {folder}: {one_line(exc)}{advice}") from None
     check_loading_info(folder, model, info)
     adapter.prepare(model)  # e.g. fused mixture-of-experts weights -> one nn.Linear per expert matrix
     model.eval()

@@ -70,9 +70,14 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "roberta": ("RobertaConfig", dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, max_position_embeddings=258) | IDS
                         | {"pad_token_id": 1}),  # positions start after the padding id, as in RoBERTa checkpoints
+    "xlm-roberta": ("XLMRobertaConfig", dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, max_position_embeddings=258) | IDS | {"pad_token_id": 1}),
+    "electra": ("ElectraConfig", dict(vocab_size=260, embedding_size=32, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+                | IDS),  # embeddings 32 wide, projected to 64; no pooler
     "starcoder2": ("Starcoder2Config", TINY | {"sliding_window": SLIDING_WINDOW}),  # no adapter: the generic fallback
 }
-ENCODERS = {"bert", "roberta"}
+ENCODERS = {"bert", "roberta", "xlm-roberta", "electra"}
 
 
 def tiny_config(family: str, tie: bool = False, **overrides):

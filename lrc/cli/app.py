@@ -36,8 +36,24 @@ app.command()(export)
 _state: dict[str, Any] = {"debug": False, "argv": []}
 
 
+def _print_version(value: bool) -> None:
+    """--version: lrc's version and those of the libraries that decide its numbers (for a bug report)."""
+    if value:
+        import torch
+        import transformers
+
+        from .. import __version__
+        typer.echo(f"lrc {__version__} (torch {torch.__version__}, transformers {transformers.__version__}, "
+                   f"Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _global(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False) -> None:
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Show lrc's version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
+) -> None:
     _state["debug"] = debug
 
 

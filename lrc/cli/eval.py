@@ -86,6 +86,10 @@ def eval_command(
     if windows is not None and results and results[0].get("windows", windows) < windows:
         warnings.warn(f"--windows {windows}: the text holds {results[0]['windows']} windows of {seq_len} tokens, all "
                       "of which were evaluated", stacklevel=1)
+    if baseline and data and ("perplexity" in results[0]) != ("perplexity" in results[1]):
+        kinds = ["a decoder (perplexity)" if "perplexity" in r else "an encoder" for r in results]
+        raise ConfigError(f"{model} is {kinds[0]} and --baseline {baseline} {kinds[1]}: compare a model with the "
+                          "dense model it was compressed from")
     ratio = None
     if baseline and data and "perplexity" in results[0]:  # an encoder has a cosine similarity instead
         ratio = results[0]["perplexity"] / results[1]["perplexity"]

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import uuid
+import warnings
 from collections.abc import Iterator
 
 from ..errors import ConfigError, LrcError
@@ -67,6 +68,10 @@ def launch_ranks(nproc: int, argv: list[str]) -> int:
     """Run `python -m lrc ARGV` (minus --nproc) as `nproc` ranks of one job; their exit code (0 when all succeed)."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}")
+    cores = os.cpu_count() or 1
+    if nproc > cores:
+        warnings.warn(f"--nproc {nproc} starts more processes than this machine's {cores} CPU cores, each holding the "
+                      "whole model: expect it to be slower than fewer, or to run out of memory", stacklevel=2)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

@@ -624,7 +624,7 @@ def _kernel(name: str) -> Any:
     return getattr(lib, name)
 
 
-def _gradients_flow(*tensors: torch.Tensor | None) -> bool:
+def gradients_flow(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records a product of these tensors (lrc's kernels have no backward)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -641,7 +641,7 @@ def kernel_tokens(x: torch.Tensor, *weights: torch.Tensor | None) -> int:
     for w in weights:
         if w is not None and (w.dtype is not x.dtype or not w.is_cpu or not w.is_contiguous()):
             return 0
-    if _gradients_flow(x, *weights):
+    if gradients_flow(x, *weights):
         return 0
     return tokens if library() is not None else 0
 
@@ -805,7 +805,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if tokens > DENSE_KERNEL_MAX_TOKENS and BF16_PRODUCTS_IN_FLOAT32 and x.is_cpu and weight.dtype is torch.bfloat16:
         return product_by_row_blocks(x, weight.shape[0], lambda start, end: weight[start:end], bias)
     if torch.compiler.is_compiling():  # decode shapes: the op; prefill: torch's, which the compiler sees
-        if x.is_cpu and tokens <= DENSE_KERNEL_MAX_TOKENS and not _gradients_flow(x, weight, bias):
+        if x.is_cpu and tokens <= DENSE_KERNEL_MAX_TOKENS and not gradients_flow(x, weight, bias):
             return linear_op(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)
     if not kernel_tokens(x, weight, bias) or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:

@@ -5,11 +5,14 @@ SparseDictionaryLinear: atoms, k_i x n). `fuse_down_factors` stacks those factor
 D = [D_1; D_2; ...] (Σ r_i x n) and makes each layer's factor a view of its rows, so memory holds each
 value once and the state dict is unchanged (views are saved as their own tensors). The first layer called
 with x computes x Dᵀ once; each layer of the group then takes its columns, and the product is dropped
-when every layer has taken its share (or when a call comes with another input). When decoding on CPU,
+when every layer has taken its share (or when a call comes with another input); each thread has its own
+input and product. Where gradients flow each layer makes its own product (of its own parameter, the view,
+so a fine-tuned factor gets its gradient). When decoding on CPU,
 layers that make both their products in one kernel call (bfloat16 low rank, a sparse dictionary in the
 bitmask layout) take no share, so in a group with such a layer every layer makes its own first product
 then (the stacked one would compute their rows for nothing). A layer whose factor no
-longer is that view (the model was moved or cast, or a factor replaced) computes its own product again.
+longer is that view (the model was moved or cast, or a factor replaced) leaves the group and computes its
+own product again; the stacked weight is freed when the last layer has left.
 This module imports torch, the standard library and its sibling forms only (it travels with the model's
 own modeling code).
 """
@@ -20,6 +23,7 @@ import contextlib
 import ctypes
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +70,14 @@ class SharedInputProduct:
                         torch.Size((end - start, weight.shape[1]))) for start, end in self.bounds]
         # decode-sized inputs share the product too, unless a layer of the group makes its own in one call
         self.shared_when_decoding = weight.device.type != "cpu" or not any(map(makes_one_call_when_decoding, layers))
-        self._input: torch.Tensor | None = None
-        self._version = -1
-        self._product: torch.Tensor | None = None
-        self._pending: set[int] = set()
+        self._per_thread = threading.local()  # each thread its own input and product: a server's threads share a model
+
+    def __getstate__(self) -> dict[str, Any]:  # copied or pickled without the threads' products
+        return {k: v for k, v in self.__dict__.items() if k != "_per_thread"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._per_thread = threading.local()
 
     def is_view_of_weight(self, factor: torch.Tensor, index: int) -> bool:
         """Whether `factor` still is rows bounds[index] of the stacked weight (not moved, cast or replaced)."""
@@ -84,15 +92,16 @@ class SharedInputProduct:
     def share(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """x D_indexᵀ: a slice of x Dᵀ, computed when this input comes first (or again)."""
         version = x._version if not x.is_inference() else 0  # inference tensors cannot change in place
-        if self._input is not x or self._version != version or index not in self._pending:
-            self._input, self._version = x, version
-            self._product = linear(x, self.weight)
-            self._pending = set(range(len(self.bounds)))
-        product = self._product
-        assert product is not None
-        self._pending.discard(index)
-        if not self._pending:  # every layer took its share: hold nothing between calls
-            self._input = self._product = None
+        state = self._per_thread
+        pending = getattr(state, "pending", None)
+        if pending is None or state.input is not x or state.version != version or index not in pending:
+            state.input, state.version = x, version
+            state.product = linear(x, self.weight)
+            state.pending = pending = set(range(len(self.bounds)))
+        product = state.product
+        pending.discard(index)
+        if not pending:  # every layer took its share: hold nothing between calls
+            state.input = state.product = state.pending = None
         start, end = self.bounds[index]
         return product[..., start:end]
 
@@ -165,7 +174,8 @@ def fuse_down_factors(layers: list[nn.Module]) -> SharedInputProduct | None:
     mappings = file_mappings()
     for index, layer in enumerate(layers):
         start, end = shared.bounds[index]
-        down_factor(layer).weight = nn.Parameter(weight[start:end], requires_grad=False)
+        # the view keeps the factor's requires_grad: a model loaded to be fine-tuned trains it (its own product then)
+        down_factor(layer).weight = nn.Parameter(weight[start:end], requires_grad=factors[index].requires_grad)
         release_file_pages(factors[index], mappings)
         setattr(layer, "shared_input", (shared, index))  # noqa: B010  (the form's attribute, any FUSABLE)
         if not getattr(layer, "_clones_fused_views", False):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cpu_kernels import linear, lowrank_linear
+from .cpu_kernels import gradients_flow, linear, lowrank_linear
 
 
 def parameter(module: nn.Module, name: str) -> Any:
@@ -24,13 +24,18 @@ def submodule(module: nn.Module, name: str) -> Any:
 
 
 def first_product(layer: nn.Module, factor: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """factor(x), taken from the group's one stacked product when the layer is fused (see fused.py); in a
-    graph torch.compile traces, the layer's own product (the group's state is Python's, checked by address)."""
+    """factor(x), taken from the group's one stacked product when the layer is fused (see fused.py); the layer's
+    own product where gradients flow (the stacked weight is not the layer's parameter) and in a graph
+    torch.compile traces (the group's state is Python's, checked by address). A layer whose factor is no longer
+    its view of the stacked weight (the model was cast or moved) leaves the group, which is freed when the last
+    one has left."""
     shared = getattr(layer, "shared_input", None)
     weight = parameter(factor, "weight")
-    if (shared is not None and not torch.compiler.is_compiling() and shared[0].is_view_of_weight(weight, shared[1])
-            and shared[0].takes(x)):
-        return shared[0].share(x, shared[1])
+    if shared is not None and not torch.compiler.is_compiling():
+        if not shared[0].is_view_of_weight(weight, shared[1]):
+            setattr(layer, "shared_input", None)  # noqa: B010  (any FUSABLE form)
+        elif shared[0].takes(x) and not gradients_flow(x, weight):
+            return shared[0].share(x, shared[1])
     return linear(x, weight)
 
 

@@ -226,10 +226,12 @@ def multiply(layout: str, rows: int, cols: int, stored: tuple[torch.Tensor, ...]
     """x (tokens, cols) -> x Sᵀ (tokens, rows) for the matrix S of `stored`, `plan` made for them: the kernel's
     product from the stored layout up to KERNEL_MAX_TOKENS tokens, the matrix densified for the call above."""
     tokens = x.shape[0]
+    values = stored[0]
+    if cpu_kernels.gradients_flow(x, values):  # lrc's kernels have no backward: torch's densifying has
+        return torch_product(layout, rows, cols, stored, x)
     matmul = plan.cpu_matmul
     if matmul is not None and tokens <= KERNEL_MAX_TOKENS and x.dtype == matmul.dtype and x.is_cpu:  # decoding
         return matmul(x)
-    values = stored[0]
     starts = plan.starts if x.dtype == values.dtype else None
     if starts is not None and not x.is_cpu and tokens and not gpu_kernels.agree(
             values, stored[1], starts, cols, lambda: stored_to_dense(layout, rows, cols, stored), x):
@@ -238,15 +240,21 @@ def multiply(layout: str, rows: int, cols: int, stored: tuple[torch.Tensor, ...]
         if not x.is_cpu and x.device.type not in _warned_devices:  # once per process and device type
             _warned_devices.add(x.device.type)
             warnings.warn(DENSIFIED_ON_DEVICE.format(device=x.device.type), stacklevel=3)
-        if x.is_cpu:  # torch's densifying holds several times a block's bytes: a block of rows at a time
-            return cpu_kernels.product_by_row_blocks(x, rows, torch_dense_rows(layout, rows, cols, stored))
-        return cpu_kernels.linear(x, stored_to_dense(layout, rows, cols, stored))
+        return torch_product(layout, rows, cols, stored, x)
     if tokens > KERNEL_MAX_TOKENS and x.is_cpu:  # compute bound: dense matmuls, the matrix densified by blocks
         return cpu_kernels.product_by_row_blocks(
             x, rows, lambda start, end: kernel_dense(layout, cols, stored, starts, start, end))
     if tokens > KERNEL_MAX_TOKENS:  # densified for this call, one dense matmul
         return cpu_kernels.linear(x, kernel_dense(layout, cols, stored, starts))
     return gpu_kernels.bitmask_matmul(values, stored[1], starts, cols, x)  # memory bound on a GPU
+
+
+def torch_product(layout: str, rows: int, cols: int, stored: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+    """x Sᵀ with the matrix densified by torch (differentiable in the stored values and x): on CPU a block of
+    rows at a time (torch's densifying holds several times a block's bytes), elsewhere whole."""
+    if x.is_cpu:
+        return cpu_kernels.product_by_row_blocks(x, rows, torch_dense_rows(layout, rows, cols, stored))
+    return cpu_kernels.linear(x, stored_to_dense(layout, rows, cols, stored))
 
 
 _OP_PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # stored values -> their plan, for calls through the op

@@ -26,11 +26,19 @@ SHARD_BYTES = 2 * 1024**3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def tie_sources_first(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` in the model's order, but the names transformers ties to another weight (lm_head -> embed_tokens:
+    its `all_tied_weights_keys`) last, so a tied tensor is first met under the name it is loaded by."""
+    tie_targets = set(getattr(model, "all_tied_weights_keys", None) or ())
+    return {name: state[name] for name in sorted(state, key=lambda n: n in tie_targets)}  # a stable sort
+
+
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors, each stored once: a tied weight (lm_head = embed_tokens) keeps its first name."""
+    """The model's tensors, each stored once: a tied weight keeps the name transformers loads it by, its tie's
+    source (embed_tokens, not lm_head; XLM-R's state dict lists the head first), else its first name."""
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict(keep_vars=False).items():
+    for name, tensor in tie_sources_first(model, model.state_dict(keep_vars=False)).items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen:
             continue
@@ -87,6 +95,7 @@ def write_model_files(
 ) -> None:
     """config.json (with the lrc quantization_config), generation_config.json and the tokenizer files."""
     config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]  # the class written (BertModel for a BERT classifier's encoder)
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
     if dtype is not None:

@@ -13,6 +13,8 @@ is an error naming it. Format 1 (ranks only, before sparse layers existed) still
 from __future__ import annotations
 
 import inspect
+import types
+from pathlib import Path
 from typing import Any
 
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -126,6 +128,16 @@ def _has_module(model: Any, name: str) -> bool:
     return True
 
 
+def save_pretrained_with_code(model: Any, save_directory: Any, *args: Any, **kwargs: Any) -> None:
+    """The loaded model's `save_pretrained`: transformers' own, then lrc's modeling code next to the weights, so
+    the folder loads without lrc as the output it came from does (its config.json's `auto_map` names that code)."""
+    from .remote_code import write_remote_code
+
+    type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True):
+        write_remote_code(model, Path(save_directory))
+
+
 class LrcHfQuantizer(HfQuantizer):
     """Builds the low-rank skeleton before weights load and checks the files against it; nothing afterwards."""
 
@@ -137,16 +149,18 @@ class LrcHfQuantizer(HfQuantizer):
         """Swap in the factorized layers, then check the files against them before any weight is read:
         a factor tensor missing, misshapen or not in the rank map, or any other tensor missing or extra,
         is a ModelLoadError naming it (transformers would fill or drop it silently)."""
-        from ..load_check import check_factor_tensors, check_skeleton_against_files
+        from ..load_check import check_factor_tensors, check_skeleton_against_files, checkpoint_shapes
         from ..model.adapters import adapter_for
         from ..model.targets import skip_init_of_parents
 
         config = self.quantization_config
         self._prepared_model = model
-        adapter_for(model).prepare(model)  # the structure lrc wrote: fused experts unfused
+        adapter = adapter_for(model)
+        adapter.prepare(model)  # the structure lrc wrote: fused experts unfused
         replace_with_low_rank(model, config.ranks, config.sparse)
         skip_init_of_parents(model, [*config.ranks, *config.sparse])
         if checkpoint_files:
+            adapter.leave_out_parts(model, checkpoint_shapes(checkpoint_files))  # a masked-LM BERT's absent pooler
             check_factor_tensors(model, checkpoint_files, [*config.ranks, *config.sparse])
             check_skeleton_against_files(model, checkpoint_files)
         return model
@@ -159,6 +173,7 @@ class LrcHfQuantizer(HfQuantizer):
         fuse_shared_inputs(model)
         copy_indices_out_of_file(model)
         release_freed_heap()
+        model.save_pretrained = types.MethodType(save_pretrained_with_code, model)
         return model
 
     def update_weight_conversions(self, weight_conversions: Any, model: Any = None) -> Any:

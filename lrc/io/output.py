@@ -198,8 +198,9 @@ class OutputClaim:
         self.target, self.fd, self.lock_path = target, fd, lock_path
 
     @classmethod
-    def take(cls, target: Path, wait: bool = False) -> OutputClaim:
-        """Claim `target` (resolved); `wait` blocks until another holder is done instead of failing."""
+    def take(cls, target: Path, wait: bool = False, busy: str = "another lrc run (PID {pid}) is writing {target}; "
+             "wait for it or choose another output folder") -> OutputClaim:
+        """Claim `target` (resolved); `wait` blocks until another holder is done instead of failing with `busy`."""
         if target in cls._held:
             return cls._held[target]
         lock_path = target.parent / f".{target.name}.lrc-lock"
@@ -217,9 +218,7 @@ class OutputClaim:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise OutputError(
-                    f"another lrc run (PID {holder}) is writing {target}; wait for it or choose another output folder"
-                ) from None
+                raise OutputError(busy.format(pid=holder, target=target)) from None
             with contextlib.suppress(FileNotFoundError):
                 if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
                     os.ftruncate(fd, 0)

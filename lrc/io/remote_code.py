@@ -187,8 +187,9 @@ def expert_layout(model: nn.Module) -> dict[str, tuple[str, str, str]]:
 
 
 def modeling_source(model_class: type, auto_class: str, experts: dict[str, tuple[str, str, str]],
-                    fused: list[list[str]] | None = None) -> str:
-    """The text of modeling_lrc.py for a model of `model_class` (a transformers class) loaded by `auto_class`."""
+                    fused: list[list[str]] | None = None, build_flags: dict[str, bool] | None = None) -> str:
+    """The text of modeling_lrc.py for a model of `model_class` (a transformers class) loaded by `auto_class`,
+    built with `build_flags` (the model's __init__ arguments that leave out a part, e.g. BERT's pooler)."""
     from .. import __version__
     from ..model import experts as experts_module
 
@@ -209,7 +210,7 @@ def modeling_source(model_class: type, auto_class: str, experts: dict[str, tuple
     return _WRAPPER.format(
         version=__version__, auto_class=auto_class, base=model_class.__name__, imports=imports, forms=forms,
         experts=json.dumps({k: list(v) for k, v in experts.items()}, indent=4), expert_code=expert_code,
-        fused=json.dumps(fused or [], indent=4), fuse=fuse,
+        fused=json.dumps(fused or [], indent=4), fuse=fuse, build_flags=repr(build_flags or {}),
     )
 
 
@@ -223,7 +224,8 @@ def write_remote_code(model: nn.Module, folder: Path) -> list[Path]:
     if getattr(transformers, model_class.__name__, None) is not model_class:
         raise LrcError(f"{model_class.__name__} is not a class of transformers {transformers.__version__}: "
                        "lrc cannot write modeling code that loads this output without lrc")
-    auto_class = adapter_for(model).auto_class
+    adapter = adapter_for(model)
+    auto_class = adapter.auto_class
     written = []
     fused = fused_groups(model)
     for name, path in form_module_files(("fused",)).items():
@@ -231,7 +233,8 @@ def write_remote_code(model: nn.Module, folder: Path) -> list[Path]:
         target.write_text(copied_source(path), encoding="utf-8")
         written.append(target)
     modeling = folder / MODELING_FILE
-    modeling.write_text(modeling_source(model_class, auto_class, expert_layout(model), fused), encoding="utf-8")
+    modeling.write_text(modeling_source(model_class, auto_class, expert_layout(model), fused,
+                                        adapter.left_out_flags(model)), encoding="utf-8")
     written.append(modeling)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -265,7 +268,9 @@ LAYER_FORMS = {{
 # {{experts module name: its (gate, up, down) projection names}}: fused experts lrc stores one matrix each
 UNFUSED_EXPERTS: dict[str, list[str]] = {experts}
 # layers reading one input whose first factors share one matmul after loading (lrc's forms/fused.py)
-FUSED_GROUPS: list[list[str]] = {fused}{expert_code}
+FUSED_GROUPS: list[list[str]] = {fused}
+# arguments of {base}.__init__ that leave out a part lrc's output has no weights for (e.g. BERT's pooler)
+BUILD_FLAGS: dict[str, bool] = {build_flags}{expert_code}
 
 
 def layer_map(config: Any) -> dict[str, dict[str, Any]]:
@@ -310,7 +315,7 @@ class LrcCompressed:
     """Builds the parent class's model with lrc's compressed layers in place."""
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(config, *args, **kwargs)
+        super().__init__(config, *args, **(BUILD_FLAGS | kwargs))
         build_compressed_layers(self, layer_map(config))
 
     @classmethod

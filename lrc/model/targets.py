@@ -34,6 +34,13 @@ def target_linears(model: nn.Module, exclude: list[str] | None = None) -> dict[s
     return kept
 
 
+def quantization_method(config: Any) -> str | None:
+    """config.json's quantization_config.quant_method ("bitsandbytes", "gptq", "lrc", ...), None without one."""
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    return None if method is None else str(getattr(method, "value", method))
+
+
 def check_not_compressed(spec: str, config: Any, model: nn.Module | None = None) -> None:
     """ConfigError when the model `spec` (its transformers config, and the model when built) already holds layers
     compressed by lrc (an lrc output, or a model an earlier compress changed in place): a second pass would
@@ -42,13 +49,26 @@ def check_not_compressed(spec: str, config: Any, model: nn.Module | None = None)
 
     forms = tuple(LAYER_FORMS.get(kind) for kind in LAYER_FORMS.names())
     count = 0 if model is None else sum(isinstance(module, forms) for module in model.modules())
-    quantization = getattr(config, "quantization_config", None)
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
-    if count or method == "lrc":
+    if count or quantization_method(config) == "lrc":
         raise ConfigError(
             f"{spec} is already compressed by lrc: compress the model it was made from (lrc.compress changes a model "
             f"it is given in place), or its dense form, written by `lrc export {spec} --dense -o DIR`"
         )
+
+
+def warn_left_out_heads(spec: str, config: Any, tensor_names: Any) -> None:
+    """A warning when the checkpoint `spec` carries a task head the class lrc compresses does not have (a BERT
+    masked-LM or classifier head, loaded as BertModel): the output has no head."""
+    import warnings
+
+    adapter = adapter_for(config)
+    heads = sorted(n for n in tensor_names if adapter.unused_heads and n.startswith(adapter.unused_heads))
+    if heads:
+        shown = ", ".join(heads[:3]) + (f" and {len(heads) - 3} more" if len(heads) > 3 else "")
+        architectures = getattr(config, "architectures", None) or ["model with a task head"]
+        warnings.warn(f"lrc: {spec} is a {architectures[0]}: lrc compresses its base model, and the output has no "
+                      f"task head ({shown} left out); load it with {adapter.auto_class}, or fine-tune a new head "
+                      "on it", stacklevel=2)
 
 
 def matrix_type(name: str) -> str:

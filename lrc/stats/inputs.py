@@ -120,8 +120,11 @@ def check_reached(projections: dict[str, Any], reached: set[str], where: str) ->
     """CalibrationError naming the first projection no calibration token reached."""
     for name in projections:
         if name not in reached:
+            if ".experts." in name:
+                why, advice = "an expert the router never picked?", "use more calibration samples, or list it"
+            else:  # Mamba's dt_proj: its weight is read by the block's own code, the module never called
+                why, advice = "the block reads its weight without calling it", "list it"
             raise CalibrationError(
-                f"no calibration token reached {name} in {where} (an expert the router never picked?): its "
-                "matrix would be fitted to nothing; use more calibration samples, or list it under `exclude` in a "
-                "recipe to leave it as it is"
+                f"no calibration token reached {name} in {where} ({why}): its matrix would be fitted to nothing; "
+                f"{advice} under `exclude` in a recipe to leave it as it is"
             )

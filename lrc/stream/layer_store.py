@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from ..factorize import Decomposition, InputStats, OutputStats, SparseOption
 from ..io.checkpoint import save_tensors
+from ..io.output import OutputClaim
 
 
 def decomposition_key(stats_key: str, method: str, options: dict[str, Any], dtype: str | None) -> str:
@@ -44,7 +45,13 @@ class LayerStore:
     def __init__(self, root: Path, stats_key: str, decomp_key: str) -> None:
         self.stats_dir = root / stats_key[:32]
         self.decomp_dir = self.stats_dir / decomp_key[:32]
+        # one run at a time uses these files (a finished run deletes them): a second is refused, not broken
+        self.claim = OutputClaim.take(self.stats_dir, busy=(
+            "another lrc run (PID {pid}) is streaming this model with the same data and settings, and uses its "
+            "files in {target}; wait for it, or give this run its own --cache-dir"))
         self.decomp_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.stats_dir.glob("activations-*"):  # hidden states spilled by a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
 
     # --- files ------------------------------------------------------------------------------------
 
@@ -151,3 +158,4 @@ class LayerStore:
     def remove(self) -> None:
         """Delete this run's files (after a successful run that was not asked to keep them)."""
         shutil.rmtree(self.stats_dir, ignore_errors=True)
+        self.claim.release()

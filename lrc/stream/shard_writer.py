@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save
 
 from ..errors import LrcError
-from ..io.checkpoint import plan_shards, shard_file_names, write_shard_index
+from ..io.checkpoint import plan_shards, shard_file_names, tie_sources_first, write_shard_index
 
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -28,11 +28,11 @@ _DTYPE_NAMES = {
 
 
 def unique_entries(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict order with each tensor once (a tied weight under its first name), for meta tensors too:
-    ties are the same Parameter object (the in-memory writer compares storage, which meta tensors lack)."""
+    """The in-memory writer's order with each tensor once (`unique_state_dict`: a tied weight under its tie's
+    source), for meta tensors too: ties are the same Parameter object (meta tensors have no storage to compare)."""
     seen: set[int] = set()
     entries: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in tie_sources_first(model, model.state_dict(keep_vars=True)).items():
         if id(tensor) not in seen:
             seen.add(id(tensor))
             entries[name] = tensor

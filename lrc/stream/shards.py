@@ -100,7 +100,7 @@ def load_streamed(spec: str, progress: Progress = no_progress) -> LoadedModel:
     from ..io.checkpoint import read_tensor_names
     from ..load_check import one_line
     from ..model.adapters import adapter_for
-    from ..model.targets import check_not_compressed
+    from ..model.targets import check_not_compressed, warn_left_out_heads
     from ..sources import check_folder, local_folder, resolve_model
 
     hf_integration.register()
@@ -109,12 +109,14 @@ def load_streamed(spec: str, progress: Progress = no_progress) -> LoadedModel:
     check_folder(folder)
     config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     check_not_compressed(spec, config)
+    tensor_names = read_tensor_names(folder)
+    warn_left_out_heads(spec, config, tensor_names)
     adapter = adapter_for(config)
     dtype = _model_dtype(config, folder)
     try:
         with torch.device("meta"):
             model = getattr(transformers, adapter.auto_class).from_config(
-                config, dtype=dtype, **adapter.build_flags(read_tensor_names(folder)))
+                config, dtype=dtype, **adapter.build_flags(tensor_names))
     except Exception as exc:
         raise ModelLoadError(f"transformers cannot build {folder}: {one_line(exc)}") from None
     if adapter.experts is not None and any(is_fused_experts(m) for m in model.modules()):  # not a model dense in every block

@@ -69,3 +69,17 @@ def test_the_machine_refusing_a_file_is_bad_input_not_a_bug(error, code, line):
     rule = exit_rule(error)
     assert rule is not None and rule.code(error) == code
     assert (rule.message(error) or "").startswith(line)
+
+
+def test_version_names_lrc_and_its_libraries(capsys):
+    from importlib.metadata import version
+
+    import torch
+
+    import lrc
+
+    capsys.readouterr()
+    assert main(["--version"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"lrc {lrc.__version__} (torch {torch.__version__}, transformers ")
+    assert version("lrc") == lrc.__version__  # the package's metadata reads the same version

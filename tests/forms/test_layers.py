@@ -73,7 +73,7 @@ def test_fused_layers_give_the_unfused_outputs(dtype, shape):
     for _ in range(2):  # the same input twice: the product is recomputed, never stale
         for layer, ref in zip(layers, reference):
             torch.testing.assert_close(layer(x), ref(x), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
-    assert shared._product is None  # every layer took its share: nothing held between calls
+    assert getattr(shared._per_thread, "product", None) is None  # every layer took its share: nothing held between calls
     y = torch.randn(*shape, 48).to(dtype)  # another input after one layer only: recomputed for that input
     layers[0](x)
     for layer, ref in zip(layers, reference):
@@ -106,6 +106,88 @@ def test_a_decoding_group_shares_its_product_unless_a_layer_makes_one_call(monke
         assert len(stacked) == (1 if shape[1] > 1 or group == "f32 low rank" else 0), shape
 
 
+@pytest.mark.parametrize("tokens", [1, 8, KERNEL_MAX_TOKENS, 40])
+@pytest.mark.parametrize("form", ["low-rank", "sparse-dictionary", "low-rank-sparse"])
+def test_gradients_through_every_form_equal_the_dense_layers(form, tokens):
+    """Where gradients flow, every product is torch's (lrc's kernels have no backward): the input's gradient is
+    that of x Wᵀ, and each stored factor's (the sparse values too) that of W = the product of the factors,
+    taken by autograd through their dense matrices."""
+    layer = random_layers(48, 37, seed=4, bias=True)[form].requires_grad_(True)
+    x = torch.randn(tokens, 48, requires_grad=True)
+    g = torch.randn(tokens, 37)
+    (layer(x) * g).sum().backward()
+    params = dict(layer.named_parameters())
+    dense = {name: (p.detach().clone().requires_grad_(True) if name.endswith("values") else p) for name, p in params.items()}
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference = {n: p.detach().clone().requires_grad_(True) for n, p in params.items() if not n.endswith("values")}
+    matrices = {name.removesuffix(".values"): layer.get_submodule(name.removesuffix(".values")).mask()
+                for name in params if name.endswith("values")}
+
+    def matrix(name: str) -> torch.Tensor:  # a sparse factor as a dense matrix of its (differentiable) values
+        mask = matrices[name]
+        return torch.zeros(mask.shape, dtype=x.dtype).masked_scatter(mask, dense[f"{name}.values"])
+
+    if form == "low-rank":
+        w = reference["up.weight"] @ reference["down.weight"]
+    elif form == "sparse-dictionary":
+        w = matrix("mixing") @ reference["atoms.weight"]
+    else:
+        w = reference["up.weight"] @ reference["down.weight"] + matrix("residual")
+    bias = reference["up.bias" if form == "low-rank" else "bias"]
+    ((x_ref @ w.T + bias) * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    for name, p in params.items():
+        expected = dense[name].grad if name.endswith("values") else reference[name].grad
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_factors_train_and_each_thread_shares_its_own_product():
+    """A fused group where gradients flow: each layer's factor gets its own gradient (the group's stacked
+    product is not used); and two threads running the group at once each get their own input's product."""
+    layers = [layer.requires_grad_(True) for layer in qkv_like(torch.float32)]
+    reference = copy.deepcopy(layers)
+    shared = fuse_down_factors(layers)
+    assert shared is not None
+    x = torch.randn(2, 5, 48)
+    for group in (layers, reference):
+        sum(layer(x).square().sum() for layer in group).backward()
+    for layer, ref in zip(layers, reference):
+        for (name, p), q in zip(layer.named_parameters(), ref.parameters()):
+            assert p.grad is not None, name
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
+    threads_share_one_group(layers, reference)
+
+
+def threads_share_one_group(layers: list[nn.Module], reference: list[nn.Module], calls: int = 300) -> None:
+    """Two threads run a fused group on their own inputs at once, the interpreter switching threads every
+    microsecond: every output is its own input's (the group's input and product are per thread)."""
+    import threading
+
+    inputs = [torch.randn(1, 40, 48) for _ in range(2)]
+    expected = [[ref(x).detach() for ref in reference] for x in inputs]
+    wrong: list[int] = []
+
+    def run(which: int) -> None:
+        with torch.no_grad():
+            for _ in range(calls):
+                for layer, want in zip(layers, expected[which]):
+                    if not torch.allclose(layer(inputs[which]), want, rtol=1e-5, atol=1e-5):
+                        wrong.append(which)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=run, args=(which,)) for which in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong, f"{len(wrong)} calls got the other thread's product"
+
+
 def test_fused_factors_are_views_and_follow_a_move():
     layers = qkv_like(torch.float32)
     reference = copy.deepcopy(layers)
@@ -121,6 +203,7 @@ def test_fused_factors_are_views_and_follow_a_move():
     x = torch.randn(2, 5, 48, dtype=torch.float64)
     for layer, ref in zip(layers, reference):
         torch.testing.assert_close(layer(x), ref.to(torch.float64)(x))
+    assert all(layer.shared_input is None for layer in layers)  # they left the group: its stacked weight is freed
     unfuse(nn.ModuleList(layers))
     assert all(layer.shared_input is None for layer in layers)
 
@@ -159,6 +242,10 @@ def test_loaded_output_holds_its_file_bytes_and_round_trips(sparse_output, tmp_p
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
     torch.testing.assert_close(logits(again, ids), expected, rtol=0, atol=0)
     assert file_bytes(tmp_path / "again") <= 1.01 * file_bytes(sparse_output)
+    # the saved folder carries lrc's modeling code as the output did: it loads without lrc too
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True)
+    assert type(remote).__name__ == "LrcLlamaForCausalLM"
+    torch.testing.assert_close(logits(remote, ids), expected, rtol=0, atol=0)
 
 
 def test_loaded_at_another_dtype_keeps_no_pages_of_the_file(sparse_output):

@@ -31,7 +31,14 @@ from lrc.stats.gradients import collect_output_stats
 from lrc.stats.inputs import collect_input_stats
 from lrc.stats.walker import LayerWalk
 
-from ..conftest import ARCHITECTURES, ENCODERS, save_tiny_model, tiny_config, whole_model_reference
+from ..conftest import (
+    ARCHITECTURES,
+    ENCODERS,
+    byte_tokenizer,
+    save_tiny_model,
+    tiny_config,
+    whole_model_reference,
+)
 
 SAMPLES, SEQ_LEN, BATCH = 24, 24, 2  # 24 tokens > the sliding window of 8; 576 tokens > every input width (gpt2: 256)
 MOE = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
@@ -73,7 +80,7 @@ def test_adapter_is_the_registered_one(arch):
     adapter = adapter_for(loaded.model)
     assert (adapter is GENERIC) == (family in ("starcoder2", "falcon"))
     if family in ENCODERS:  # no task head, nothing initialised at random
-        assert type(loaded.model).__name__ in ("BertModel", "RobertaModel")
+        assert type(loaded.model).__name__ in ("BertModel", "RobertaModel", "XLMRobertaModel", "ElectraModel")
 
 
 def test_layer_by_layer_input_grams_equal_one_forward_pass(arch, text):
@@ -281,3 +288,39 @@ def test_sparse_layers_replace_conv1d_and_experts_and_load_back(family, calib_fi
     for model in (lrc.load(str(tmp_path / "out")).model, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
         assert type(model.get_submodule(sparse[0])) is type(result.model.get_submodule(sparse[0]))
         torch.testing.assert_close(forward(model, ids, False), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["distilbert", "modernbert", "deberta-v2", "xlm"])
+def test_an_encoder_without_an_adapter_is_refused(model_type):
+    """An encoder lrc has no adapter for would otherwise get the generic one: loaded through its causal-LM class
+    where it has one, attending to later tokens (statistics of a loss that can read its answer)."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type)
+    with pytest.raises(ModelLoadError, match=f"model_type {model_type} is an encoder"):
+        adapter_for(config)
+    if model_type == "xlm":  # a model of such a type trained as a decoder is not an encoder
+        config.is_decoder = True
+        assert adapter_for(config) is GENERIC
+
+
+def test_a_masked_lm_checkpoint_is_compressed_without_its_head(tmp_path, calib_file):
+    """BERT with its masked-LM head (no pooler): the head is said to be left out, the output is a BertModel
+    without a pooler, and transformers loads it as such (after `import lrc`, and with the output's own code)."""
+    import json
+
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(tiny_config("bert")).save_pretrained(tmp_path / "mlm")
+    byte_tokenizer().save_pretrained(tmp_path / "mlm")
+    with pytest.warns(UserWarning, match=r"is a BertForMaskedLM: .* no task head \(cls\.predictions"):
+        lrc.compress(str(tmp_path / "mlm"), lrc.CompressionConfig(budget=0.3, calib=str(calib_file), samples=4,
+                                                                  seq_len=32, method="loss-aware"), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["BertModel"]
+    ids = torch.arange(24).reshape(1, 24) * 7 % 250
+    expected = forward(lrc.load(str(tmp_path / "out")).model, ids, encoder=True)
+    for kwargs in ({}, {"trust_remote_code": True}):
+        model = transformers.AutoModel.from_pretrained(tmp_path / "out", **kwargs)
+        assert model.pooler is None
+        torch.testing.assert_close(forward(model, ids, encoder=True), expected, rtol=0, atol=0)

@@ -63,8 +63,8 @@ class ModelAdapter:
     objective: CAUSAL_LM or HIDDEN_STATES (see `loss`). experts: fused mixture-of-experts modules, if any.
     unused_heads: name prefixes of task heads a checkpoint may carry that `auto_class` does not build (an
     encoder's masked-LM or classifier head): not loaded, so not written to the output; never filled at random.
-    optional_parts: (name fragment, from_pretrained flag) of parts `auto_class` builds by default that a
-    checkpoint may lack (BERT's pooler in a masked-LM checkpoint): built only when a tensor name has the fragment.
+    optional_parts: (module name, from_pretrained flag) of parts `auto_class` builds by default that a
+    checkpoint may lack (BERT's pooler in a masked-LM checkpoint): built only when the checkpoint has its tensors.
     """
 
     model_types: tuple[str, ...]
@@ -80,7 +80,19 @@ class ModelAdapter:
     def build_flags(self, tensor_names: Iterable[str]) -> dict[str, bool]:
         """from_pretrained flags that leave out the optional parts the checkpoint has no tensors for."""
         names = list(tensor_names)
-        return {flag: False for fragment, flag in self.optional_parts if not any(fragment in n for n in names)}
+        return {flag: False for part, flag in self.optional_parts if not any(f"{part}." in n for n in names)}
+
+    def left_out_flags(self, model: nn.Module) -> dict[str, bool]:
+        """The flags that build `model` as it is: those of the optional parts it was built without (set to None)."""
+        return {flag: False for part, flag in self.optional_parts if getattr(model, part, ...) is None}
+
+    def leave_out_parts(self, model: nn.Module, tensor_names: Iterable[str]) -> None:
+        """Set to None the optional parts of a model already built that the checkpoint has no tensors for, as
+        their flag would have built it (a loader that cannot pass the flag: transformers' own from_pretrained)."""
+        flags = self.build_flags(tensor_names)
+        for part, flag in self.optional_parts:
+            if flag in flags and isinstance(getattr(model, part, None), nn.Module):
+                setattr(model, part, None)
 
     @property
     def name(self) -> str:
