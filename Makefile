@@ -20,7 +20,7 @@ lint:
 	mypy lrc
 
 test: install lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15  # the slowest tests listed: the suite stays under 10 minutes on 2 cores
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not real_model"

@@ -79,7 +79,7 @@ def compress(
     if cache_dir is not None:
         check_cache_folder(Path(cache_dir))
     if config.stream:  # the same stages, one decoder block at a time (lrc.stream.pipeline)
-        check_streamable(model, config, out_path, analysis)
+        check_streamable(model, config, out_path, analysis, Path(cache_dir) if cache_dir else None)
         assert isinstance(model, str) and out_path is not None
         net, report, results = compress_streamed(model, config, out_path, overwrite, progress,
                                                  Path(cache_dir) if cache_dir else None)

@@ -143,15 +143,18 @@ def file_sha256(path: Path) -> str:
 def gguf_folder(path: Path, progress: Progress = no_progress) -> Path:
     """Convert a GGUF file once, tensor by tensor (see lrc.io.gguf), into a safetensors folder under the cache;
     return that folder."""
-    from .io.gguf import convert_gguf
+    import transformers
+
+    from .io.gguf import GGUF_CONVERSION, convert_gguf
     from .io.output import atomic_directory
 
     with path.open("rb") as handle:
         if handle.read(4) != b"GGUF":
             raise ModelLoadError(f"{path} is not a GGUF file (bad magic bytes)")
-    # keyed by the file alone: the tensor-by-tensor conversion writes the bytes the whole-model conversion wrote
-    # (tests/io/test_gguf.py), so entries written before it stay valid
-    target = cache_dir() / "gguf" / file_sha256(path)[:16]
+    # keyed by the file, transformers' version (its GGUF reader makes the config and tokenizer) and lrc's
+    # conversion (GGUF_CONVERSION: raised when what it writes changes)
+    key = f"{file_sha256(path)}:{transformers.__version__}:{GGUF_CONVERSION}"
+    target = cache_dir() / "gguf" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (target / "config.json").is_file():
         return target
     with atomic_directory(target, replace=False) as tmp:  # waits for, then keeps, another run's conversion

@@ -125,6 +125,12 @@ def break_model(folder, how):
         tensors["model.layers.1.self_attn.o_proj.weight"][0, 0] = float("nan")
         save_file(tensors, str(weights), metadata={"format": "pt"})
         assert not torch.isfinite(tensors["model.layers.1.self_attn.o_proj.weight"]).all()
+    elif how == "quantized":  # a GPTQ checkpoint's config (the package it needs is not installed here)
+        import json
+
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+        (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
@@ -135,6 +141,7 @@ MODELS = [
     ("config not json", "config.json is not valid JSON"),
     ("gguf not gguf", "is not a GGUF file"),
     ("nan weight", "model.layers.1.self_attn.o_proj.weight contains NaN or Inf"),
+    ("quantized", "a checkpoint quantized with gptq: lrc compresses unquantized weights, give the original checkpoint"),
 ]
 
 

@@ -101,3 +101,23 @@ def test_cache_reads_a_loaded_model_in_memory(tmp_path, calib_file, llama_dir):
     again = lrc.compress(lrc.load(str(llama_dir)), config, tmp_path / "loaded", cache_dir=cache)  # the same weights
     assert again.report["timing_s"]["cache_hit"] == 1.0
     assert (tmp_path / "loaded" / "model.safetensors").read_bytes() == (tmp_path / "fresh" / "model.safetensors").read_bytes()
+
+
+def test_a_cache_that_cannot_be_written_leaves_no_file_and_the_run_goes_on(tmp_path, calib_file, llama_dir,
+                                                                          monkeypatch):
+    """A full disk while storing the statistics: a warning, no partial entry in the cache, the output written."""
+    import errno
+
+    from lrc.stats import store
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(store, "save_tensors", full_disk)
+    cache = tmp_path / "cache"
+    config = lrc.CompressionConfig(budget=0.3, calib=str(calib_file), samples=4, seq_len=32, method="loss-aware")
+    with pytest.warns(UserWarning, match="statistics were not stored in the cache .*No space left on device"):
+        lrc.compress(str(llama_dir), config, tmp_path / "out", cache_dir=cache)
+    assert (tmp_path / "out" / "lrc_report.yaml").is_file()
+    assert list(cache.iterdir()) == []

@@ -27,6 +27,7 @@ written exactly once with the skeleton's shape, or the conversion stops with a o
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,10 @@ class StreamPlan:
     layout: dict[str, tuple[torch.dtype, list[int]]]
 
 
+GGUF_CONVERSION = 2  # part of a converted folder's cache key: raise it when a conversion writes other files
+# (2: the saved tokenizer checked against the GGUF's)
+
+
 def convert_gguf(path: Path, folder: Path, progress: Progress = no_progress) -> None:
     """Write the safetensors checkpoint of the GGUF file `path` into the (empty) folder `folder`."""
     from transformers import AutoTokenizer
@@ -72,10 +77,41 @@ def convert_gguf(path: Path, folder: Path, progress: Progress = no_progress) -> 
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     if plan is None:
         write_whole_model(path, folder, tokenizer, progress)
+        check_saved_tokenizer(tokenizer, folder, path)
         return
     write_model_files(plan.skeleton, folder, tokenizer, None, None, None)  # first, to free the tokenizer
+    check_saved_tokenizer(tokenizer, folder, path)
     del tokenizer
     write_tensors(path, folder, plan, progress)
+
+
+# spaces, digits, punctuation, accents, CJK, an emoji, a tab and a new line: where tokenizers differ
+TOKENIZER_PROBE = " The tower is 324 metres (1,063 ft) tall.\nÉté à Genève: 中文, 😀\tend"
+
+
+def check_saved_tokenizer(tokenizer: Any, folder: Path, path: Path) -> None:
+    """The tokenizer saved in `folder` tokenizes as the GGUF's did. transformers' tokenizer class of some
+    architectures replaces the saved tokenizer.json's pre-tokenizer on reload (a gemma GGUF with a byte-level
+    vocabulary came back splitting every space into an unknown token): then the folder names the generic
+    fast tokenizer, which reads tokenizer.json as written, and failing that the file is refused."""
+    from transformers import AutoTokenizer
+
+    expected = tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids
+    config_path = folder / "tokenizer_config.json"
+    for attempt in range(2):
+        try:
+            saved = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            if saved(TOKENIZER_PROBE, add_special_tokens=False).input_ids == expected:
+                return
+        except Exception:  # noqa: BLE001  (a saved tokenizer that cannot load or tokenize is not the GGUF's)
+            pass
+        if attempt == 0 and config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    raise ModelLoadError(f"transformers does not save the tokenizer of {path} faithfully (it tokenizes text "
+                         "differently once saved and loaded again): lrc cannot use this GGUF file; give the model "
+                         "as a safetensors folder")
 
 
 def whole_model_reason(architecture: str) -> str | None:
@@ -272,4 +308,5 @@ def reading(path: Path) -> Iterator[None]:
     except LrcError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"cannot read GGUF file {path}: {one_line(exc)}") from None
+        raise ModelLoadError(f"cannot read GGUF file {path}: {one_line(exc)} (a truncated or damaged file, or what "
+                             "transformers' GGUF reader does not know: give the model as a safetensors folder)") from None

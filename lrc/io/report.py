@@ -23,6 +23,17 @@ REPORT_NAME = "lrc_report.yaml"
 EXPORT_MARKER = "lrc_export.yaml"  # {lrc_version, exported_from, files}: marks a folder `lrc export` wrote
 
 
+def model_sha256(loaded: LoadedModel) -> str:
+    """The GGUF file's sha256 for a GGUF input (what `sha256sum FILE` prints), else the folder's fingerprint
+    (stats.store.model_fingerprint: config.json and the safetensors files)."""
+    from ..sources import file_sha256
+    from ..stats.store import model_fingerprint
+
+    if loaded.source.kind in ("gguf", "alias"):
+        return file_sha256(loaded.source.path)
+    return model_fingerprint(Path(loaded.folder))
+
+
 def build_report(
     loaded: LoadedModel,
     config: CompressionConfig,
@@ -34,7 +45,7 @@ def build_report(
     """The report of a run: model, settings, calibration, parameter counts, environment and every matrix."""
     import transformers
 
-    from ..stats.store import data_fingerprint, model_fingerprint
+    from ..stats.store import data_fingerprint
 
     windows = stats.windows
     targeted_original = sum(r.shape[0] * r.shape[1] for r in results)
@@ -43,8 +54,7 @@ def build_report(
     compressed_params = original_params - targeted_original + targeted_compressed
     return {
         "lrc_version": __version__,
-        "model": loaded.source.describe()
-        | {"architecture": type(loaded.model).__name__, "sha256": model_fingerprint(Path(loaded.folder))},
+        "model": loaded.source.describe() | {"architecture": type(loaded.model).__name__, "sha256": model_sha256(loaded)},
         "method": config.method,
         "allocator": config.allocator,
         "budget": config.budget,

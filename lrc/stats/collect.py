@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -109,5 +110,9 @@ def cached_statistics(
     else:
         stats = collect_statistics(loaded, config, progress)
         if is_main():  # over torch.distributed every rank holds the same statistics: rank 0 stores them
-            save_stats(stats, cache_dir, key)
+            try:
+                save_stats(stats, cache_dir, key)
+            except OSError as exc:  # the cache saves time; the run does not need it
+                warnings.warn(f"lrc: the statistics were not stored in the cache {cache_dir} "
+                              f"({exc.strerror or exc}); the run goes on without", stacklevel=2)
     return stats

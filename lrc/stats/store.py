@@ -149,12 +149,18 @@ def save_stats(stats: CalibrationStats, folder: Path, key: str) -> Path:
     target = folder / f"{key}.safetensors"
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=folder)
     os.close(fd)
-    save_tensors(tensors, tmp, metadata=meta)
-    apply_umask(Path(tmp), 0o666)  # mkstemp and safetensors make 0600
-    digest = file_sha256(Path(tmp))
-    os.replace(tmp, target)
-    (folder / f"{key}.sha256.tmp").write_text(digest)
-    os.replace(folder / f"{key}.sha256.tmp", folder / f"{key}.sha256")
+    check = folder / f"{key}.sha256.tmp"
+    try:
+        save_tensors(tensors, tmp, metadata=meta)
+        apply_umask(Path(tmp), 0o666)  # mkstemp and safetensors make 0600
+        digest = file_sha256(Path(tmp))
+        os.replace(tmp, target)
+        check.write_text(digest)
+        os.replace(check, folder / f"{key}.sha256")
+    except BaseException:  # a full disk, an interruption: no partial file left in the cache
+        for path in (Path(tmp), check):
+            path.unlink(missing_ok=True)
+        raise
     return target
 
 

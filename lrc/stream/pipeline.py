@@ -42,11 +42,11 @@ from ..engine import Analysis
 from ..engine.build import KeptLayers, MatrixResult, apply
 from ..engine.executors import EXECUTORS
 from ..engine.jobs import decomposition_jobs, run_job
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from ..factorize import METHODS, Decomposition
 from ..forms import LowRankLinear, count_params
 from ..io.checkpoint import DTYPES, save_tensors, write_model_files, written_tensor
-from ..io.output import atomic_directory, check_output_path, run_places
+from ..io.output import atomic_directory, check_output_path, folder_refusal, run_places
 from ..io.remote_code import write_remote_code
 from ..io.report import build_report
 from ..io.writer import finish_output
@@ -68,8 +68,10 @@ from .shard_writer import ShardedCheckpointWriter, unique_entries
 from .shards import StreamedBlocks, load_streamed, streamed_blocks
 
 
-def check_streamable(model: Any, config: CompressionConfig, output: Path | None, analysis: Any) -> None:
-    """ConfigError for what streaming cannot do (one line each, naming the in-memory path)."""
+def check_streamable(model: Any, config: CompressionConfig, output: Path | None, analysis: Any,
+                     cache_dir: Path | None = None) -> None:
+    """ConfigError for what streaming cannot do (one line each, naming the in-memory path), OutputError where
+    its layer files cannot go."""
     if launched() or world()[1] > 1:
         raise ConfigError("streaming runs in one process: drop --nproc (or torchrun) with --stream")
     if not isinstance(model, str):
@@ -82,6 +84,16 @@ def check_streamable(model: Any, config: CompressionConfig, output: Path | None,
         raise ConfigError("sequential mode refits the whole model in memory: use it without --stream")
     if config.calib is None:
         raise ConfigError("self-sampled calibration generates text with the whole model: give --calib with --stream")
+    root = stream_root(cache_dir)
+    refusal = folder_refusal(root)
+    if refusal is not None:
+        raise OutputError(f"--stream keeps each layer's files under {root}, but {refusal}: give --cache-dir DIR (or "
+                          "set LRC_CACHE_DIR) to keep them elsewhere")
+
+
+def stream_root(cache_dir: Path | None) -> Path:
+    """The folder of the layer stores: `stream/` in the --cache-dir, else in the lrc cache."""
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "stream"
 
 
 def compress_streamed(
@@ -169,8 +181,7 @@ def open_layer_store(loaded: LoadedModel, config: CompressionConfig, cache_dir: 
 
     needs = METHODS.get(config.method).needs_gradients
     stats_key = cache_key(loaded, config, gradients=needs, fisher=config.method == "fwsvd")
-    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "stream"
-    return LayerStore(root, stats_key, decomposition_key(stats_key, config.method, config.method_options, config.dtype))
+    return LayerStore(stream_root(cache_dir), stats_key, decomposition_key(stats_key, config.method, config.method_options, config.dtype))
 
 
 def _blocks(loaded: LoadedModel) -> StreamedBlocks:

@@ -138,6 +138,21 @@ def test_a_baseline_with_another_tokenizer_is_refused_before_evaluating(tmp_path
     assert (code, stderr) == (2, "error: --batch-size must be at least 1, got 0\n")
 
 
+@pytest.mark.parametrize("encoder_is", ["baseline", "model"])
+def test_a_decoder_and_an_encoder_are_not_compared(tmp_path, calib_file, capsys, encoder_is):
+    """A perplexity and a cosine similarity have no ratio: a decoder against an encoder baseline (or the reverse)
+    is refused in one line, not an unexpected KeyError."""
+    from ..conftest import run_main, save_tiny_model
+
+    decoder, encoder = save_tiny_model(tmp_path / "llama", "llama"), save_tiny_model(tmp_path / "bert", "bert")
+    model, baseline = (decoder, encoder) if encoder_is == "baseline" else (encoder, decoder)
+    code, stdout, stderr = run_main(capsys, "eval", model, "--data", calib_file, "--seq-len", 16, "--windows", 1,
+                                    "--baseline", baseline)
+    assert (code, stdout) == (2, "")
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]  # after the progress lines
+    assert len(errors) == 1 and errors[0].endswith("compare a model with the dense model it was compressed from")
+
+
 def test_more_windows_than_the_text_holds_is_said(capsys, compressed_run, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text(compressed_run.calib.read_text()[:2000])

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from lrc.errors import ModelLoadError, NumericalError
 from lrc.sources import gguf_folder
 
-from ..conftest import file_hashes
+from ..conftest import byte_tokenizer, file_hashes
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2
 
@@ -202,3 +202,28 @@ def test_gguf_input_loads_as_transformers_reads_it(tmp_path, cache):
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, reference(ids).logits)
     assert loaded.folder.parent == cache / "gguf"
+
+
+def test_a_saved_tokenizer_is_checked_against_the_ggufs(tmp_path):
+    """transformers' class of some architectures rebuilds a saved byte-level tokenizer differently (its own
+    pre-tokenizer): the folder then names the generic fast tokenizer, which reads tokenizer.json as written; a
+    tokenizer that still differs is refused."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from lrc.io.gguf import TOKENIZER_PROBE, check_saved_tokenizer
+
+    tokenizer = byte_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) | {"tokenizer_class": "GemmaTokenizer"}  # what a gemma GGUF names
+    config_path.write_text(json.dumps(config))
+    check_saved_tokenizer(tokenizer, tmp_path, tmp_path / "model.gguf")
+    saved = AutoTokenizer.from_pretrained(tmp_path)
+    assert saved(TOKENIZER_PROBE).input_ids == tokenizer(TOKENIZER_PROBE).input_ids
+    other = byte_tokenizer()
+    other.backend_tokenizer.pre_tokenizer = None  # a tokenizer.json that splits text otherwise
+    other.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="does not save the tokenizer of .*model.gguf faithfully"):
+        check_saved_tokenizer(tokenizer, tmp_path, tmp_path / "model.gguf")

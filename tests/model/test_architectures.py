@@ -34,7 +34,6 @@ from lrc.stats.walker import LayerWalk
 from ..conftest import (
     ARCHITECTURES,
     ENCODERS,
-    byte_tokenizer,
     save_tiny_model,
     tiny_config,
     whole_model_reference,
@@ -304,23 +303,13 @@ def test_an_encoder_without_an_adapter_is_refused(model_type):
         assert adapter_for(config) is GENERIC
 
 
-def test_a_masked_lm_checkpoint_is_compressed_without_its_head(tmp_path, calib_file):
-    """BERT with its masked-LM head (no pooler): the head is said to be left out, the output is a BertModel
-    without a pooler, and transformers loads it as such (after `import lrc`, and with the output's own code)."""
-    import json
 
-    import transformers
+@pytest.mark.parametrize(("name", "why"), [("model.layers.1.mlp.experts.2.up_proj", "an expert the router never picked"),
+                                           ("backbone.layers.0.mixer.dt_proj", "the block reads its weight without calling it")])
+def test_a_projection_no_token_reached_is_named_with_its_likely_cause(name, why):
+    """An expert the router skipped can be reached by more text; a layer whose weight its block reads directly
+    (Mamba's dt_proj) cannot: the advice is to exclude it."""
+    from lrc.stats.inputs import check_reached
 
-    torch.manual_seed(0)
-    transformers.BertForMaskedLM(tiny_config("bert")).save_pretrained(tmp_path / "mlm")
-    byte_tokenizer().save_pretrained(tmp_path / "mlm")
-    with pytest.warns(UserWarning, match=r"is a BertForMaskedLM: .* no task head \(cls\.predictions"):
-        lrc.compress(str(tmp_path / "mlm"), lrc.CompressionConfig(budget=0.3, calib=str(calib_file), samples=4,
-                                                                  seq_len=32, method="loss-aware"), tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["BertModel"]
-    ids = torch.arange(24).reshape(1, 24) * 7 % 250
-    expected = forward(lrc.load(str(tmp_path / "out")).model, ids, encoder=True)
-    for kwargs in ({}, {"trust_remote_code": True}):
-        model = transformers.AutoModel.from_pretrained(tmp_path / "out", **kwargs)
-        assert model.pooler is None
-        torch.testing.assert_close(forward(model, ids, encoder=True), expected, rtol=0, atol=0)
+    with pytest.raises(CalibrationError, match=f"no calibration token reached {name} in the statistics pass \\({why}"):
+        check_reached({name: None}, set(), "the statistics pass")

@@ -171,3 +171,30 @@ def test_stream_refuses_what_it_cannot_do(tmp_path, capsys, calib_file):
     code, _, err = run_main(capsys, *[a if a != model else generic for a in args], "--quiet")
     assert code == 2 and err.startswith("error: streaming cannot read the experts of this mixture-of-experts model")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_run_on_the_same_store_is_refused_and_spills_of_a_killed_run_are_removed(tmp_path):
+    """Another process holding a store (a run of the same model, data and settings) refuses this one in a line
+    (it would delete the files under it when it ends); a store opened cleans the spilled hidden states a killed
+    run left."""
+    import subprocess
+    import sys
+
+    from lrc.errors import OutputError
+
+    stale = tmp_path / ("a" * 32) / "activations-x1"
+    stale.mkdir(parents=True)
+    (stale / "h-0.safetensors").write_bytes(b"x")
+    LayerStore(tmp_path, "a" * 64, "b" * 64).claim.release()
+    assert not stale.exists()
+    lock = tmp_path / f".{'c' * 32}.lrc-lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); "
+                               "print('held', flush=True); time.sleep(60)", str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputError, match="another lrc run \\(PID 4242\\) is streaming this model"):
+            LayerStore(tmp_path, "c" * 64, "d" * 64)
+    finally:
+        holder.kill()
+        holder.wait()

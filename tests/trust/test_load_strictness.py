@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaModel
+from transformers import AutoModel, AutoModelForCausalLM, LlamaModel
 
 import lrc
 from lrc.errors import ModelLoadError
@@ -261,11 +261,20 @@ def test_encoder_task_head_is_left_out_not_filled(tmp_path, calib_file, capsys):
     byte_tokenizer().save_pretrained(folder)
     assert any(k.startswith("cls.") for k in load_file(folder / "model.safetensors"))
     out = tmp_path / "out"
-    code, _, stderr = run_main(capsys, *tiny_compress_args(folder, calib_file, out, "--samples", 24))
+    with pytest.warns(UserWarning, match=r"is a BertForMaskedLM: .* no task head \(cls\.predictions"):
+        code, _, stderr = run_main(capsys, *tiny_compress_args(folder, calib_file, out, "--samples", 24))
     assert code == 0, stderr
     written = load_file(out / "model.safetensors")
     assert written and not any(k.startswith(("cls.", "pooler.")) for k in written)  # no pooler in, none made up
-    assert not hasattr(lrc.load(str(out)).model, "pooler") or lrc.load(str(out)).model.pooler is None
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+    ids = torch.arange(24).reshape(1, 24) * 7 % 250
+    model = lrc.load(str(out)).model
+    assert model.pooler is None
+    expected = model(input_ids=ids).last_hidden_state
+    for kwargs in ({}, {"trust_remote_code": True}):  # transformers builds it without a pooler too
+        loaded = AutoModel.from_pretrained(out, **kwargs)
+        assert loaded.pooler is None
+        torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, expected, rtol=0, atol=0)
 
     edit_tensors(folder, lambda t: t.pop("bert.encoder.layer.1.output.dense.weight"))
     refused(capsys, tmp_path, tiny_compress_args(folder, calib_file, tmp_path / "out2", "--samples", 24),
