@@ -7,6 +7,7 @@ file's SHA-256, so later runs load in seconds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -133,8 +134,16 @@ def check_folder(folder: Path) -> None:
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, hashed once per process while its size and modification time stay (a GGUF
+    input is hashed for its conversion's cache key and again for the report)."""
+    stat = path.stat()
+    return _file_sha256(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -12,8 +12,8 @@ is an error naming it. Format 1 (ranks only, before sparse layers existed) still
 
 from __future__ import annotations
 
+import functools
 import inspect
-import types
 from pathlib import Path
 from typing import Any
 
@@ -130,12 +130,16 @@ def _has_module(model: Any, name: str) -> bool:
 
 def save_pretrained_with_code(model: Any, save_directory: Any, *args: Any, **kwargs: Any) -> None:
     """The loaded model's `save_pretrained`: transformers' own, then lrc's modeling code next to the weights, so
-    the folder loads without lrc as the output it came from does (its config.json's `auto_map` names that code)."""
+    the folder loads without lrc as the output it came from does (its config.json's `auto_map` names that code).
+    Where transformers wrote nothing (not the main process, a path that is a file) nothing is added; with
+    `push_to_hub=True` the upload (made inside transformers' call) does not carry the code: `push_to_hub` does."""
     from .remote_code import write_remote_code
 
     type(model).save_pretrained(model, save_directory, *args, **kwargs)
-    if kwargs.get("is_main_process", True):
-        write_remote_code(model, Path(save_directory))
+    is_main_process = kwargs.get("is_main_process", args[0] if args else True)
+    folder = Path(save_directory)
+    if is_main_process and (folder / "config.json").is_file():
+        write_remote_code(model, folder)
 
 
 class LrcHfQuantizer(HfQuantizer):
@@ -173,7 +177,7 @@ class LrcHfQuantizer(HfQuantizer):
         fuse_shared_inputs(model)
         copy_indices_out_of_file(model)
         release_freed_heap()
-        model.save_pretrained = types.MethodType(save_pretrained_with_code, model)
+        model.save_pretrained = functools.partial(save_pretrained_with_code, model)  # pickles, unlike a bound method
         return model
 
     def update_weight_conversions(self, weight_conversions: Any, model: Any = None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +24,8 @@ from .gradients import collect_output_stats
 from .inputs import collect_input_stats
 from .types import CalibrationStats
 
+# a full disk or quota, a read-only or forbidden cache folder
+CACHE_WRITE_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 def calibration_windows(loaded: LoadedModel, config: CompressionConfig) -> tuple[torch.Tensor, str]:
     """(samples x seq_len token ids, description of the source) for the configured calibration data, after
@@ -112,7 +115,9 @@ def cached_statistics(
         if is_main():  # over torch.distributed every rank holds the same statistics: rank 0 stores them
             try:
                 save_stats(stats, cache_dir, key)
-            except OSError as exc:  # the cache saves time; the run does not need it
+            except OSError as exc:  # the machine refusing the write: the cache saves time, the run does not need it
+                if exc.errno not in CACHE_WRITE_REFUSALS:
+                    raise
                 warnings.warn(f"lrc: the statistics were not stored in the cache {cache_dir} "
                               f"({exc.strerror or exc}); the run goes on without", stacklevel=2)
     return stats

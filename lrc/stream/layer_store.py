@@ -46,7 +46,7 @@ class LayerStore:
         self.stats_dir = root / stats_key[:32]
         self.decomp_dir = self.stats_dir / decomp_key[:32]
         # one run at a time uses these files (a finished run deletes them): a second is refused, not broken
-        self.claim = OutputClaim.take(self.stats_dir, busy=(
+        self.claim = OutputClaim.take(self.stats_dir.resolve(), busy=(
             "another lrc run (PID {pid}) is streaming this model with the same data and settings, and uses its "
             "files in {target}; wait for it, or give this run its own --cache-dir"))
         self.decomp_dir.mkdir(parents=True, exist_ok=True)

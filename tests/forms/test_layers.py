@@ -5,6 +5,7 @@ same outputs after save / load."""
 from __future__ import annotations
 
 import copy
+import pickle
 import sys
 
 import pytest
@@ -246,6 +247,12 @@ def test_loaded_output_holds_its_file_bytes_and_round_trips(sparse_output, tmp_p
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True)
     assert type(remote).__name__ == "LrcLlamaForCausalLM"
     torch.testing.assert_close(logits(remote, ids), expected, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "not-main", False)  # is_main_process=False: transformers writes nothing
+    assert not (tmp_path / "not-main" / "modeling_lrc.py").exists()
+    copied = pickle.loads(pickle.dumps(model))  # torch.save, multiprocessing: the model pickles and keeps saving
+    torch.testing.assert_close(logits(copied, ids), expected, rtol=0, atol=0)
+    copied.save_pretrained(tmp_path / "from-copy")
+    assert (tmp_path / "from-copy" / "modeling_lrc.py").is_file()
 
 
 def test_loaded_at_another_dtype_keeps_no_pages_of_the_file(sparse_output):

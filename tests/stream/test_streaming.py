@@ -173,7 +173,7 @@ def test_stream_refuses_what_it_cannot_do(tmp_path, capsys, calib_file):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_second_run_on_the_same_store_is_refused_and_spills_of_a_killed_run_are_removed(tmp_path):
+def test_a_second_run_on_the_same_store_is_refused_and_spills_of_a_killed_run_are_removed(tmp_path, monkeypatch):
     """Another process holding a store (a run of the same model, data and settings) refuses this one in a line
     (it would delete the files under it when it ends); a store opened cleans the spilled hidden states a killed
     run left."""
@@ -185,8 +185,11 @@ def test_a_second_run_on_the_same_store_is_refused_and_spills_of_a_killed_run_ar
     stale = tmp_path / ("a" * 32) / "activations-x1"
     stale.mkdir(parents=True)
     (stale / "h-0.safetensors").write_bytes(b"x")
-    LayerStore(tmp_path, "a" * 64, "b" * 64).claim.release()
+    store = LayerStore(tmp_path, "a" * 64, "b" * 64)
     assert not stale.exists()
+    monkeypatch.chdir(tmp_path.parent)  # the same store by a relative path: this process's claim, not refused
+    assert LayerStore(Path(tmp_path.name), "a" * 64, "b" * 64).claim is store.claim
+    store.claim.release()
     lock = tmp_path / f".{'c' * 32}.lrc-lock"
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
                                "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); "
