@@ -50,6 +50,10 @@ class StreamedBlocks:
         self._files = ExitStack()
         self._where: dict[str, tuple[BufferedReader, int, dict[str, Any]]] = {}
         rename = renaming_on_load(model, convert=False)  # GPT-NeoX's embed_out is the model's lm_head
+        # a base model (BertModel) read from a checkpoint with a task head names its tensors "bert.*": stripped,
+        # as transformers' from_pretrained strips them
+        prefix = getattr(model, "base_model_prefix", "")
+        prefix = f"{prefix}." if prefix and not hasattr(model, prefix) else ""
         for path in sorted(folder.glob("*.safetensors")):
             start, header = read_header(path)
             handle = self._files.enter_context(path.open("rb"))
@@ -57,7 +61,8 @@ class StreamedBlocks:
                 if entry["dtype"] not in SAFETENSORS_DTYPES:
                     raise ModelLoadError(f"tensor {name} in {path} has dtype {entry['dtype']}, which streaming cannot "
                                          "read: compress without --stream")
-                self._where[rename(name)[0]] = (handle, start, entry)
+                key = rename(name)[0]
+                self._where[key.removeprefix(prefix) if prefix else key] = (handle, start, entry)
         self.loads = 0  # block loads so far (a resumed run does fewer)
 
     def __contains__(self, name: str) -> bool:
