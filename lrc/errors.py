@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+
+# the system's refusals of a write (a full disk or quota, a read-only or forbidden place), not a bug in lrc
+DISK_REFUSALS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
 
 class LrcError(Exception):
     """Base class: a problem with the user's input or environment, explained in one line."""

@@ -78,11 +78,11 @@ def compress(
     out_path = Path(output) if output is not None and is_main() else None  # over torch.distributed rank 0 writes
     if cache_dir is not None:
         check_cache_folder(Path(cache_dir))
+    cache = Path(cache_dir) if cache_dir else None
     if config.stream:  # the same stages, one decoder block at a time (lrc.stream.pipeline)
-        check_streamable(model, config, out_path, analysis, Path(cache_dir) if cache_dir else None)
+        check_streamable(model, config, out_path, analysis, cache)
         assert isinstance(model, str) and out_path is not None
-        net, report, results = compress_streamed(model, config, out_path, overwrite, progress,
-                                                 Path(cache_dir) if cache_dir else None)
+        net, report, results = compress_streamed(model, config, out_path, overwrite, progress, cache)
         return CompressionResult(net, report, results)
     if out_path is not None and isinstance(model, str):  # _claim: a lock on the output, held until it is written
         _claim = check_output_path(out_path, overwrite, run_places(model, config.calib, cache_dir))
@@ -96,7 +96,7 @@ def compress(
     if analysis is None:
         check_patterns_match(loaded.model, config)
         check_budget_reachable(loaded.model, config)
-        stats = cached_statistics(loaded, config, Path(cache_dir) if cache_dir else None, progress,
+        stats = cached_statistics(loaded, config, cache, progress,
                                   weights_in_files=isinstance(model, str))
         analysis = decompose_all(loaded, config, stats, progress)
     timing.update(analysis.timing)

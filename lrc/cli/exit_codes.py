@@ -26,7 +26,7 @@ from types import FrameType
 
 import typer
 
-from ..errors import LrcError
+from ..errors import DISK_REFUSALS, LrcError
 
 OK = 0
 UNEXPECTED = 1
@@ -72,8 +72,7 @@ def _usage_message(exc: BaseException) -> str:
 
 
 # what the machine refuses (a read-only or full disk, a folder the user may not write), not a bug in lrc
-ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
-                                errno.EISDIR})  # and a path through a file, or a folder where a file goes
+ENVIRONMENT_ERRNOS = DISK_REFUSALS | {errno.ENOTDIR, errno.EISDIR}  # and a path through a file, or a folder where a file goes
 
 
 PEER_GONE = re.compile(r"Connection (reset|closed) by peer")  # gloo's words for a process that went away

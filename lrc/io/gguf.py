@@ -94,24 +94,30 @@ def check_saved_tokenizer(tokenizer: Any, folder: Path, path: Path) -> None:
     architectures replaces the saved tokenizer.json's pre-tokenizer on reload (a gemma GGUF with a byte-level
     vocabulary came back splitting every space into an unknown token): then the folder names the generic
     fast tokenizer, which reads tokenizer.json as written, and failing that the file is refused."""
-    from transformers import AutoTokenizer
-
     expected = tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids
+    if saved_tokenizer_gives(folder, expected):
+        return
     config_path = folder / "tokenizer_config.json"
-    for attempt in range(2):
-        try:
-            saved = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-            if saved(TOKENIZER_PROBE, add_special_tokens=False).input_ids == expected:
-                return
-        except Exception:  # noqa: BLE001  (a saved tokenizer that cannot load or tokenize is not the GGUF's)
-            pass
-        if attempt == 0 and config_path.is_file():
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            config["tokenizer_class"] = "PreTrainedTokenizerFast"
-            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if saved_tokenizer_gives(folder, expected):
+            return
     raise ModelLoadError(f"transformers does not save the tokenizer of {path} faithfully (it tokenizes text "
                          "differently once saved and loaded again): lrc cannot use this GGUF file; give the model "
                          "as a safetensors folder")
+
+
+def saved_tokenizer_gives(folder: Path, expected: list[int]) -> bool:
+    """Whether the tokenizer saved in `folder` loads and tokenizes TOKENIZER_PROBE as `expected`."""
+    from transformers import AutoTokenizer
+
+    try:
+        saved = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        return bool(saved(TOKENIZER_PROBE, add_special_tokens=False).input_ids == expected)
+    except Exception:  # noqa: BLE001  (a saved tokenizer that cannot load or tokenize is not the GGUF's)
+        return False
 
 
 def whole_model_reason(architecture: str) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import time
 import warnings
 from pathlib import Path
@@ -15,7 +14,7 @@ from ..calibration.sufficiency import check_token_count
 from ..config import CompressionConfig
 from ..device import resolve_device
 from ..distributed import is_main
-from ..errors import ConfigError
+from ..errors import DISK_REFUSALS, ConfigError
 from ..factorize import METHODS, InputStats, OutputStats
 from ..model.targets import decoder_layers, target_linears
 from ..progress import Progress, no_progress
@@ -24,8 +23,6 @@ from .gradients import collect_output_stats
 from .inputs import collect_input_stats
 from .types import CalibrationStats
 
-# a full disk or quota, a read-only or forbidden cache folder
-CACHE_WRITE_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 def calibration_windows(loaded: LoadedModel, config: CompressionConfig) -> tuple[torch.Tensor, str]:
     """(samples x seq_len token ids, description of the source) for the configured calibration data, after
@@ -116,7 +113,7 @@ def cached_statistics(
             try:
                 save_stats(stats, cache_dir, key)
             except OSError as exc:  # the machine refusing the write: the cache saves time, the run does not need it
-                if exc.errno not in CACHE_WRITE_REFUSALS:
+                if exc.errno not in DISK_REFUSALS:
                     raise
                 warnings.warn(f"lrc: the statistics were not stored in the cache {cache_dir} "
                               f"({exc.strerror or exc}); the run goes on without", stacklevel=2)
